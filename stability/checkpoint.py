@@ -1,0 +1,59 @@
+"""orbax checkpoints of the full train state plus a JSON sidecar (data position, status).
+
+The state is restored onto an abstract target (shapes, dtypes, shardings) built from a fresh
+initialisation, so a run can resume onto another device layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, max_to_keep: int):
+        self.directory = Path(directory).absolute()
+        self._mgr = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._mgr.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        if step in self._mgr.all_steps():
+            return
+        self._mgr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+        """Restore ``step`` onto the structure/shardings of ``like`` (a concrete or abstract state)."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        out = self._mgr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return out.state, dict(out.meta)
+
+    def wait(self) -> None:
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.wait_until_finished()
+        self._mgr.close()

@@ -1,0 +1,296 @@
+"""Typed, frozen configuration: the code takes these dataclasses, never raw dicts.
+
+Experiment files (``configs/*.py``) return an ``ml_collections.ConfigDict`` whose
+structure mirrors :class:`Config`; :func:`from_config_dict` converts it and is the one
+place where validation happens. Every error is a :class:`ConfigError` naming the field,
+the bad value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value. ``str(err)`` is one line naming the field."""
+
+
+Norm = Literal["layernorm", "rmsnorm"]
+AttentionImpl = Literal["xla", "pallas"]
+DType = Literal["float32", "bfloat16"]
+Source = Literal["stdlib", "text_files", "synthetic_markov"]
+WandbMode = Literal["offline", "online", "disabled"]
+Schedule = Literal["cosine", "linear", "constant", "rsqrt"]
+WeightDecayMode = Literal["independent", "coupled"]
+Optimizer = Literal["adamw"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer; defaults are the recipe of Wortsman et al. 2023."""
+
+    vocab_size: int = 256  # tokens; 256 for byte-level text
+    d_model: int = 128  # residual width
+    n_layers: int = 2
+    n_heads: int = 4  # head dim = d_model / n_heads
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model (gelu)
+    norm: Norm = "layernorm"  # pre-norm kind in every block and before the head
+    norm_eps: float = 1e-6
+    qk_norm: bool = True  # per-head LayerNorm (scale only) on q and k before the dot product
+    tie_embeddings: bool = False  # output head = input embedding transposed
+    rope_base: float = 10_000.0  # rotary position embedding base
+    attention_impl: AttentionImpl = "xla"  # "pallas": flash kernels with in-kernel stats
+    dtype: DType = "float32"  # compute dtype (params stay float32)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with independent weight decay, warmup then decay (the paper's recipe)."""
+
+    name: Optimizer = "adamw"
+    lr: float = 1e-2  # peak learning rate
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 1e-4  # λ; independent: θ ← θ − (lr_t/lr)·λ·θ
+    weight_decay_mode: WeightDecayMode = "independent"
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    schedule: Schedule = "cosine"
+    warmup_steps: int = 100
+    min_lr: float = 1e-5  # absolute LR at the end of the decay
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where token batches come from. Batches are a pure function of (seed, step)."""
+
+    source: Source = "stdlib"  # stdlib: the Python standard library's own .py files, as bytes
+    paths: tuple[str, ...] = ()  # text_files: files or directories (searched recursively)
+    include: tuple[str, ...] = ("*.py", "*.txt", "*.md")  # globs for directories in `paths`
+    seq_len: int = 64  # tokens per sequence
+    batch_size: int = 16  # sequences per step
+    eval_fraction: float = 0.05  # held-out tail of the text stream for eval/loss
+    markov_vocab: int = 256  # synthetic_markov: vocabulary size
+    markov_zipf: float = 1.1  # synthetic_markov: Zipf exponent of each transition row
+    markov_branching: int = 32  # synthetic_markov: successors per state
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: WandbMode = "offline"  # offline writes <workdir>/wandb for `wandb sync`
+    project: str = "stability"
+    group: str = ""
+    tags: tuple[str, ...] = ()
+    name: str = ""  # defaults to the workdir name
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 800
+    seed: int = 0  # parameter init; data order comes from data seed = seed too
+    z_loss: float = 1e-4  # weight on mean(log Z²) of the output logits
+    log_every: int = 10  # steps between metric records
+    eval_every: int = 200  # steps between eval/loss; the last step always evaluates
+    eval_batches: int = 4
+    checkpoint_every: int = 200  # steps between orbax checkpoints; the last step always saves
+    max_to_keep: int = 2
+    divergence_loss: float = 1e3  # a finite loss above this also counts as divergence
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Size presets. CPU sizes are what this project trains on a laptop; the "w*" family is the
+# paper's width-scaling family (6 layers, head dim 64, heads scaled with width).
+SIZES: dict[str, dict[str, int]] = {
+    "xs": dict(d_model=64, n_layers=2, n_heads=2),
+    "s": dict(d_model=128, n_layers=2, n_heads=4),
+    "m": dict(d_model=256, n_layers=4, n_heads=4),
+    **{
+        f"w{d}": dict(d_model=d, n_layers=6, n_heads=d // 64)
+        for d in (256, 512, 768, 1024, 1536, 2048, 3072, 4096)
+    },
+}
+
+
+def size_preset(name: str) -> dict[str, int]:
+    if name not in SIZES:
+        raise ConfigError(f"model size preset {name!r} is unknown; valid: {', '.join(SIZES)}")
+    return dict(SIZES[name])
+
+
+# ---------------------------------------------------------------------------------------
+# Conversion from / to ml_collections.
+
+
+def default_config_dict() -> ml_collections.ConfigDict:
+    """The default configuration as a ConfigDict (what `configs/default.py` returns)."""
+    return to_config_dict(Config())
+
+
+def to_config_dict(cfg: Config) -> ml_collections.ConfigDict:
+    def conv(v):
+        if isinstance(v, dict):
+            return ml_collections.ConfigDict({k: conv(x) for k, x in v.items()})
+        return v
+
+    return conv(cfg.to_dict())
+
+
+def _check_type(path: str, value: Any, tp: Any) -> Any:
+    """Coerce ``value`` to the annotated type ``tp`` or raise a ConfigError naming ``path``."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        valid = get_args(tp)
+        if value not in valid:
+            raise ConfigError(
+                f"{path}={value!r} is not valid; valid: {', '.join(map(repr, valid))}"
+            )
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = (value,) if value else ()
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}={value!r} must be a list of strings")
+        return tuple(_check_type(f"{path}[{i}]", v, get_args(tp)[0]) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r} must be True or False")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer() and abs(value) < 2**62:
+                return int(value)
+            raise ConfigError(f"{path}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}={value!r} must be a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}={value!r} must be a finite number")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}={value!r} must be a string")
+        return value
+    raise TypeError(f"unhandled annotation {tp} for {path}")
+
+
+def _build(cls: type, data: Any, path: str):
+    if not isinstance(data, (dict, ml_collections.ConfigDict)):
+        raise ConfigError(f"{path} must be a group of fields, got {data!r}")
+    data = dict(data)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"{path}.{unknown[0]} is not a known field; valid fields of {path}: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        sub = f"{path}.{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], sub)
+        else:
+            kwargs[name] = _check_type(sub, data[name], tp)
+    return cls(**kwargs)
+
+
+def from_config_dict(cd: ml_collections.ConfigDict | dict) -> Config:
+    """Convert and validate. Raises ConfigError (one line) on the first invalid field."""
+    cfg = _build(Config, cd, "config")
+    validate(cfg)
+    return cfg
+
+
+def _positive(path: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{path}={value!r} must be > 0")
+
+
+def _non_negative(path: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{path}={value!r} must be >= 0")
+
+
+def validate(cfg: Config) -> None:
+    m, o, d, t = cfg.model, cfg.optim, cfg.data, cfg.train
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio"):
+        _positive(f"config.model.{name}", getattr(m, name))
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            f"config.model.d_model={m.d_model} must be divisible by "
+            f"config.model.n_heads={m.n_heads}"
+        )
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(
+            f"config.model.d_model/n_heads={m.d_model // m.n_heads} must be even (RoPE rotates pairs)"
+        )
+    _positive("config.model.norm_eps", m.norm_eps)
+    _positive("config.model.rope_base", m.rope_base)
+    _positive("config.optim.lr", o.lr)
+    _non_negative("config.optim.weight_decay", o.weight_decay)
+    _positive("config.optim.eps", o.eps)
+    for name in ("b1", "b2"):
+        v = getattr(o, name)
+        if not 0 <= v < 1:
+            raise ConfigError(f"config.optim.{name}={v!r} must be in [0, 1)")
+    _non_negative("config.optim.grad_clip", o.grad_clip)
+    _non_negative("config.optim.warmup_steps", o.warmup_steps)
+    _non_negative("config.optim.min_lr", o.min_lr)
+    if o.min_lr > o.lr:
+        raise ConfigError(f"config.optim.min_lr={o.min_lr!r} must be <= config.optim.lr={o.lr!r}")
+    _positive("config.train.steps", t.steps)
+    if o.warmup_steps > t.steps:
+        raise ConfigError(
+            f"config.optim.warmup_steps={o.warmup_steps} is longer than "
+            f"config.train.steps={t.steps}"
+        )
+    for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "max_to_keep"):
+        _positive(f"config.train.{name}", getattr(t, name))
+    _non_negative("config.train.seed", t.seed)
+    _non_negative("config.train.z_loss", t.z_loss)
+    _positive("config.train.divergence_loss", t.divergence_loss)
+    _positive("config.data.seq_len", d.seq_len)
+    _positive("config.data.batch_size", d.batch_size)
+    if not 0 < d.eval_fraction < 1:
+        raise ConfigError(f"config.data.eval_fraction={d.eval_fraction!r} must be in (0, 1)")
+    if d.source == "text_files" and not d.paths:
+        raise ConfigError("config.data.paths=() is empty; data.source='text_files' needs files")
+    if d.source == "synthetic_markov":
+        _positive("config.data.markov_zipf", d.markov_zipf)
+        if not 1 <= d.markov_branching <= d.markov_vocab:
+            raise ConfigError(
+                f"config.data.markov_branching={d.markov_branching} must be in "
+                f"[1, data.markov_vocab={d.markov_vocab}]"
+            )
+        if d.markov_vocab > m.vocab_size:
+            raise ConfigError(
+                f"config.data.markov_vocab={d.markov_vocab} is larger than "
+                f"config.model.vocab_size={m.vocab_size}"
+            )
+    if d.source in ("stdlib", "text_files") and m.vocab_size < 256:
+        raise ConfigError(
+            f"config.model.vocab_size={m.vocab_size} is smaller than 256, the byte vocabulary "
+            f"of data.source={d.source!r}"
+        )

@@ -1,0 +1,68 @@
+"""Token batch streams.
+
+Every source yields batches ``{"tokens": int32[B, T+1]}`` (inputs are ``tokens[:, :-1]``,
+targets ``tokens[:, 1:]``); a source may add boolean masks ``[B, T]`` over target positions
+(e.g. ``mask_icl``/``mask_markov`` for bigram-backcopy), which the train step turns into
+separate losses. A stream's position is a small JSON-able ``state()`` that the checkpoint
+stores, so a resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from stability.config import ConfigError, DataConfig
+
+
+class Stream(Protocol):
+    """A deterministic, resumable stream of training batches."""
+
+    def next(self) -> dict[str, np.ndarray]: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def restore(self, state: dict[str, Any]) -> None: ...
+
+
+class Source(Protocol):
+    """A data source: a train stream plus a fixed held-out set."""
+
+    loss_floor: float | None  # known entropy rate (nats/token) when the source has one
+    description: dict[str, Any]  # recorded with the run (e.g. corpus size, Python version)
+
+    def train_stream(self, seed: int) -> Stream: ...
+
+    def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]: ...
+
+
+class IndexedStream:
+    """A stream whose batch at step s is ``batch_fn(seed, s)``: resuming is setting s."""
+
+    def __init__(self, batch_fn, seed: int):
+        self._batch_fn, self._seed, self._step = batch_fn, seed, 0
+
+    def next(self) -> dict[str, np.ndarray]:
+        batch = self._batch_fn(self._seed, self._step)
+        self._step += 1
+        return batch
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self._step}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._step = int(state["step"])
+
+
+def make_source(cfg: DataConfig, vocab_size: int) -> Source:
+    """Build the data source named by ``cfg.source`` (errors name the data.* field)."""
+    if cfg.source in ("stdlib", "text_files"):
+        from stability.data import text
+
+        return text.ByteTextSource(cfg)
+    if cfg.source == "synthetic_markov":
+        from stability.data import synthetic
+
+        return synthetic.ZipfMarkovSource(cfg)
+    raise ConfigError(f"config.data.source={cfg.source!r} is unknown")

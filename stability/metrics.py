@@ -1,0 +1,68 @@
+"""Instability metrics from one step's intermediates, computed on device inside the step.
+
+Key names are fixed (the sweep engine, the report and the notebook rely on them):
+
+  train/loss              mean next-token cross-entropy (nats), without z-loss
+  train/z_loss            z_loss weight · mean(log Z²)
+  logits/log_z_mean/max   mean / max over tokens of log Z = logsumexp of the output logits
+  attn/max_logit/layer_i  max over heads, queries and keys of the scaled pre-softmax logit
+  attn/entropy/layer_i    mean over heads of the mean row entropy (nats)
+  attn/entropy_min/layer_i  min over heads of that per-head mean
+  grad/global_norm        global L2 norm of the gradient (before clipping)
+  grad/rms/{path}         RMS of each parameter's gradient
+  update/rms/{path}       RMS of each parameter's update divided by the current LR
+  param/rms/{path}        RMS of each parameter (after the update)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def leaf_paths(tree) -> list[str]:
+    """'/'-joined key paths of a pytree's leaves, e.g. 'blocks/0/attn/q/kernel'."""
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def path_str(path) -> str:
+    """'/'-joined names of a key path; NNX's trailing '.value' of a Variable is dropped."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    if parts and parts[-1] == "value":
+        parts.pop()
+    return "/".join(parts)
+
+
+def rms(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
+
+
+def rms_by_path(prefix: str, tree, scale: jax.Array | float = 1.0) -> dict[str, jax.Array]:
+    """{f'{prefix}/{path}': rms(leaf)·scale} for every leaf."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {f"{prefix}/{path_str(p)}": rms(x) * scale for p, x in flat}
+
+
+def attention_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-layer attention statistics from the model's aux arrays of shape [L]."""
+    out = {}
+    for name in ("max_logit", "entropy", "entropy_min"):
+        values = aux[f"attn_{name}"]
+        for i in range(values.shape[0]):
+            out[f"attn/{name}/layer_{i}"] = values[i]
+    return out
+
+
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

@@ -1,0 +1,3 @@
+from stability.models.transformer import Transformer
+
+__all__ = ["Transformer"]

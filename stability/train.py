@@ -1,0 +1,402 @@
+"""Init, the pure train step, eval, and the single-run loop.
+
+The hot path is a pure function ``train_step(state, hp, batch) -> (state, metrics)`` on plain
+pytrees (the NNX model is split once; the step merges it inside the trace). ``hp`` holds the
+per-run scalar hyperparameters as arrays, so the sweep engine can vmap the same step over runs.
+
+Divergence is handled inside the step: if the loss is non-finite or above
+``train.divergence_loss`` or any gradient is non-finite, the state is left unchanged
+(frozen at the last finite step), ``alive`` becomes False and ``diverged_step`` records the
+update that failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from stability import metrics as M
+from stability.checkpoint import Checkpointer
+from stability.config import Config, ConfigError
+from stability.data import make_source
+from stability.models import Transformer
+from stability.optim.build import make_optimizer, set_hyperparams
+from stability.optim.schedules import learning_rate
+from stability.tracking import Tracker, read_jsonl, to_jsonable, truncate_metrics, write_json_atomic
+
+
+class TrainState(NamedTuple):
+    params: Any  # nnx.State of nnx.Param
+    rest: Any  # nnx.State of every non-parameter variable (e.g. running statistics)
+    opt_state: Any
+    step: jax.Array  # int32: updates applied (frozen when the run diverges)
+    alive: jax.Array  # bool: False once the run has diverged
+    diverged_step: jax.Array  # int32: the update that diverged (1-based), -1 if none
+
+
+HYPERPARAMS = ("lr", "weight_decay", "warmup_steps", "z_loss")
+
+
+def hyperparams(cfg: Config) -> dict[str, jax.Array]:
+    """Per-run scalars that are traced (never static): one compiled step serves them all."""
+    return {
+        "lr": jnp.float32(cfg.optim.lr),
+        "weight_decay": jnp.float32(cfg.optim.weight_decay),
+        "warmup_steps": jnp.float32(cfg.optim.warmup_steps),
+        "z_loss": jnp.float32(cfg.train.z_loss),
+    }
+
+
+def split_model(cfg: Config, seed: int | jax.Array):
+    model = Transformer(cfg.model, rngs=nnx.Rngs(seed))
+    return nnx.split(model, nnx.Param, ...)
+
+
+def init_state(cfg: Config, seed: int | jax.Array, tx: optax.GradientTransformation) -> TrainState:
+    """A fresh state for one run (vmappable over ``seed``)."""
+    _, params, rest = split_model(cfg, seed)
+    return TrainState(
+        params=params,
+        rest=rest,
+        opt_state=tx.init(params),
+        step=jnp.int32(0),
+        alive=jnp.bool_(True),
+        diverged_step=jnp.int32(-1),
+    )
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array):
+    """Per-token cross-entropy and log Z (both [B, T], float32)."""
+    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return log_z_BT - target_logit_BT, log_z_BT
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation):
+    """The pure train step for ``cfg``'s static structure (see module docstring)."""
+    total_steps = cfg.train.steps
+    bound = cfg.train.divergence_loss
+
+    def loss_fn(params, rest, batch, hp):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        tokens = batch["tokens"]
+        logits_BTV, aux = model(tokens[:, :-1])
+        ce_BT, log_z_BT = cross_entropy(logits_BTV, tokens[:, 1:])
+        ce = ce_BT.mean()
+        z_loss = hp["z_loss"] * jnp.mean(jnp.square(log_z_BT))
+        new_rest = nnx.state(model, nnx.Not(nnx.Param))
+        out = {
+            "train/loss": ce,
+            "train/z_loss": z_loss,
+            "logits/log_z_mean": log_z_BT.mean(),
+            "logits/log_z_max": log_z_BT.max(),
+            **M.attention_metrics(aux),
+        }
+        for key in batch:
+            if key.startswith("mask_"):
+                out[f"train/loss_{key[5:]}"] = masked_mean(ce_BT, batch[key])
+        return ce + z_loss, (out, new_rest)
+
+    def train_step(state: TrainState, hp: dict, batch: dict):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, (out, new_rest)), grads = grad_fn(state.params, state.rest, batch, hp)
+        lr_t = learning_rate(cfg.optim, total_steps, state.step, hp["lr"], hp["warmup_steps"])
+        opt_state = set_hyperparams(
+            state.opt_state,
+            learning_rate=lr_t,
+            weight_decay=hp["weight_decay"],
+            peak_learning_rate=hp["lr"],
+        )
+        updates, opt_state = tx.update(grads, opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        loss = out["train/loss"]
+        ok = state.alive & jnp.isfinite(loss) & (loss <= bound) & M.all_finite(grads)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = TrainState(
+            params=keep(params, state.params),
+            rest=keep(new_rest, state.rest),
+            opt_state=keep(opt_state, state.opt_state),
+            step=jnp.where(ok, state.step + 1, state.step),
+            alive=ok,
+            diverged_step=jnp.where(state.alive & ~ok, state.step + 1, state.diverged_step).astype(
+                jnp.int32
+            ),
+        )
+        out.update(
+            {
+                "lr": lr_t,
+                "alive": ok,
+                "grad/global_norm": M.global_norm(grads),
+                **M.rms_by_path("grad/rms", grads),
+                **M.rms_by_path("update/rms", updates, 1.0 / lr_t),
+                **M.rms_by_path("param/rms", params),
+            }
+        )
+        return new_state, out
+
+    return train_step
+
+
+def make_eval_step(cfg: Config, graphdef):
+    """Pure eval: summed cross-entropy and token count of one batch (no state updates)."""
+
+    def eval_step(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        tokens = batch["tokens"]
+        logits_BTV, _ = model(tokens[:, :-1])
+        ce_BT, _ = cross_entropy(logits_BTV, tokens[:, 1:])
+        return ce_BT.sum(), jnp.float32(ce_BT.size)
+
+    return eval_step
+
+
+def evaluate(eval_step, params, rest, batches) -> jax.Array:
+    """Mean cross-entropy over ``batches`` (works vmapped: returns one value per run)."""
+    total, count = 0.0, 0.0
+    for b in batches:
+        s, n = eval_step(params, rest, b)
+        total, count = total + s, count + n
+    return total / count
+
+
+def loss_at_init(cfg: Config) -> float:
+    """The loss of a uniform predictor, log V: the paper's ℓ0 reference for LR sensitivity."""
+    return float(np.log(cfg.model.vocab_size))
+
+
+# ---------------------------------------------------------------------------------------
+# Workdir handling and the single-run loop.
+
+
+def prepare_workdir(cfg: Config, workdir: Path, overwrite: bool) -> bool:
+    """Create or check ``workdir``. Returns True if it holds a run to resume.
+
+    A workdir whose config.json differs from ``cfg`` is refused unless ``overwrite``, which
+    deletes its previous contents.
+    """
+    cfg_path = workdir / "config.json"
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old != to_jsonable(cfg.to_dict()):
+            if not overwrite:
+                diff = _first_difference(old, to_jsonable(cfg.to_dict()))
+                raise ConfigError(
+                    f"--workdir={workdir} holds a run with a different config ({diff}); use "
+                    "another workdir or pass --overwrite to delete it"
+                )
+            shutil.rmtree(workdir)
+        else:
+            return (workdir / "checkpoints").exists()
+    elif overwrite and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cfg_path, to_jsonable(cfg.to_dict()))
+    return False
+
+
+def _first_difference(a: Any, b: Any, path: str = "config") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}")
+    return f"{path}: {a!r} there, {b!r} now"
+
+
+@dataclasses.dataclass
+class RunResult:
+    steps: int  # updates applied
+    final_eval_loss: float
+    diverged: bool
+    diverged_step: int | None
+    wall_seconds: float
+
+
+class Diverged(RuntimeError):
+    """The run stopped on a non-finite (or out-of-bound) loss; its last finite state is saved."""
+
+
+def train(
+    cfg: Config, workdir: str | Path, *, overwrite: bool = False, progress: bool = True
+) -> RunResult:
+    """Train one run in ``workdir``, resuming from its latest checkpoint if there is one."""
+    workdir = Path(workdir)
+    source = make_source(cfg.data, cfg.model.vocab_size)  # validates data before any write
+    resume = prepare_workdir(cfg, workdir, overwrite)
+
+    tx = make_optimizer(cfg.optim)
+    graphdef, _, _ = split_model(cfg, 0)
+    state = init_state(cfg, cfg.train.seed, tx)
+    hp = hyperparams(cfg)
+    stream = source.train_stream(cfg.train.seed)
+    eval_batches = source.eval_batches(cfg.train.eval_batches)
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.train.max_to_keep)
+
+    start = 0
+    if resume and ckpt.latest_step() is not None:
+        start = ckpt.latest_step()
+        state, meta = ckpt.restore(start, state)
+        stream.restore(meta["stream"])
+        truncate_metrics(workdir / "metrics.jsonl", start)
+        if meta.get("diverged"):
+            ckpt.close()
+            raise Diverged(f"this run already diverged at update {meta['diverged_step']}")
+        print(f"resuming {workdir} from step {start}", file=sys.stderr)
+    elif resume:
+        truncate_metrics(workdir / "metrics.jsonl", 0)
+
+    run_config = {**to_jsonable(cfg.to_dict()), "data_description": source.description}
+    tracker = Tracker(
+        workdir, cfg.wandb, run_config, name=cfg.wandb.name or workdir.name, resume=start > 0
+    )
+    step_fn = jax.jit(make_train_step(cfg, graphdef, tx), donate_argnums=0)
+    eval_fn = jax.jit(make_eval_step(cfg, graphdef))
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    t_start = time.time()
+    if start >= cfg.train.steps:
+        tracker.close()
+        ckpt.close()
+        done = [r for r in read_metrics(workdir) if "eval/loss" in r]
+        final = float(done[-1]["eval/loss"]) if done else float("nan")
+        print(f"{workdir} already finished {start} steps", file=sys.stderr)
+        return RunResult(start, final, False, None, 0.0)
+    try:
+        result = _loop(
+            cfg,
+            workdir,
+            state,
+            hp,
+            stream,
+            eval_batches,
+            source,
+            step_fn,
+            eval_fn,
+            ckpt,
+            tracker,
+            start,
+            tokens_per_step,
+            progress,
+        )
+    finally:
+        tracker.close()
+        ckpt.close()
+    result.wall_seconds = time.time() - t_start
+    if result.diverged:
+        raise Diverged(
+            f"loss became non-finite or exceeded train.divergence_loss={cfg.train.divergence_loss} "
+            f"at update {result.diverged_step}; the last finite state is checkpointed at step "
+            f"{result.steps} in {workdir / 'checkpoints'} and metrics are in "
+            f"{workdir / 'metrics.jsonl'}"
+        )
+    return result
+
+
+def _loop(
+    cfg,
+    workdir,
+    state,
+    hp,
+    stream,
+    eval_batches,
+    source,
+    step_fn,
+    eval_fn,
+    ckpt,
+    tracker,
+    start,
+    tokens_per_step,
+    progress,
+) -> RunResult:
+    from tqdm import tqdm
+
+    t = cfg.train
+    floor = source.loss_floor
+    bar = tqdm(
+        total=t.steps,
+        initial=start,
+        disable=not progress,
+        dynamic_ncols=True,
+        desc=workdir.name,
+        file=sys.stderr,
+    )
+    pending = None  # (step, metrics on device, wall time): fetched one step late
+    last_time, last_step = time.time(), start
+
+    def flush(pending):
+        nonlocal last_time, last_step
+        step, out = pending
+        now = time.time()
+        rec = {"step": step, **jax.device_get(out)}
+        rec["perf/tokens_per_sec"] = (
+            tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
+        )
+        last_time, last_step = now, step
+        if floor is not None:
+            rec["train/loss_floor"] = floor
+        return rec
+
+    def save(step_count: int, st: TrainState, diverged: bool = False):
+        meta = {
+            "stream": stream.state(),
+            "diverged": diverged,
+            "diverged_step": int(st.diverged_step) if diverged else None,
+        }
+        ckpt.save(step_count, st, meta)
+
+    def is_log_step(s: int) -> bool:
+        return s % t.log_every == 0 or s % t.eval_every == 0 or s == t.steps
+
+    for i in range(start, t.steps):
+        batch = stream.next()
+        state, out = step_fn(state, hp, batch)
+        s = i + 1  # updates done (the record's "step")
+        if pending is not None:
+            prev_step, prev_out = pending
+            if is_log_step(prev_step) or not bool(prev_out["alive"]):
+                rec = flush(pending)
+                tracker.log(rec)
+                bar.set_postfix(
+                    loss=f"{rec['train/loss']:.4f}", tok_s=f"{rec['perf/tokens_per_sec']:.0f}"
+                )
+                if not rec["alive"]:
+                    bar.close()
+                    save(int(state.step), state, diverged=True)
+                    return RunResult(
+                        int(state.step), float("nan"), True, int(state.diverged_step), 0.0
+                    )
+        eval_now = s % t.eval_every == 0 or s == t.steps
+        if eval_now:
+            out["eval/loss"] = evaluate(eval_fn, state.params, state.rest, eval_batches)
+        pending = (s, out)
+        if s % t.checkpoint_every == 0 or s == t.steps:
+            save(s, state)
+        bar.update(1)
+    rec = flush(pending)
+    tracker.log(rec)
+    bar.close()
+    if not rec["alive"]:
+        save(int(state.step), state, diverged=True)
+        return RunResult(int(state.step), float("nan"), True, int(state.diverged_step), 0.0)
+    final = float(rec["eval/loss"])
+    tracker.summary({"final_eval_loss": final})
+    return RunResult(t.steps, final, False, None, 0.0)
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    """The metric records of a run (torn or foreign lines skipped)."""
+    return read_jsonl(Path(workdir) / "metrics.jsonl")[0]
