@@ -50,13 +50,18 @@ def rms_by_path(prefix: str, tree, scale: jax.Array | float = 1.0) -> dict[str, 
     return {f"{prefix}/{path_str(p)}": rms(x) * scale for p, x in flat}
 
 
-def attention_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Per-layer attention statistics from the model's aux arrays of shape [L]."""
+def expand_aux(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Metric records from the model's aux dict: [L] arrays become ``{name}/layer_{i}``,
+    scalars keep their name, and ``loss/{x}`` terms are logged as ``train/{x}``."""
     out = {}
-    for name in ("max_logit", "entropy", "entropy_min"):
-        values = aux[f"attn_{name}"]
-        for i in range(values.shape[0]):
-            out[f"attn/{name}/layer_{i}"] = values[i]
+    for name, value in aux.items():
+        if name.startswith("loss/"):
+            out[f"train/{name[5:]}"] = value
+        elif value.ndim == 1:
+            for i in range(value.shape[0]):
+                out[f"{name}/layer_{i}"] = value[i]
+        else:
+            out[name] = value
     return out
 
 

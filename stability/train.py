@@ -31,6 +31,7 @@ from stability.checkpoint import Checkpointer
 from stability.config import Config, ConfigError
 from stability.data import make_source
 from stability.models import Transformer
+from stability.models.layers import GradStat
 from stability.optim.build import make_optimizer, set_hyperparams
 from stability.optim.schedules import learning_rate
 from stability.tracking import Tracker, read_jsonl, to_jsonable, truncate_metrics, write_json_atomic
@@ -38,7 +39,8 @@ from stability.tracking import Tracker, read_jsonl, to_jsonable, truncate_metric
 
 class TrainState(NamedTuple):
     params: Any  # nnx.State of nnx.Param
-    rest: Any  # nnx.State of every non-parameter variable (e.g. running statistics)
+    gstats: Any  # nnx.State of GradStat variables (updated by adding their gradient)
+    rest: Any  # nnx.State of every other variable (e.g. running statistics, power-iteration u)
     opt_state: Any
     step: jax.Array  # int32: updates applied (frozen when the run diverges)
     alive: jax.Array  # bool: False once the run has diverged
@@ -59,15 +61,20 @@ def hyperparams(cfg: Config) -> dict[str, jax.Array]:
 
 
 def split_model(cfg: Config, seed: int | jax.Array):
-    model = Transformer(cfg.model, rngs=nnx.Rngs(seed))
-    return nnx.split(model, nnx.Param, ...)
+    """(graphdef, params, gstats, rest) of a freshly initialised model."""
+    return split(Transformer(cfg.model, rngs=nnx.Rngs(seed)))
+
+
+def split(model: nnx.Module):
+    return nnx.split(model, nnx.Param, GradStat, ...)
 
 
 def init_state(cfg: Config, seed: int | jax.Array, tx: optax.GradientTransformation) -> TrainState:
     """A fresh state for one run (vmappable over ``seed``)."""
-    _, params, rest = split_model(cfg, seed)
+    _, params, gstats, rest = split_model(cfg, seed)
     return TrainState(
         params=params,
+        gstats=gstats,
         rest=rest,
         opt_state=tx.init(params),
         step=jnp.int32(0),
@@ -92,29 +99,33 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation):
     total_steps = cfg.train.steps
     bound = cfg.train.divergence_loss
 
-    def loss_fn(params, rest, batch, hp):
-        model = nnx.merge(graphdef, params, rest, copy=True)
+    def loss_fn(params, gstats, rest, batch, hp):
+        model = nnx.merge(graphdef, params, gstats, rest, copy=True)
         tokens = batch["tokens"]
-        logits_BTV, aux = model(tokens[:, :-1])
+        logits_BTV, aux = model(tokens[:, :-1], train=True)
         ce_BT, log_z_BT = cross_entropy(logits_BTV, tokens[:, 1:])
         ce = ce_BT.mean()
         z_loss = hp["z_loss"] * jnp.mean(jnp.square(log_z_BT))
-        new_rest = nnx.state(model, nnx.Not(nnx.Param))
+        extra = sum((v for k, v in aux.items() if k.startswith("loss/")), jnp.float32(0))
+        new_rest = split(model)[3]
         out = {
             "train/loss": ce,
             "train/z_loss": z_loss,
             "logits/log_z_mean": log_z_BT.mean(),
             "logits/log_z_max": log_z_BT.max(),
-            **M.attention_metrics(aux),
+            **M.expand_aux(aux),
         }
         for key in batch:
             if key.startswith("mask_"):
                 out[f"train/loss_{key[5:]}"] = masked_mean(ce_BT, batch[key])
-        return ce + z_loss, (out, new_rest)
+        return ce + z_loss + extra, (out, new_rest)
 
     def train_step(state: TrainState, hp: dict, batch: dict):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (out, new_rest)), grads = grad_fn(state.params, state.rest, batch, hp)
+        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+        (_, (out, new_rest)), (grads, gstat_grads) = grad_fn(
+            state.params, state.gstats, state.rest, batch, hp
+        )
+        gstats = jax.tree.map(jnp.add, state.gstats, gstat_grads)
         lr_t = learning_rate(cfg.optim, total_steps, state.step, hp["lr"], hp["warmup_steps"])
         opt_state = set_hyperparams(
             state.opt_state,
@@ -130,6 +141,7 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation):
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = TrainState(
             params=keep(params, state.params),
+            gstats=keep(gstats, state.gstats),
             rest=keep(new_rest, state.rest),
             opt_state=keep(opt_state, state.opt_state),
             step=jnp.where(ok, state.step + 1, state.step),
@@ -156,21 +168,21 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation):
 def make_eval_step(cfg: Config, graphdef):
     """Pure eval: summed cross-entropy and token count of one batch (no state updates)."""
 
-    def eval_step(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest, copy=True)
+    def eval_step(params, gstats, rest, batch):
+        model = nnx.merge(graphdef, params, gstats, rest, copy=True)
         tokens = batch["tokens"]
-        logits_BTV, _ = model(tokens[:, :-1])
+        logits_BTV, _ = model(tokens[:, :-1], train=False)
         ce_BT, _ = cross_entropy(logits_BTV, tokens[:, 1:])
         return ce_BT.sum(), jnp.float32(ce_BT.size)
 
     return eval_step
 
 
-def evaluate(eval_step, params, rest, batches) -> jax.Array:
+def evaluate(eval_step, state: TrainState, batches) -> jax.Array:
     """Mean cross-entropy over ``batches`` (works vmapped: returns one value per run)."""
     total, count = 0.0, 0.0
     for b in batches:
-        s, n = eval_step(params, rest, b)
+        s, n = eval_step(state.params, state.gstats, state.rest, b)
         total, count = total + s, count + n
     return total / count
 
@@ -240,7 +252,7 @@ def train(
     resume = prepare_workdir(cfg, workdir, overwrite)
 
     tx = make_optimizer(cfg.optim)
-    graphdef, _, _ = split_model(cfg, 0)
+    graphdef = split_model(cfg, 0)[0]
     state = init_state(cfg, cfg.train.seed, tx)
     hp = hyperparams(cfg)
     stream = source.train_stream(cfg.train.seed)
@@ -381,7 +393,7 @@ def _loop(
                     )
         eval_now = s % t.eval_every == 0 or s == t.steps
         if eval_now:
-            out["eval/loss"] = evaluate(eval_fn, state.params, state.rest, eval_batches)
+            out["eval/loss"] = evaluate(eval_fn, state, eval_batches)
         pending = (s, out)
         if s % t.checkpoint_every == 0 or s == t.steps:
             save(s, state)

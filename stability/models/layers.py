@@ -12,6 +12,13 @@ from flax import nnx
 
 from stability.config import ModelConfig
 
+
+class GradStat(nnx.Variable):
+    """Non-optimised state updated through its "gradient": after each step the train step adds
+    d(loss)/d(stat) to the value, outside the optimiser. A ``jax.custom_vjp`` layer uses this to
+    return a running statistic from its backward pass (PowerNorm's ν)."""
+
+
 # std exactly 1/sqrt(fan_in) (variance_scaling corrects for the truncation at ±2σ).
 fan_in_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 

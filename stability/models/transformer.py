@@ -40,10 +40,12 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM. ``__call__(tokens_BT) -> (logits_BTV float32, aux)``.
+    """Decoder-only LM. ``__call__(tokens_BT, train=...) -> (logits_BTV float32, aux)``.
 
-    ``aux`` holds per-layer attention statistics as arrays of shape [L] (see
-    ``stability.models.attention``): ``attn_max_logit``, ``attn_entropy``, ``attn_entropy_min``.
+    ``aux`` maps metric names to values computed on device (see ``stability.metrics.expand_aux``):
+    arrays of shape [L] are per-layer (``attn/max_logit`` → ``attn/max_logit/layer_i``), scalars
+    are logged as they are, and keys starting with ``loss/`` are extra loss terms that the
+    train step adds to the objective. ``train=False`` (evaluation) must not update any state.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -55,7 +57,9 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.head = Linear(D, V, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
 
-    def __call__(self, tokens_BT: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, tokens_BT: jax.Array, *, train: bool = True
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
         B, T = tokens_BT.shape
         dtype = jnp.dtype(cfg.dtype)
@@ -70,5 +74,5 @@ class Transformer(nnx.Module):
             logits_MV = jnp.dot(x_MD, self.embed[...].astype(dtype).T)
         else:
             logits_MV = self.head(x_MD)
-        aux = {f"attn_{k}": jnp.stack([s[k] for s in layer_stats]) for k in layer_stats[0]}
+        aux = {f"attn/{k}": jnp.stack([s[k] for s in layer_stats]) for k in layer_stats[0]}
         return logits_MV.astype(jnp.float32).reshape(B, T, -1), aux
