@@ -21,10 +21,14 @@ class ConfigError(ValueError):
     """An invalid configuration value. ``str(err)`` is one line naming the field."""
 
 
-Norm = Literal["layernorm", "rmsnorm"]
+Norm = Literal["layernorm", "rmsnorm", "powernorm"]
+LinearKind = Literal["plain", "sigma_reparam"]
+GammaInit = Literal["sigma", "one"]
+ScoreKind = Literal["softmax", "softplus", "relu"]
 AttentionImpl = Literal["xla", "pallas"]
 DType = Literal["float32", "bfloat16"]
-Source = Literal["stdlib", "text_files", "synthetic_markov"]
+Source = Literal["stdlib", "text_files", "synthetic_markov", "bigram_backcopy", "tfds"]
+Tokenizer = Literal["bytes", "sentencepiece"]
 WandbMode = Literal["offline", "online", "disabled"]
 Schedule = Literal["cosine", "linear", "constant", "rsqrt"]
 WeightDecayMode = Literal["independent", "coupled"]
@@ -41,8 +45,32 @@ class ModelConfig:
     n_heads: int = 4  # head dim = d_model / n_heads
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model (gelu)
     norm: Norm = "layernorm"  # pre-norm kind in every block and before the head
-    norm_eps: float = 1e-6
+    norm_eps: float = 1e-6  # layernorm, rmsnorm (powernorm uses its reference's 1e-5)
+    # PowerNorm (Shen et al. 2020): steps that normalise by the batch statistic, as the
+    # reference does (10,000 there); 0 = the running statistic φ from past steps only. A
+    # warmup mixes future tokens into the forward pass of a causal LM.
+    powernorm_warmup: int = 0
     qk_norm: bool = True  # per-head LayerNorm (scale only) on q and k before the dot product
+    # σReparam (Zhai et al. 2023) on q, k, v, output projection and both MLP layers:
+    # W ← (γ/σ(W))·W, σ by one power-iteration step per training step.
+    linear: LinearKind = "plain"
+    sigma_reparam_head: bool = False  # σReparam on the output head too (needs an untied head)
+    sigma_reparam_gamma_init: GammaInit = "sigma"  # γ₀ = σ(W₀) (Ŵ = W at init) or 1
+    # Attention weights: softmax(q·k/√H); "softplus": LSSA of Gao et al. 2025 (ℓ2-normalised
+    # q, k, logit scale log(H)·log(N_i), softplus over Σ softplus); "relu": ReLU(q·k/√H)/N_i,
+    # unnormalised (Guo et al. 2024). N_i = keys query i sees.
+    attention_score: ScoreKind = "softmax"
+    softplus_reweight: bool = False  # LSSAR: weights ∝ ReLU(N_i·A − o_i)^p (softplus only)
+    softplus_reweight_power: float = 15.0  # p of the re-weighting; >= 1
+    # LS-attention (Hajra 2025): the first n_local_heads heads see only the local_window most
+    # recent tokens (the query included); the other heads are global (full causal).
+    n_local_heads: int = 0
+    local_window: int = 16  # tokens
+    attn_softcap: float = 0.0  # c > 0: attention logits ← c·tanh(logits/c) (Gemma 2: 50); 0 = off
+    logit_softcap: float = 0.0  # c > 0: output logits ← c·tanh(logits/c) (Gemma 2: 30); 0 = off
+    # λ of the sink decorrelation loss: λ·mean over the residual states between blocks of
+    # mean over positions s >= 1 of cos²(h_0, h_s) (AVSR attention sinks, 2025). 0 = off.
+    sink_decorrelation: float = 0.0
     tie_embeddings: bool = False  # output head = input embedding transposed
     rope_base: float = 10_000.0  # rotary position embedding base
     attention_impl: AttentionImpl = "xla"  # "pallas": flash kernels with in-kernel stats
@@ -79,6 +107,15 @@ class DataConfig:
     markov_vocab: int = 256  # synthetic_markov: vocabulary size
     markov_zipf: float = 1.1  # synthetic_markov: Zipf exponent of each transition row
     markov_branching: int = 32  # synthetic_markov: successors per state
+    backcopy_vocab: int = 64  # bigram_backcopy: Markov symbols; BOS is token backcopy_vocab
+    backcopy_triggers: int = 3  # bigram_backcopy: the k most frequent symbols, after which the next token copies the one before the trigger
+    tfds_name: str = ""  # tfds: dataset name with optional config/version, e.g. "lm1b", "c4/en:3.1.0"
+    tfds_data_dir: str = ""  # tfds: directory (or bucket) where the dataset is prepared as array_record
+    tfds_split: str = "train"  # tfds: training split (tfds split syntax, e.g. "train[:90%]")
+    tfds_eval_split: str = "validation"  # tfds: held-out split for eval/loss and bits per byte
+    tfds_text_feature: str = "text"  # tfds: feature holding each document's text
+    tokenizer: Tokenizer = "bytes"  # tfds: "bytes" (258 ids: bytes, BOS 256, EOS 257) or "sentencepiece"
+    tokenizer_path: str = ""  # sentencepiece: path of the .model file (e.g. the T5 vocabulary, 32,100 pieces)
 
 
 @dataclass(frozen=True)
@@ -248,6 +285,40 @@ def validate(cfg: Config) -> None:
         )
     _positive("config.model.norm_eps", m.norm_eps)
     _positive("config.model.rope_base", m.rope_base)
+    _non_negative("config.model.powernorm_warmup", m.powernorm_warmup)
+    if m.powernorm_warmup and m.norm != "powernorm":
+        raise ConfigError(
+            f"config.model.powernorm_warmup={m.powernorm_warmup} needs "
+            f"config.model.norm='powernorm', not {m.norm!r}"
+        )
+    if m.sigma_reparam_head and (m.linear != "sigma_reparam" or m.tie_embeddings):
+        raise ConfigError(
+            "config.model.sigma_reparam_head=True needs config.model.linear='sigma_reparam' "
+            f"(got {m.linear!r}) and tie_embeddings=False (got {m.tie_embeddings})"
+        )
+    if m.softplus_reweight and m.attention_score != "softplus":
+        raise ConfigError(
+            "config.model.softplus_reweight=True needs config.model.attention_score="
+            f"'softplus', not {m.attention_score!r}"
+        )
+    if not m.softplus_reweight_power >= 1:
+        raise ConfigError(
+            f"config.model.softplus_reweight_power={m.softplus_reweight_power!r} must be >= 1"
+        )
+    if not 0 <= m.n_local_heads <= m.n_heads:
+        raise ConfigError(
+            f"config.model.n_local_heads={m.n_local_heads} must be in "
+            f"[0, config.model.n_heads={m.n_heads}]"
+        )
+    _positive("config.model.local_window", m.local_window)
+    _non_negative("config.model.attn_softcap", m.attn_softcap)
+    _non_negative("config.model.logit_softcap", m.logit_softcap)
+    _non_negative("config.model.sink_decorrelation", m.sink_decorrelation)
+    if m.sink_decorrelation and m.n_layers < 2:
+        raise ConfigError(
+            f"config.model.sink_decorrelation={m.sink_decorrelation!r} needs "
+            f"config.model.n_layers >= 2 (it acts between blocks), got {m.n_layers}"
+        )
     _positive("config.optim.lr", o.lr)
     _non_negative("config.optim.weight_decay", o.weight_decay)
     _positive("config.optim.eps", o.eps)

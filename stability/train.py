@@ -13,6 +13,7 @@ update that failed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import sys
@@ -32,7 +33,7 @@ from stability.config import Config, ConfigError
 from stability.data import make_source
 from stability.models import Transformer
 from stability.models.layers import GradStat
-from stability.optim.build import make_optimizer, set_hyperparams
+from stability.optim.build import make_optimizer, optimizer_metrics, set_hyperparams
 from stability.optim.schedules import learning_rate
 from stability.tracking import Tracker, read_jsonl, to_jsonable, truncate_metrics, write_json_atomic
 
@@ -47,7 +48,38 @@ class TrainState(NamedTuple):
     diverged_step: jax.Array  # int32: the update that diverged (1-based), -1 if none
 
 
-HYPERPARAMS = ("lr", "weight_decay", "warmup_steps", "z_loss")
+# Per-run scalars: (section, field) of the config → key in the ``hp`` dict of the train step.
+HYPERPARAMS = {
+    ("optim", "lr"): "lr",
+    ("optim", "weight_decay"): "weight_decay",
+    ("optim", "warmup_steps"): "warmup_steps",
+    ("train", "z_loss"): "z_loss",
+}
+
+
+def static_config(cfg: Config) -> Config:
+    """``cfg`` with every per-run value (hyperparameters, seed, W&B naming) reset to a default:
+    runs with equal static configs share one compiled program."""
+    base = Config()
+    out = cfg
+    for section, name in [*HYPERPARAMS, ("train", "seed")]:
+        default = getattr(getattr(base, section), name)
+        out = dataclasses.replace(
+            out, **{section: dataclasses.replace(getattr(out, section), **{name: default})}
+        )
+    return dataclasses.replace(out, wandb=base.wandb)
+
+
+@functools.lru_cache(maxsize=32)
+def compiled_fns(static: Config):
+    """(graphdef, tx, jitted init, jitted train step, jitted evaluate) for a static config,
+    built once per process."""
+    tx = make_optimizer(static.optim)
+    graphdef = graphdef_of(static)
+    init = jax.jit(lambda seed: init_state(static, seed, tx))
+    step = jax.jit(make_train_step(static, graphdef, tx), donate_argnums=0)
+    evaluate = jax.jit(make_evaluate(static, graphdef))
+    return graphdef, tx, init, step, evaluate
 
 
 def hyperparams(cfg: Config) -> dict[str, jax.Array]:
@@ -60,18 +92,20 @@ def hyperparams(cfg: Config) -> dict[str, jax.Array]:
     }
 
 
-def split_model(cfg: Config, seed: int | jax.Array):
-    """(graphdef, params, gstats, rest) of a freshly initialised model."""
-    return split(Transformer(cfg.model, rngs=nnx.Rngs(seed)))
+def graphdef_of(cfg: Config):
+    """The static structure of ``cfg``'s model (no parameters are computed)."""
+    return split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))[0]
 
 
 def split(model: nnx.Module):
+    """(graphdef, params, gstats, rest) of a model."""
     return nnx.split(model, nnx.Param, GradStat, ...)
 
 
 def init_state(cfg: Config, seed: int | jax.Array, tx: optax.GradientTransformation) -> TrainState:
-    """A fresh state for one run (vmappable over ``seed``)."""
-    _, params, gstats, rest = split_model(cfg, seed)
+    """A fresh state for one run. Pure: jit it (eager init compiles every initializer op)
+    and vmap it over ``seed`` for many runs."""
+    _, params, gstats, rest = split(Transformer(cfg.model, rngs=nnx.Rngs(jax.random.key(seed))))
     return TrainState(
         params=params,
         gstats=gstats,
@@ -158,6 +192,7 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation):
                 **M.rms_by_path("grad/rms", grads),
                 **M.rms_by_path("update/rms", updates, 1.0 / lr_t),
                 **M.rms_by_path("param/rms", params),
+                **optimizer_metrics(cfg.optim, opt_state, grads),
             }
         )
         return new_state, out
@@ -178,13 +213,18 @@ def make_eval_step(cfg: Config, graphdef):
     return eval_step
 
 
-def evaluate(eval_step, state: TrainState, batches) -> jax.Array:
-    """Mean cross-entropy over ``batches`` (works vmapped: returns one value per run)."""
-    total, count = 0.0, 0.0
-    for b in batches:
-        s, n = eval_step(state.params, state.gstats, state.rest, b)
-        total, count = total + s, count + n
-    return total / count
+def make_evaluate(cfg: Config, graphdef):
+    """Pure ``evaluate(state, batches) -> mean cross-entropy`` over a list of batches."""
+    eval_step = make_eval_step(cfg, graphdef)
+
+    def evaluate(state: TrainState, batches) -> jax.Array:
+        total, count = jnp.float32(0), jnp.float32(0)
+        for b in batches:
+            s, n = eval_step(state.params, state.gstats, state.rest, b)
+            total, count = total + s, count + n
+        return total / count
+
+    return evaluate
 
 
 def loss_at_init(cfg: Config) -> float:
@@ -251,9 +291,8 @@ def train(
     source = make_source(cfg.data, cfg.model.vocab_size)  # validates data before any write
     resume = prepare_workdir(cfg, workdir, overwrite)
 
-    tx = make_optimizer(cfg.optim)
-    graphdef = split_model(cfg, 0)[0]
-    state = init_state(cfg, cfg.train.seed, tx)
+    _, _, init_fn, step_fn, eval_fn = compiled_fns(static_config(cfg))
+    state = init_fn(cfg.train.seed)
     hp = hyperparams(cfg)
     stream = source.train_stream(cfg.train.seed)
     eval_batches = source.eval_batches(cfg.train.eval_batches)
@@ -276,8 +315,6 @@ def train(
     tracker = Tracker(
         workdir, cfg.wandb, run_config, name=cfg.wandb.name or workdir.name, resume=start > 0
     )
-    step_fn = jax.jit(make_train_step(cfg, graphdef, tx), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(cfg, graphdef))
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     t_start = time.time()
     if start >= cfg.train.steps:
@@ -393,7 +430,7 @@ def _loop(
                     )
         eval_now = s % t.eval_every == 0 or s == t.steps
         if eval_now:
-            out["eval/loss"] = evaluate(eval_fn, state, eval_batches)
+            out["eval/loss"] = eval_fn(state, eval_batches)
         pending = (s, out)
         if s % t.checkpoint_every == 0 or s == t.steps:
             save(s, state)

@@ -65,4 +65,12 @@ def make_source(cfg: DataConfig, vocab_size: int) -> Source:
         from stability.data import synthetic
 
         return synthetic.ZipfMarkovSource(cfg)
+    if cfg.source == "bigram_backcopy":
+        from stability.data import backcopy
+
+        return backcopy.BigramBackcopySource(cfg, vocab_size)
+    if cfg.source == "tfds":
+        from stability.data import tfds
+
+        return tfds.TfdsSource(cfg, vocab_size)
     raise ConfigError(f"config.data.source={cfg.source!r} is unknown")

@@ -44,6 +44,14 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     )
 
 
+def optimizer_metrics(cfg: OptimConfig, opt_state, grads) -> dict[str, jax.Array]:
+    """Optimizer diagnostics logged every step. Adam family: ``grad/rms_over_eps/{path}``,
+    the gradient RMS over Adam's ε (the paper's §3.4 signal: updates collapse as it nears 1)."""
+    from stability.metrics import rms_by_path
+
+    return rms_by_path("grad/rms_over_eps", grads, 1.0 / cfg.eps)
+
+
 def set_hyperparams(opt_state, **values):
     """A copy of an ``inject_hyperparams`` state with the given hyperparameters replaced."""
     hp = dict(opt_state.hyperparams)

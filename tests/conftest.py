@@ -1,0 +1,33 @@
+import dataclasses
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from stability.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, validate  # noqa: E402
+
+
+def tiny_config(**sections) -> Config:
+    """A seconds-scale config: d=32, 2 layers, 2 heads, T=16, B=4, synthetic Markov data.
+
+    ``sections`` maps a section name to a dict of field overrides, e.g. model={"qk_norm": False}.
+    """
+    cfg = Config(
+        model=ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2),
+        optim=OptimConfig(lr=3e-3, warmup_steps=5),
+        data=DataConfig(
+            source="synthetic_markov", seq_len=16, batch_size=4, markov_vocab=64, markov_branching=8
+        ),
+        train=TrainConfig(steps=20, log_every=5, eval_every=10, eval_batches=2, checkpoint_every=10),
+    )
+    for name, fields in sections.items():
+        cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)})
+    validate(cfg)
+    return cfg
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
