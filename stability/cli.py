@@ -132,13 +132,27 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--workdir", required=True)
     p_train.add_argument("--overwrite", action="store_true", help="delete a conflicting workdir")
     p_train.add_argument("--no-progress", action="store_true")
-    for p in (p_train,):
+    p_sweep = sub.add_parser("sweep", help="run (or resume) a sweep of many runs")
+    p_sweep.add_argument("--sweep", required=True, help="PATH[:ARG] of a get_sweep() file")
+    p_sweep.add_argument("--config", default=None, help="PATH[:ARG] of the base get_config() file")
+    p_sweep.add_argument("--workdir", required=True)
+    p_sweep.add_argument("--strategy", choices=["auto", "vmap", "sequential"], default="auto")
+    p_sweep.add_argument("--max-runs-per-program", type=int, default=16)
+    p_sweep.add_argument("--no-progress", action="store_true")
+    p_report = sub.add_parser("report", help="write report.md and figures for a sweep workdir")
+    p_report.add_argument("workdir")
+    for p in (p_train, p_sweep, p_report):
         p.error = parser.error  # type: ignore[method-assign]
     try:
         rest, overrides = split_overrides(argv)
         args = parser.parse_args(rest)
         if args.command == "train":
             return _train(args, overrides)
+        if args.command == "sweep":
+            return _sweep(args, overrides)
+        if overrides:
+            raise ConfigError("`stability report` takes no --config overrides")
+        return _report(args)
     except ConfigError as e:
         print(f"stability: error: {e}", file=sys.stderr)
         return 2
@@ -158,6 +172,38 @@ def _train(args, overrides) -> int:
         f"done: {result.steps} steps, final eval/loss {result.final_eval_loss:.4f}, "
         f"metrics in {Path(args.workdir) / 'metrics.jsonl'}"
     )
+    return 0
+
+
+def _sweep(args, overrides) -> int:
+    from stability import plots
+    from stability.sweep import run_sweep
+
+    records = run_sweep(
+        args.sweep,
+        args.workdir,
+        config_spec=args.config,
+        overrides=overrides,
+        strategy=args.strategy,
+        max_runs_per_program=args.max_runs_per_program,
+        progress=not args.no_progress,
+    )
+    print(plots.summary_table(records))
+    print(
+        f"\nreport: {Path(args.workdir) / 'report.md'}; figures: "
+        f"{Path(args.workdir) / 'lr_sensitivity.png'}, max_attn_logit.png, attn_entropy.png"
+    )
+    return 0
+
+
+def _report(args) -> int:
+    from stability import plots
+
+    workdir = Path(args.workdir)
+    if not (workdir / "results.jsonl").exists():
+        raise ConfigError(f"{workdir}: no results.jsonl (not a sweep workdir)")
+    out = plots.write_report(workdir)
+    print(out.read_text())
     return 0
 
 

@@ -30,9 +30,11 @@ DType = Literal["float32", "bfloat16"]
 Source = Literal["stdlib", "text_files", "synthetic_markov", "bigram_backcopy", "tfds"]
 Tokenizer = Literal["bytes", "sentencepiece"]
 WandbMode = Literal["offline", "online", "disabled"]
-Schedule = Literal["cosine", "linear", "constant", "rsqrt"]
+Schedule = Literal["cosine", "linear", "constant", "rsqrt", "wsd", "wsd_s"]
+DecayShape = Literal["linear", "cosine", "sqrt", "exponential"]
 WeightDecayMode = Literal["independent", "coupled"]
-Optimizer = Literal["adamw"]
+Optimizer = Literal["adamw", "spam", "lion", "adafactor", "sgd"]
+Parametrization = Literal["standard", "mup_simple", "mup_full"]
 
 
 @dataclass(frozen=True)
@@ -79,19 +81,60 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with independent weight decay, warmup then decay (the paper's recipe)."""
+    """Optimizer, per-layer LR parametrization and LR schedule. Defaults: the paper's recipe
+    (AdamW, independent weight decay, linear warmup then cosine decay). See
+    ``stability/optim/build.py`` for the update rules and ``schedules.py`` for the schedules."""
 
+    # adamw: Adam + decay. spam: SPAM (Huang et al. 2025), Adam with spike clipping and
+    # periodic momentum resets. lion: sign of interpolated momentum (Chen et al. 2023; wants a
+    # 3-10x smaller lr and larger λ than AdamW). adafactor: factored second moment (Shazeer &
+    # Stern 2018), update clipping, absolute LR (no parameter-scale step). sgd: heavy-ball SGD.
     name: Optimizer = "adamw"
     lr: float = 1e-2  # peak learning rate
+    # β1: first-moment decay of adamw/spam/adafactor (0 = none, the original Adafactor) and
+    # Lion's update interpolation. β2: second-moment decay of adamw/spam; Lion's momentum decay
+    # (Lion's reference: β1 0.9, β2 0.99). SPAM shares b1/b2/eps with adamw; its reference
+    # defaults are β2 = 0.999, ε = 1e-6.
     b1: float = 0.9
     b2: float = 0.95
-    eps: float = 1e-8
+    eps: float = 1e-8  # adamw/spam: ε added to √v (gradient units); 1e-15 ... 1e-6 all work
+    momentum: float = 0.9  # sgd: heavy-ball momentum in [0, 1); 0 = plain SGD
     weight_decay: float = 1e-4  # λ; independent: θ ← θ − (lr_t/lr)·λ·θ
+    # independent: θ ← θ − η_t·Δ − (η_t/η)·λ·θ; coupled: θ ← θ − η_t·(Δ + λ·θ); Δ is the
+    # optimizer's direction. Decay acts on params with ndim >= 2 only.
     weight_decay_mode: WeightDecayMode = "independent"
     grad_clip: float = 1.0  # global-norm clip; 0 disables
+    # SPAM (name="spam"): spike threshold θ (|g| > √θ·√v is clipped), updates ΔT between
+    # momentum resets (> 20), updates N of cosine step warm-up after each reset, and the
+    # sparse-momentum density in (0, 1] (1 = dense, the usual SPAM).
+    spam_threshold: float = 5000.0
+    spam_reset_interval: int = 500
+    spam_reset_warmup: int = 150
+    spam_density: float = 1.0
+    # Adafactor (name="adafactor"): β2_t = 1 − t^(−decay_rate); update clipping d (per-param
+    # RMS of the direction clipped to d; 0 = off); second moments of matrices are factored
+    # when both of their two largest dims are >= adafactor_min_dim_to_factor.
+    adafactor_decay_rate: float = 0.8
+    adafactor_clip: float = 1.0
+    adafactor_min_dim_to_factor: int = 128
+    # μParam (Yang et al. 2022, as in Wortsman et al. 2023): "mup_simple" and "mup_full" scale
+    # the LR of every hidden matrix (blocks' q/k/v/o, fc1, fc2 kernels) by base_fan_in/fan_in =
+    # mup_base_d_model/d_model; "mup_full" also multiplies the output logits by the same
+    # factor (model side). Embedding, head, norm scales and σReparam γ keep the LR.
+    parametrization: Parametrization = "standard"
+    mup_base_d_model: int = 128  # width of the base model whose LR is tuned
+    # cosine/linear/constant/rsqrt: warmup then decay over the rest of training. wsd: warmup,
+    # stable at the peak, then a decay over the last decay_fraction of training. wsd_s (Wen et
+    # al. 2024): cycles of stable then decay (the last decay_fraction of each cycle), jumping
+    # back to the peak after each decay; cycle ends are wsd_decay_ends plus train.steps, or
+    # wsd_cycles equal cycles.
     schedule: Schedule = "cosine"
     warmup_steps: int = 100
     min_lr: float = 1e-5  # absolute LR at the end of the decay
+    decay_shape: DecayShape = "linear"  # wsd/wsd_s decay: linear, cosine, 1−√p, exponential
+    decay_fraction: float = 0.1  # wsd/wsd_s: fraction of training (of each cycle) that decays
+    wsd_cycles: int = 1  # wsd_s: number of equal cycles (when wsd_decay_ends is empty)
+    wsd_decay_ends: tuple[int, ...] = ()  # wsd_s: updates after which a decay ends, increasing
 
 
 @dataclass(frozen=True)
@@ -99,6 +142,7 @@ class DataConfig:
     """Where token batches come from. Batches are a pure function of (seed, step)."""
 
     source: Source = "stdlib"  # stdlib: the Python standard library's own .py files, as bytes
+    seed: int = 0  # data order; every run of a sweep with the same data.seed sees the same batches
     paths: tuple[str, ...] = ()  # text_files: files or directories (searched recursively)
     include: tuple[str, ...] = ("*.py", "*.txt", "*.md")  # globs for directories in `paths`
     seq_len: int = 64  # tokens per sequence
@@ -130,7 +174,7 @@ class WandbConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 800
-    seed: int = 0  # parameter init; data order comes from data seed = seed too
+    seed: int = 0  # parameter initialisation (data order: data.seed)
     z_loss: float = 1e-4  # weight on mean(log Z²) of the output logits
     log_every: int = 10  # steps between metric records
     eval_every: int = 200  # steps between eval/loss; the last step always evaluates
@@ -337,11 +381,64 @@ def validate(cfg: Config) -> None:
             f"config.optim.warmup_steps={o.warmup_steps} is longer than "
             f"config.train.steps={t.steps}"
         )
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"config.optim.momentum={o.momentum!r} must be in [0, 1)")
+    _positive("config.optim.spam_threshold", o.spam_threshold)
+    if not o.spam_reset_interval > 20:
+        raise ConfigError(
+            f"config.optim.spam_reset_interval={o.spam_reset_interval} must be > 20 "
+            "(spike clipping starts 20 updates after each reset)"
+        )
+    _non_negative("config.optim.spam_reset_warmup", o.spam_reset_warmup)
+    if not 0 < o.spam_density <= 1:
+        raise ConfigError(
+            f"config.optim.spam_density={o.spam_density!r} must be in (0, 1] (1 = dense)"
+        )
+    _positive("config.optim.adafactor_decay_rate", o.adafactor_decay_rate)
+    _non_negative("config.optim.adafactor_clip", o.adafactor_clip)
+    _positive("config.optim.adafactor_min_dim_to_factor", o.adafactor_min_dim_to_factor)
+    _positive("config.optim.mup_base_d_model", o.mup_base_d_model)
+    if not 0 < o.decay_fraction <= 1:
+        raise ConfigError(f"config.optim.decay_fraction={o.decay_fraction!r} must be in (0, 1]")
+    if o.decay_shape == "exponential" and o.schedule in ("wsd", "wsd_s") and not o.min_lr > 0:
+        raise ConfigError(
+            f"config.optim.min_lr={o.min_lr!r} must be > 0 for "
+            "config.optim.decay_shape='exponential' (a geometric decay never reaches 0)"
+        )
+    if not 1 <= o.wsd_cycles <= t.steps:
+        raise ConfigError(
+            f"config.optim.wsd_cycles={o.wsd_cycles} must be in [1, config.train.steps={t.steps}]"
+        )
+    if o.schedule != "wsd_s" and (o.wsd_cycles != 1 or o.wsd_decay_ends):
+        raise ConfigError(
+            f"config.optim.wsd_cycles={o.wsd_cycles} / wsd_decay_ends={list(o.wsd_decay_ends)} "
+            f"need config.optim.schedule='wsd_s', not {o.schedule!r}"
+        )
+    if o.wsd_decay_ends and o.wsd_cycles != 1:
+        raise ConfigError(
+            f"config.optim.wsd_cycles={o.wsd_cycles} and config.optim.wsd_decay_ends="
+            f"{list(o.wsd_decay_ends)} are both set; set one"
+        )
+    ends = o.wsd_decay_ends
+    if any(b <= a for a, b in zip(ends, ends[1:], strict=False)) or (
+        ends and not 0 < ends[-1] <= t.steps
+    ):
+        raise ConfigError(
+            f"config.optim.wsd_decay_ends={list(ends)} must increase strictly, within "
+            f"[1, config.train.steps={t.steps}]"
+        )
+    first_end = ends[0] if ends else t.steps // o.wsd_cycles
+    if o.schedule in ("wsd", "wsd_s") and not o.warmup_steps < first_end:
+        raise ConfigError(
+            f"config.optim.warmup_steps={o.warmup_steps} must be shorter than the first "
+            f"WSD cycle ({first_end} updates; config.optim.wsd_cycles / wsd_decay_ends)"
+        )
     for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "max_to_keep"):
         _positive(f"config.train.{name}", getattr(t, name))
     _non_negative("config.train.seed", t.seed)
     _non_negative("config.train.z_loss", t.z_loss)
     _positive("config.train.divergence_loss", t.divergence_loss)
+    _non_negative("config.data.seed", d.seed)
     _positive("config.data.seq_len", d.seq_len)
     _positive("config.data.batch_size", d.batch_size)
     if not 0 < d.eval_fraction < 1:

@@ -294,7 +294,7 @@ def train(
     _, _, init_fn, step_fn, eval_fn = compiled_fns(static_config(cfg))
     state = init_fn(cfg.train.seed)
     hp = hyperparams(cfg)
-    stream = source.train_stream(cfg.train.seed)
+    stream = source.train_stream(cfg.data.seed)
     eval_batches = source.eval_batches(cfg.train.eval_batches)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.train.max_to_keep)
 

@@ -1,7 +1,10 @@
 """The one model: embed → L pre-norm blocks (attention, gelu MLP) → final norm → logits.
 
 Defaults follow Wortsman et al. 2023: no biases, RoPE, MLP 4·d, untied embeddings, embedding
-init normal(1/√d), other weights truncated normal with std 1/√fan_in.
+init normal(1/√d), other weights truncated normal with std 1/√fan_in. Every stabilizer is a
+``ModelConfig`` field acting where it is read: ``linear`` and ``norm`` choose drop-in layers
+(``layers.py``); attention score kind, local heads and logit cap act in ``attention.py``;
+output-logit cap and the sink decorrelation loss act here.
 """
 
 from __future__ import annotations
@@ -11,19 +14,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stability.config import ModelConfig
+from stability.kernels.reference import apply_softcap
 from stability.models.attention import Attention, rope_tables
-from stability.models.layers import Linear, make_norm
+from stability.models.layers import make_linear, make_norm
 
 
 class Mlp(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        dtype = jnp.dtype(cfg.dtype)
         hidden = cfg.mlp_ratio * cfg.d_model
-        self.fc1 = Linear(cfg.d_model, hidden, dtype=dtype, rngs=rngs)
-        self.fc2 = Linear(hidden, cfg.d_model, dtype=dtype, rngs=rngs)
+        self.fc1 = make_linear(cfg, cfg.d_model, hidden, rngs=rngs)
+        self.fc2 = make_linear(cfg, hidden, cfg.d_model, rngs=rngs)
 
-    def __call__(self, x_MD: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x_MD)))
+    def __call__(self, x_MD: jax.Array, *, train: bool = True) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x_MD, train=train)), train=train)
 
 
 class Block(nnx.Module):
@@ -33,10 +36,28 @@ class Block(nnx.Module):
         self.mlp_norm = make_norm(cfg, cfg.d_model)
         self.mlp = Mlp(cfg, rngs=rngs)
 
-    def __call__(self, x_MD: jax.Array, B: int, T: int, rope) -> tuple[jax.Array, dict]:
-        h_MD, stats = self.attn(self.attn_norm(x_MD), B, T, rope)
+    def __call__(
+        self, x_MD: jax.Array, B: int, T: int, rope, *, train: bool = True
+    ) -> tuple[jax.Array, dict]:
+        h_MD, stats = self.attn(self.attn_norm(x_MD, train=train), B, T, rope, train=train)
         x_MD = x_MD + h_MD
-        return x_MD + self.mlp(self.mlp_norm(x_MD)), stats
+        return x_MD + self.mlp(self.mlp_norm(x_MD, train=train), train=train), stats
+
+
+def bos_norm_ratio(h_BTD: jax.Array) -> jax.Array:
+    """Mean over sequences of ‖h_0‖ / median over s >= 1 of ‖h_s‖ (1 for one-token sequences)."""
+    norm_BT = jnp.linalg.norm(h_BTD.astype(jnp.float32), axis=-1)
+    if norm_BT.shape[1] == 1:
+        return jnp.ones((), jnp.float32)
+    return (norm_BT[:, 0] / jnp.median(norm_BT[:, 1:], axis=1)).mean()
+
+
+def sink_cos2(h_BTD: jax.Array) -> jax.Array:
+    """Mean over sequences and positions s >= 1 of cos²(h_0, h_s) (0 for one-token sequences)."""
+    h_BTD = h_BTD.astype(jnp.float32)
+    u_BTD = h_BTD * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(h_BTD), -1, keepdims=True), 1e-12))
+    cos_BT = jnp.einsum("BD,BTD->BT", u_BTD[:, 0], u_BTD[:, 1:])
+    return jnp.mean(jnp.square(cos_BT)) if cos_BT.size else jnp.zeros((), jnp.float32)
 
 
 class Transformer(nnx.Module):
@@ -46,6 +67,14 @@ class Transformer(nnx.Module):
     arrays of shape [L] are per-layer (``attn/max_logit`` → ``attn/max_logit/layer_i``), scalars
     are logged as they are, and keys starting with ``loss/`` are extra loss terms that the
     train step adds to the objective. ``train=False`` (evaluation) must not update any state.
+
+    Keys: ``attn/{max_logit,entropy,entropy_min,bos_mass}`` [L] (``attention.py``);
+    ``resid/bos_norm_ratio`` [L]: per block output, mean over sequences of position 0's residual
+    norm over the median of the other positions' norms; ``reparam/{sigma,gamma}/{layer}``
+    (σReparam layers, e.g. ``reparam/sigma/blocks.0.attn.q``): σ(W) and γ of this step;
+    ``loss/sink_decorrelation`` (``sink_decorrelation`` λ > 0): λ·mean over the residual states
+    between blocks (outputs of blocks 0…L−2, the reference's hidden states 1…L−1) of
+    mean over sequences and positions s >= 1 of cos²(h_0, h_s).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -55,24 +84,43 @@ class Transformer(nnx.Module):
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = make_norm(cfg, D)
         if not cfg.tie_embeddings:
-            self.head = Linear(D, V, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+            head_kind = "sigma_reparam" if cfg.sigma_reparam_head else "plain"
+            self.head = make_linear(cfg, D, V, rngs=rngs, kind=head_kind)
 
     def __call__(
         self, tokens_BT: jax.Array, *, train: bool = True
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        (logits_BTV, aux), sown = nnx.capture(self.forward, nnx.Intermediate)(tokens_BT, train)
+        for path, values in nnx.to_flat_state(sown):
+            layer = ".".join(map(str, path[:-1]))
+            aux[f"reparam/{path[-1]}/{layer}"] = values.get_value()[-1]
+        return logits_BTV, aux
+
+    def forward(
+        self, tokens_BT: jax.Array, train: bool
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
         B, T = tokens_BT.shape
         dtype = jnp.dtype(cfg.dtype)
         rope = rope_tables(T, cfg.d_model // cfg.n_heads, cfg.rope_base)
         x_MD = jnp.take(self.embed[...], tokens_BT.reshape(-1), axis=0).astype(dtype)
-        layer_stats = []
+        layer_stats, resid_BTD = [], []
         for block in self.blocks:
-            x_MD, stats = block(x_MD, B, T, rope)
+            x_MD, stats = block(x_MD, B, T, rope, train=train)
             layer_stats.append(stats)
-        x_MD = self.final_norm(x_MD)
+            resid_BTD.append(x_MD.reshape(B, T, -1))
+        x_MD = self.final_norm(x_MD, train=train)
         if cfg.tie_embeddings:
             logits_MV = jnp.dot(x_MD, self.embed[...].astype(dtype).T)
         else:
-            logits_MV = self.head(x_MD)
+            logits_MV = self.head(x_MD, train=train)
+        logits_MV = apply_softcap(logits_MV.astype(jnp.float32), cfg.logit_softcap or None)
+
         aux = {f"attn/{k}": jnp.stack([s[k] for s in layer_stats]) for k in layer_stats[0]}
-        return logits_MV.astype(jnp.float32).reshape(B, T, -1), aux
+        aux["resid/bos_norm_ratio"] = jax.lax.stop_gradient(
+            jnp.stack([bos_norm_ratio(h) for h in resid_BTD])
+        )
+        if cfg.sink_decorrelation:
+            cos2 = jnp.stack([sink_cos2(h) for h in resid_BTD[:-1]])
+            aux["loss/sink_decorrelation"] = cfg.sink_decorrelation * cos2.mean()
+        return logits_MV.reshape(B, T, -1), aux

@@ -7,29 +7,146 @@ update (so the schedule, the peak LR and λ can be traced, per-run values):
   weight_decay        λ
   peak_learning_rate  η_max, for the independent-decay factor s_t = η_t/η_max
 
-AdamW, independent decay (Wortsman et al. 2023): θ ← θ − η_t·Adam(g) − (η_t/η_max)·λ·θ.
-AdamW, coupled decay (Loshchilov & Hutter):      θ ← θ − η_t·(Adam(g) + λ·θ).
-Weight decay applies to matrices and embeddings (ndim ≥ 2), not to norm scales.
+Every optimizer is the chain: global-norm clip of g → direction Δ (``optim.name``) → μParam
+LR multiplier m (per leaf; 1 for "standard") → decay and LR:
+
+  independent (Wortsman et al. 2023): θ ← θ − η_t·m·Δ − (η_t/η_max)·λ·θ
+  coupled (Loshchilov & Hutter):      θ ← θ − η_t·(m·Δ + λ·θ)
+
+Weight decay applies to matrices and embeddings (ndim ≥ 2), not to norm scales. μParam scales
+only the gradient step, not the decay, as ``mup.MuAdamW`` does (it divides the LR by the width
+multiplier and multiplies λ by it).
+
+Directions Δ:
+
+  adamw      Adam's m̂/(√v̂ + ε) (b1, b2, eps)
+  spam       SPAM (``spam.scale_by_spam``): Adam with spike clipping and momentum resets
+  lion       sign(β1·m + (1−β1)·g), m ← β2·m + (1−β2)·g (b1, b2)
+  adafactor  g/√v̂ with v̂ factored over rows and columns of matrices (β2_t = 1 −
+             t^(−adafactor_decay_rate), ε1 = 1e-30 on g²), then each param's direction
+             clipped to RMS ``adafactor_clip``, then an EMA with β1 when b1 > 0. No
+             parameter-scale (relative) step: η is absolute, as for the other optimizers.
+  sgd        heavy-ball momentum trace Δ ← g + momentum·Δ (plain SGD when 0)
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from stability.config import OptimConfig
+from stability.config import ConfigError, OptimConfig
+from stability.metrics import path_str, rms_by_path
+from stability.optim.spam import scale_by_spam, spam_diagnostics
+
+ADAFACTOR_EPS = 1e-30  # ε1 of Adafactor, added to g² (squared-gradient units)
+ADAM_FAMILY = ("adamw", "spam")
+# μParam's hidden matrices: 2-D kernels of these layers inside the blocks, whose fan-in grows
+# with d_model (attention q, k, v, o and MLP fc1, fc2).
+HIDDEN_LAYERS = ("q", "k", "v", "o", "fc1", "fc2")
 
 
 def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+def is_hidden_matrix(path: str, ndim: int) -> bool:
+    """μParam's rule for a leaf at '/'-joined ``path``: a 2-D ``kernel`` of a block's q, k, v, o,
+    fc1 or fc2 layer. Embedding (fan-in = vocabulary), head (the readout), norm scales and
+    σReparam's γ are not hidden matrices."""
+    parts = path.split("/")
+    return (
+        ndim == 2
+        and parts[0] == "blocks"
+        and len(parts) >= 2
+        and parts[-1] == "kernel"
+        and parts[-2] in HIDDEN_LAYERS
+    )
+
+
+def mup_multipliers(params, base_d_model: int, d_model: int):
+    """Per-leaf μParam LR multipliers shaped like ``params``' tree (Python floats).
+
+    Hidden matrices get base_fan_in/fan_in, where base_fan_in is the same matrix's fan-in
+    (its first axis: kernels are [d_in, d_out]) in the base model of width ``base_d_model``;
+    every hidden fan-in is proportional to d_model (d for q/k/v/fc1, n_heads·d_head = d for o,
+    mlp_ratio·d for fc2), so this is base_d_model/d_model. Every other leaf gets 1.
+    ``params`` may hold arrays or ``jax.ShapeDtypeStruct``s.
+    """
+
+    def one(path, x):
+        if not is_hidden_matrix(path_str(path), x.ndim):
+            return 1.0
+        fan_in = x.shape[0]
+        base_fan_in = fan_in * base_d_model / d_model
+        return base_fan_in / fan_in
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def scale_by_mup(base_d_model: int, d_model: int) -> optax.GradientTransformation:
+    """Multiplies each update by its ``mup_multipliers`` entry (stateless; the multipliers come
+    from the updates' own tree paths and shapes, so it works per run under ``jax.vmap``)."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        mult = mup_multipliers(updates, base_d_model, d_model)
+        return jax.tree.map(lambda u, m: u if m == 1.0 else u * m, updates, mult), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def direction(cfg: OptimConfig) -> optax.GradientTransformation:
+    """The optimizer's update direction Δ, before μParam, LR and decay (module docstring)."""
+    if cfg.name == "adamw":
+        return optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    if cfg.name == "spam":
+        return scale_by_spam(
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            threshold=cfg.spam_threshold,
+            reset_interval=cfg.spam_reset_interval,
+            reset_warmup_steps=cfg.spam_reset_warmup,
+            density=None if cfg.spam_density == 1.0 else cfg.spam_density,
+        )
+    if cfg.name == "lion":
+        return optax.scale_by_lion(b1=cfg.b1, b2=cfg.b2)
+    if cfg.name == "adafactor":
+        parts = [
+            optax.scale_by_factored_rms(
+                decay_rate=cfg.adafactor_decay_rate,
+                min_dim_size_to_factor=cfg.adafactor_min_dim_to_factor,
+                epsilon=ADAFACTOR_EPS,
+            )
+        ]
+        if cfg.adafactor_clip > 0:
+            parts.append(optax.clip_by_block_rms(cfg.adafactor_clip))
+        if cfg.b1 > 0:
+            parts.append(optax.ema(cfg.b1, debias=False))
+        return optax.chain(*parts)
+    if cfg.name == "sgd":
+        return optax.trace(decay=cfg.momentum)
+    raise ConfigError(f"config.optim.name={cfg.name!r} is not a known optimizer")
+
+
+def make_optimizer(cfg: OptimConfig, *, d_model: int | None = None) -> optax.GradientTransformation:
+    """The optimizer of ``cfg`` (module docstring). ``d_model``, the model's width, is needed
+    for μParam (``cfg.parametrization`` other than "standard")."""
+    mup = cfg.parametrization != "standard"
+    if mup and d_model is None:
+        raise ConfigError(
+            f"config.optim.parametrization={cfg.parametrization!r} needs the model width: "
+            "call make_optimizer(cfg.optim, d_model=cfg.model.d_model)"
+        )
+
     def factory(learning_rate, weight_decay, peak_learning_rate):
         parts = []
         if cfg.grad_clip > 0:
             parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-        parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+        parts.append(direction(cfg))
+        if mup:
+            parts.append(scale_by_mup(cfg.mup_base_d_model, d_model))
         if cfg.weight_decay_mode == "coupled":
             parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
             parts.append(optax.scale_by_learning_rate(learning_rate))
@@ -45,16 +162,23 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def optimizer_metrics(cfg: OptimConfig, opt_state, grads) -> dict[str, jax.Array]:
-    """Optimizer diagnostics logged every step. Adam family: ``grad/rms_over_eps/{path}``,
-    the gradient RMS over Adam's ε (the paper's §3.4 signal: updates collapse as it nears 1)."""
-    from stability.metrics import rms_by_path
+    """Optimizer diagnostics logged every step (per run under ``jax.vmap``).
 
-    return rms_by_path("grad/rms_over_eps", grads, 1.0 / cfg.eps)
+    adamw, spam: ``grad/rms_over_eps/{path}``, each gradient's RMS over ε (Wortsman et al.
+    §3.4: the update collapses as it nears 1). spam: also ``spam/clipped_fraction`` (fraction
+    of entries clipped as spikes at the last update) and ``spam/steps_since_reset`` (updates
+    since the last momentum reset, 0 on a reset)."""
+    out = {}
+    if cfg.name in ADAM_FAMILY:
+        out.update(rms_by_path("grad/rms_over_eps", grads, 1.0 / cfg.eps))
+    if cfg.name == "spam":
+        out.update(spam_diagnostics(opt_state))
+    return out
 
 
 def set_hyperparams(opt_state, **values):
     """A copy of an ``inject_hyperparams`` state with the given hyperparameters replaced."""
     hp = dict(opt_state.hyperparams)
     for k, v in values.items():
-        hp[k] = jax.numpy.asarray(v, hp[k].dtype)
+        hp[k] = jnp.asarray(v, hp[k].dtype)
     return opt_state._replace(hyperparams=hp)

@@ -1,0 +1,477 @@
+"""Many runs at once: group by static config, vmap over runs, shard over devices and hosts.
+
+A sweep is a list of config overrides (``sweeps/*.py: get_sweep(arg)``). Runs whose static
+config is identical (``train.static_config``) share one compiled program; their per-run
+scalars (LR, weight decay, warmup, z-loss weight, seed) are traced arrays with a leading run
+axis. A group is executed in chunks of at most ``max_runs_per_program`` runs:
+
+  vmap        each chunk is one jitted, vmapped program (the run axis sharded over a
+              ("run",) device mesh, across hosts under jax.distributed)
+  sequential  chunks of one run, reusing the same compiled step run after run
+  auto        sequential on CPU (already saturated by one small model), vmap on GPU/TPU
+
+All runs of a chunk see the same batches. A run that diverges is frozen inside the step and
+never changes another run's numbers. Results are appended to ``results.jsonl`` (one record per
+finished run); per-run metric histories go to ``runs/<run_id>/metrics.jsonl``. Rerunning on the
+same workdir skips finished runs and resumes unfinished chunks from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from stability import train as T
+from stability.checkpoint import Checkpointer
+from stability.cli import apply_override, load_config_dict, load_module, parse_value
+from stability.config import Config, ConfigError, from_config_dict
+from stability.data import make_source
+from stability.tracking import (
+    Tracker,
+    append_jsonl,
+    read_jsonl,
+    to_jsonable,
+    truncate_metrics,
+    write_json_atomic,
+)
+
+Strategy = Literal["auto", "vmap", "sequential"]
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    setting: str  # what differs from the other runs besides the LR, "leaf=value,..."
+    overrides: dict[str, Any]  # the sweep point's own overrides
+    config: Config
+
+
+def load_sweep(spec: str) -> tuple[str, list[dict[str, Any]]]:
+    """(sweep name, list of override dicts) from ``PATH[:ARG]``."""
+    path, _, arg = spec.partition(":")
+    module = load_module(path, "sweep")
+    if not hasattr(module, "get_sweep"):
+        raise ConfigError(f"--sweep={spec!r} defines no get_sweep()")
+    points = module.get_sweep(arg) if arg else module.get_sweep()
+    points = [dict(p) for p in points]
+    if not points:
+        raise ConfigError(f"--sweep={spec!r}: get_sweep returned an empty grid")
+    return getattr(module, "NAME", Path(path).stem), points
+
+
+def build_runs(
+    points: list[dict[str, Any]], config_spec: str | None, cli_overrides: list[tuple[str, str]]
+) -> list[Run]:
+    """Configs for every sweep point: base config, then command-line overrides, then the
+    point's own overrides (so a point's LR is never collapsed by a global override)."""
+    configs = []
+    for i, point in enumerate(points):
+        cd = load_config_dict(config_spec)
+        for key, value in cli_overrides:
+            apply_override(cd, key, parse_value(value))
+        for key, value in point.items():
+            try:
+                apply_override(cd, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"sweep point {i}: {e}") from e
+        try:
+            configs.append(from_config_dict(cd))
+        except ConfigError as e:
+            raise ConfigError(f"sweep point {i} {point}: {e}") from e
+    varying = sorted(
+        {
+            k
+            for p in points
+            for k in p
+            if k != "optim.lr" and len({repr(q.get(k)) for q in points}) > 1
+        }
+    )
+    runs, seen = [], set()
+    for point, cfg in zip(points, configs, strict=True):
+        setting = ",".join(f"{k.split('.')[-1]}={_fmt(point.get(k))}" for k in varying) or "default"
+        digest = hashlib.sha1(
+            json.dumps(to_jsonable(cfg.to_dict()), sort_keys=True).encode()
+        ).hexdigest()
+        run_id = f"{_slug(setting)}-lr{cfg.optim.lr:g}-{digest[:8]}"
+        if run_id in seen:
+            raise ConfigError(f"sweep has two identical points: {point}")
+        seen.add(run_id)
+        runs.append(Run(run_id, setting, point, cfg))
+    return runs
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in text)[:60]
+
+
+def choose_strategy(strategy: Strategy) -> Literal["vmap", "sequential"]:
+    if strategy == "auto":
+        return "sequential" if jax.default_backend() == "cpu" else "vmap"
+    return strategy
+
+
+def chunks_of(runs: list[Run], strategy: str, max_runs: int) -> list[list[Run]]:
+    """Groups of runs with identical static config, split into programs of ≤ max_runs."""
+    groups: dict[Config, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(T.static_config(run.config), []).append(run)
+    size = 1 if strategy == "sequential" else max_runs
+    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+# ---------------------------------------------------------------------------------------
+# Executing one chunk.
+
+
+def run_mesh() -> jax.sharding.Mesh:
+    """A 1-D ("run",) mesh over every device of every process."""
+    n = jax.device_count()
+    return jax.make_mesh((n,), ("run",), axis_types=(AxisType.Auto,))
+
+
+def _global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from identical host data on every process."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _fetch(tree) -> Any:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+@dataclass
+class ChunkResult:
+    finals: dict[str, dict[str, Any]]  # run_id -> result record fields
+
+
+class ChunkRunner:
+    """Trains the runs of one chunk (same static config) as one vmapped program."""
+
+    def __init__(self, runs: list[Run], workdir: Path, sweep_name: str, progress: bool):
+        self.runs, self.workdir, self.sweep_name, self.progress = (
+            runs,
+            workdir,
+            sweep_name,
+            progress,
+        )
+        self.static = T.static_config(runs[0].config)
+        self.cfg = runs[0].config
+        ids = ",".join(r.run_id for r in runs)
+        self.chunk_dir = workdir / "chunks" / hashlib.sha1(ids.encode()).hexdigest()[:12]
+        mesh = run_mesh()
+        n_dev = mesh.devices.size
+        # Pad the run axis to a multiple of the device count with copies of the last run
+        # (their results are discarded).
+        self.k = len(runs)
+        self.k_pad = -(-self.k // n_dev) * n_dev
+        self.run_sharding = NamedSharding(mesh, P("run"))
+        self.replicated = NamedSharding(mesh, P())
+
+    def _padded(self, values: list) -> np.ndarray:
+        return np.asarray(values + [values[-1]] * (self.k_pad - self.k))
+
+    def run(self) -> dict[str, dict[str, Any]]:
+        cfg, static, t = self.cfg, self.static, self.cfg.train
+        source = make_source(cfg.data, cfg.model.vocab_size)
+        stream = source.train_stream(cfg.data.seed)
+        eval_batches = [
+            jax.tree.map(lambda x: _global(x, self.replicated), b)
+            for b in source.eval_batches(t.eval_batches)
+        ]
+        fns = _vmapped_fns(static, self.run_sharding, self.replicated)
+        seeds = _global(
+            self._padded([r.config.train.seed for r in self.runs]).astype(np.int32),
+            self.run_sharding,
+        )
+        hp_list = [T.hyperparams(r.config) for r in self.runs]
+        hp = {
+            k: _global(
+                self._padded([float(h[k]) for h in hp_list]).astype(np.float32), self.run_sharding
+            )
+            for k in hp_list[0]
+        }
+        state = fns.init(seeds)
+        init_loss = _fetch(fns.evaluate(state, eval_batches))
+
+        ckpt = Checkpointer(self.chunk_dir / "checkpoints", t.max_to_keep)
+        start = ckpt.latest_step() or 0
+        if start:
+            state, meta = ckpt.restore(start, state)
+            stream.restore(meta["stream"])
+            init_loss = np.asarray(meta["loss_at_init"])
+        is_main = jax.process_index() == 0
+        trackers = []
+        for r in self.runs:
+            run_dir = self.workdir / "runs" / r.run_id
+            if is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(run_dir / "config.json", to_jsonable(r.config.to_dict()))
+                truncate_metrics(run_dir / "metrics.jsonl", start)
+                trackers.append(
+                    Tracker(
+                        run_dir,
+                        r.config.wandb,
+                        {
+                            **to_jsonable(r.config.to_dict()),
+                            "setting": r.setting,
+                            "lr": r.config.optim.lr,
+                            "run_id": r.run_id,
+                            "data_description": source.description,
+                        },
+                        name=r.run_id,
+                        group=r.config.wandb.group or self.sweep_name,
+                        tags=tuple(_tags(r.config)),
+                        resume=start > 0,
+                    )
+                )
+        t0 = time.time()
+        last = {}
+        try:
+            last = self._loop(
+                state, hp, stream, eval_batches, fns, ckpt, trackers, start, init_loss
+            )
+        finally:
+            for tr in trackers:
+                tr.close()
+            ckpt.close()
+        wall = time.time() - t0
+        finals = {}
+        for i, r in enumerate(self.runs):
+            rec = last.get(i)
+            if rec is None:  # finished earlier: read the last record from its history
+                hist = read_jsonl(self.workdir / "runs" / r.run_id / "metrics.jsonl")[0]
+                rec = hist[-1] if hist else {}
+            finals[r.run_id] = _result_record(r, rec, float(init_loss[i]), wall)
+        return finals
+
+    def _loop(self, state, hp, stream, eval_batches, fns, ckpt, trackers, start, init_loss):
+        from tqdm import tqdm
+
+        t = self.cfg.train
+        tokens_per_step = self.cfg.data.batch_size * self.cfg.data.seq_len * self.k
+        bar = tqdm(
+            total=t.steps,
+            initial=start,
+            disable=not self.progress,
+            dynamic_ncols=True,
+            desc=f"{self.runs[0].setting} x{self.k}",
+            file=sys.stderr,
+        )
+        pending = None
+        last_time, last_step = time.time(), start
+        last_records: dict[int, dict] = {}
+        logged_dead: set[int] = set()
+
+        def flush(step, out):
+            nonlocal last_time, last_step
+            host = _fetch(out)
+            now = time.time()
+            tps = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
+            last_time, last_step = now, step
+            for i in range(self.k):
+                alive = bool(host["alive"][i])
+                if not alive and i in logged_dead:
+                    continue  # a frozen run: its record at the diverging step is its last
+                rec = {
+                    "step": step,
+                    **{k: v[i] for k, v in host.items()},
+                    "perf/tokens_per_sec": tps / self.k,
+                }
+                if not alive:
+                    logged_dead.add(i)
+                if trackers:
+                    trackers[i].log(rec)
+                last_records[i] = to_jsonable(rec)
+            bar.set_postfix(
+                loss=f"{np.nanmin(host['train/loss'][: self.k]):.3f}",
+                alive=int(host["alive"][: self.k].sum()),
+            )
+
+        def save(step):
+            ckpt.save(
+                step,
+                state,
+                {"stream": stream.state(), "loss_at_init": [float(x) for x in init_loss]},
+            )
+
+        is_log = lambda s: s % t.log_every == 0 or s % t.eval_every == 0 or s == t.steps
+        for i in range(start, t.steps):
+            batch = jax.tree.map(lambda x: _global(x, self.replicated), stream.next())
+            state, out = fns.step(state, hp, batch)
+            s = i + 1
+            if pending is not None:
+                prev_step, prev_out = pending
+                alive = _fetch(prev_out["alive"])[: self.k]
+                newly_dead = any(not a and i not in logged_dead for i, a in enumerate(alive))
+                if is_log(prev_step) or newly_dead:
+                    flush(prev_step, prev_out)
+            if s % t.eval_every == 0 or s == t.steps:
+                out["eval/loss"] = fns.evaluate(state, eval_batches)
+            pending = (s, out)
+            if s % t.checkpoint_every == 0 or s == t.steps:
+                save(s)
+            bar.update(1)
+        if pending is not None:
+            flush(*pending)
+        bar.close()
+        return last_records
+
+
+def _tags(cfg: Config) -> list[str]:
+    """The stabilizers that are on, as W&B tags."""
+    tags = []
+    if cfg.model.qk_norm:
+        tags.append("qk_norm")
+    if cfg.train.z_loss > 0:
+        tags.append("z_loss")
+    if cfg.model.norm != "layernorm":
+        tags.append(cfg.model.norm)
+    return tags
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if x is not None and math.isfinite(float(x)) else None
+
+
+def _result_record(run: Run, rec: dict, loss_at_init: float, wall: float) -> dict[str, Any]:
+    L = run.config.model.n_layers
+    diverged = not rec.get("alive", False)
+    max_logit = [rec.get(f"attn/max_logit/layer_{i}") for i in range(L)]
+    min_ent = [rec.get(f"attn/entropy_min/layer_{i}") for i in range(L)]
+    return {
+        "run_id": run.run_id,
+        "setting": run.setting,
+        "lr": run.config.optim.lr,
+        "final_loss": None if diverged else _finite(rec.get("eval/loss")),
+        "loss_at_init": loss_at_init,
+        "diverged": diverged,
+        "diverged_step": rec.get("step") if diverged else None,
+        "max_attn_logit": _finite(max(v for v in max_logit if v is not None))
+        if any(v is not None for v in max_logit)
+        else None,
+        "min_attn_entropy": _finite(min(v for v in min_ent if v is not None))
+        if any(v is not None for v in min_ent)
+        else None,
+        "steps": rec.get("step"),
+        "wall_seconds": wall,
+        "overrides": to_jsonable(run.overrides),
+        "config": to_jsonable(run.config.to_dict()),
+    }
+
+
+@dataclass
+class _Fns:
+    init: Any
+    step: Any
+    evaluate: Any
+
+
+_FNS_CACHE: dict = {}
+
+
+def _vmapped_fns(static: Config, run_sharding, replicated) -> _Fns:
+    key = (static, run_sharding, replicated)
+    if key not in _FNS_CACHE:
+        graphdef, tx, _, _, _ = T.compiled_fns(static)
+        init = jax.jit(
+            jax.vmap(lambda seed: T.init_state(static, seed, tx)), out_shardings=run_sharding
+        )
+        step = jax.jit(
+            jax.vmap(T.make_train_step(static, graphdef, tx), in_axes=(0, 0, None)),
+            donate_argnums=0,
+            out_shardings=run_sharding,
+        )
+        evaluate = jax.jit(
+            jax.vmap(T.make_evaluate(static, graphdef), in_axes=(0, None)),
+            out_shardings=run_sharding,
+        )
+        _FNS_CACHE[key] = _Fns(init, step, evaluate)
+    return _FNS_CACHE[key]
+
+
+# ---------------------------------------------------------------------------------------
+# The sweep driver.
+
+
+def read_results(workdir: str | Path) -> tuple[list[dict], list[int]]:
+    """Records of ``results.jsonl`` (torn or foreign lines skipped and returned by number)."""
+    return read_jsonl(Path(workdir) / "results.jsonl")
+
+
+def run_sweep(
+    sweep_spec: str,
+    workdir: str | Path,
+    *,
+    config_spec: str | None = None,
+    overrides: list[tuple[str, str]] = (),
+    strategy: Strategy = "auto",
+    max_runs_per_program: int = 16,
+    progress: bool = True,
+    report: bool = True,
+) -> list[dict]:
+    """Run (or resume) a sweep into ``workdir``; returns the result records."""
+    if max_runs_per_program < 1:
+        raise ConfigError(f"--max-runs-per-program={max_runs_per_program} must be >= 1")
+    name, points = load_sweep(sweep_spec)
+    runs = build_runs(points, config_spec, list(overrides))
+    for r in runs:  # validate every data source before anything is written
+        make_source(r.config.data, r.config.model.vocab_size)
+    workdir = Path(workdir)
+    manifest = {"sweep": name, "spec": sweep_spec, "run_ids": [r.run_id for r in runs]}
+    manifest_path = workdir / "sweep.json"
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if old.get("run_ids") != manifest["run_ids"]:
+            raise ConfigError(
+                f"--workdir={workdir} holds a different sweep ({old.get('spec')!r} with "
+                f"{len(old.get('run_ids', []))} runs); use another workdir"
+            )
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(manifest_path, manifest)
+    done, bad = read_results(workdir)
+    if bad:
+        print(
+            f"warning: {workdir / 'results.jsonl'}: skipped unreadable lines {bad}", file=sys.stderr
+        )
+    done_ids = {r.get("run_id") for r in done}
+    todo = [r for r in runs if r.run_id not in done_ids]
+    strat = choose_strategy(strategy)
+    chunks = chunks_of(todo, strat, max_runs_per_program)
+    print(
+        f"sweep {name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
+        f"{len(chunks)} program(s) to run ({strat})",
+        file=sys.stderr,
+    )
+    for n, chunk in enumerate(chunks, 1):
+        print(f"[{n}/{len(chunks)}] {chunk[0].setting}: {len(chunk)} run(s)", file=sys.stderr)
+        finals = ChunkRunner(chunk, workdir, name, progress).run()
+        if is_main:
+            for r in chunk:
+                append_jsonl(workdir / "results.jsonl", finals[r.run_id])
+    records, _ = read_results(workdir)
+    if report and is_main:
+        from stability import plots
+
+        plots.write_report(workdir)
+    return records
