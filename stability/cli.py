@@ -139,6 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--strategy", choices=["auto", "vmap", "sequential"], default="auto")
     p_sweep.add_argument("--max-runs-per-program", type=int, default=16)
     p_sweep.add_argument("--no-progress", action="store_true")
+    p_sweep.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() (auto-detects TPU pods and SLURM)",
+    )
+    p_sweep.add_argument(
+        "--coordinator", default=None, help="HOST:PORT of process 0 (implies --distributed)"
+    )
+    p_sweep.add_argument("--num-processes", type=int, default=None)
+    p_sweep.add_argument("--process-id", type=int, default=None)
     p_report = sub.add_parser("report", help="write report.md and figures for a sweep workdir")
     p_report.add_argument("workdir")
     for p in (p_train, p_sweep, p_report):
@@ -176,9 +186,17 @@ def _train(args, overrides) -> int:
 
 
 def _sweep(args, overrides) -> int:
+    import jax
+
     from stability import plots
     from stability.sweep import run_sweep
 
+    if args.distributed or args.coordinator:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
     records = run_sweep(
         args.sweep,
         args.workdir,
