@@ -1,0 +1,229 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stability import plots
+from stability import train as T
+from stability.cli import main
+from stability.config import to_config_dict
+from stability.data import make_source
+from stability.sweep import run_sweep
+
+from conftest import tiny_config  # noqa: I001
+
+ROOT = Path(__file__).resolve().parent.parent
+LRS = (1e-3, 1e-2, 1e-1)
+
+
+def write_files(tmp_path: Path, lrs=LRS, steps=12) -> tuple[str, str]:
+    """A tiny base config file and a sweep file (qk_norm × lrs) in tmp_path."""
+    cfg = tiny_config(train={"steps": steps, "log_every": 4, "eval_every": 6, "checkpoint_every": 4})
+    config_py = tmp_path / "tiny_config.py"
+    config_py.write_text(
+        "import ml_collections\n"
+        f"D = {to_config_dict(cfg).to_dict()!r}\n"
+        "def get_config():\n"
+        "    cd = ml_collections.ConfigDict(D)\n"
+        "    return cd\n"
+    )
+    sweep_py = tmp_path / "tiny_sweep.py"
+    sweep_py.write_text(
+        "NAME = 'tiny'\n"
+        "def get_sweep(arg=''):\n"
+        f"    return [{{'model.qk_norm': qk, 'optim.lr': lr}} for qk in (False, True) for lr in {lrs!r}]\n"
+    )
+    return str(config_py), str(sweep_py)
+
+
+def by_id(records):
+    return {r["run_id"]: r for r in records}
+
+
+def test_vmap_equals_sequential_and_report(tmp_path):
+    config_py, sweep_py = write_files(tmp_path)
+    seq = run_sweep(sweep_py, tmp_path / "seq", config_spec=config_py, strategy="sequential", progress=False)
+    vm = run_sweep(sweep_py, tmp_path / "vm", config_spec=config_py, strategy="vmap", progress=False)
+    a, b = by_id(seq), by_id(vm)
+    assert a.keys() == b.keys() and len(a) == 6
+    for rid in a:
+        np.testing.assert_allclose(a[rid]["final_loss"], b[rid]["final_loss"], rtol=1e-4)
+        np.testing.assert_allclose(a[rid]["max_attn_logit"], b[rid]["max_attn_logit"], rtol=1e-3)
+        assert {"setting", "lr", "loss_at_init", "diverged", "diverged_step", "min_attn_entropy",
+                "steps", "wall_seconds", "config"} <= a[rid].keys()
+        assert a[rid]["setting"] in ("qk_norm=False", "qk_norm=True")
+        hist = plots.history(tmp_path / "vm", rid)
+        assert [h["step"] for h in hist] == [4, 6, 8, 12]
+    for name in ("lr_sensitivity.png", "max_attn_logit.png", "attn_entropy.png"):
+        assert (tmp_path / "vm" / name).read_bytes()[:4] == b"\x89PNG", name
+    assert "LR sensitivity" in (tmp_path / "vm" / "report.md").read_text()
+
+
+def test_rerun_skips_finished_runs(tmp_path):
+    config_py, sweep_py = write_files(tmp_path, lrs=(1e-2,))
+    first = run_sweep(sweep_py, tmp_path / "w", config_spec=config_py, progress=False)
+    mtime = (tmp_path / "w" / "results.jsonl").stat().st_mtime_ns
+    again = run_sweep(sweep_py, tmp_path / "w", config_spec=config_py, progress=False)
+    assert again == first
+    assert (tmp_path / "w" / "results.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_nan_in_one_run_leaves_others_bitwise_unchanged():
+    cfg = tiny_config()
+    graphdef, tx, _, _, _ = T.compiled_fns(T.static_config(cfg))
+    init = jax.vmap(lambda s: T.init_state(cfg, s, tx))
+    step = jax.jit(jax.vmap(T.make_train_step(cfg, graphdef, tx), in_axes=(0, 0, None)))
+    hp = {k: jnp.stack([v] * 3) for k, v in T.hyperparams(cfg).items()}
+    stream = make_source(cfg.data, 64).train_stream(0)
+    batches = [stream.next() for _ in range(3)]
+
+    def run(poison: bool):
+        state = init(jnp.arange(3))
+        if poison:
+            k = state.params["head"]["kernel"]
+            k.value = k.value.at[2, 0, 0].set(jnp.nan)
+        outs = []
+        for b in batches:
+            state, out = step(state, hp, b)
+            outs.append(out)
+        return state, outs
+
+    clean, clean_out = run(False)
+    bad, bad_out = run(True)
+    assert not bool(bad_out[0]["alive"][2]) and bool(bad_out[0]["alive"][:2].all())
+    for x, y in zip(jax.tree.leaves(clean.params), jax.tree.leaves(bad.params), strict=True):
+        assert np.array_equal(np.asarray(x)[:2], np.asarray(y)[:2])
+    for o1, o2 in zip(clean_out, bad_out, strict=True):
+        for key in o1:
+            assert np.array_equal(np.asarray(o1[key])[:2], np.asarray(o2[key])[:2]), key
+
+
+def test_lr_sensitivity_matches_formula():
+    recs = [
+        {"run_id": "a", "setting": "s", "lr": 1e-3, "final_loss": 3.0, "loss_at_init": 5.0, "diverged": False},
+        {"run_id": "b", "setting": "s", "lr": 1e-2, "final_loss": 2.0, "loss_at_init": 5.0, "diverged": False},
+        {"run_id": "c", "setting": "s", "lr": 1e-1, "final_loss": 9.0, "loss_at_init": 5.0, "diverged": False},
+        {"run_id": "d", "setting": "s", "lr": 1.0, "final_loss": None, "loss_at_init": 5.0, "diverged": True},
+    ]
+    # ℓ* = 2, ℓ0 = 5: terms 1, 0, min(9,5)-2 = 3, diverged → 5-2 = 3.
+    assert plots.lr_sensitivity(recs) == pytest.approx((1 + 0 + 3 + 3) / 4)
+    table = plots.summary_table(recs)
+    assert "div" in table and "1.750" in table
+
+
+def cli(*args, env=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "stability", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "WANDB_MODE": "disabled", **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda c, s, t: ["--sweep", str(t / "nosweep.py")], "defines no get_sweep"),
+        (lambda c, s, t: ["--sweep", str(t / "empty.py")], "empty grid"),
+        (lambda c, s, t: ["--sweep", s, "--config", c, "--config.model.nope=1"], "config.model.nope"),
+    ],
+    ids=["no-get_sweep", "empty-grid", "unknown-key"],
+)
+def test_bad_sweep_input_exits_2_without_writing(tmp_path, capsys, make_args, message):
+    config_py, sweep_py = write_files(tmp_path)
+    (tmp_path / "nosweep.py").write_text("X = 1\n")
+    (tmp_path / "empty.py").write_text("def get_sweep(arg=''):\n    return []\n")
+    code = main(["sweep", *make_args(config_py, sweep_py, tmp_path), "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()
+
+
+def test_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
+    config_py, sweep_py = write_files(tmp_path, lrs=(1e-2,))
+    run_sweep(sweep_py, tmp_path / "w", config_spec=config_py, progress=False, report=False)
+    before = (tmp_path / "w" / "results.jsonl").read_bytes()
+    _, other = write_files(tmp_path, lrs=(1e-3,))
+    code = main(["sweep", "--sweep", other, "--config", config_py, "--workdir", str(tmp_path / "w")])
+    assert code == 2 and "different sweep" in capsys.readouterr().err
+    assert (tmp_path / "w" / "results.jsonl").read_bytes() == before
+
+
+def comparable(records):
+    keep = ("run_id", "final_loss", "loss_at_init", "diverged", "diverged_step", "max_attn_logit",
+            "min_attn_entropy", "steps")
+    return sorted(({k: r[k] for k in keep} for r in records), key=lambda r: r["run_id"])
+
+
+@pytest.mark.slow
+def test_sharded_over_8_devices_equals_unsharded(tmp_path):
+    config_py, sweep_py = write_files(tmp_path)
+    ref = run_sweep(sweep_py, tmp_path / "one", config_spec=config_py, strategy="vmap", progress=False,
+                    report=False)
+    out = cli("sweep", "--sweep", sweep_py, "--config", config_py, "--workdir", str(tmp_path / "eight"),
+              "--strategy", "vmap", "--no-progress",
+              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    sharded = by_id([json.loads(line) for line in (tmp_path / "eight" / "results.jsonl").open()])
+    for rid, r in by_id(ref).items():
+        np.testing.assert_allclose(sharded[rid]["final_loss"], r["final_loss"], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    config_py, sweep_py = write_files(tmp_path, lrs=(1e-2, 1e-1))
+    ref = run_sweep(sweep_py, tmp_path / "one", config_spec=config_py, strategy="vmap", progress=False,
+                    report=False)
+    port = 20000 + os.getpid() % 20000
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "stability", "sweep", "--sweep", sweep_py, "--config", config_py,
+             "--workdir", str(tmp_path / "two"), "--strategy", "vmap", "--no-progress",
+             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+            cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    two = [json.loads(line) for line in (tmp_path / "two" / "results.jsonl").open()]
+    assert len(two) == len(ref)
+    for rid, r in by_id(ref).items():
+        np.testing.assert_allclose(by_id(two)[rid]["final_loss"], r["final_loss"], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_gives_the_uninterrupted_records(tmp_path):
+    config_py, sweep_py = write_files(tmp_path, lrs=(1e-3, 1e-2), steps=16)
+    args = [sys.executable, "-m", "stability", "sweep", "--sweep", sweep_py, "--config", config_py,
+            "--strategy", "sequential", "--no-progress"]
+    ref = cli(*args[3:], "--workdir", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    results = tmp_path / "killed" / "results.jsonl"
+    proc = subprocess.Popen([*args, "--workdir", str(tmp_path / "killed")], cwd=ROOT,
+                            env={**os.environ, "WANDB_MODE": "disabled"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (results.exists() and results.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    time.sleep(1.0)  # somewhere inside the second run
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = cli(*args[3:], "--workdir", str(tmp_path / "killed"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    read = lambda d: [json.loads(line) for line in (tmp_path / d / "results.jsonl").open()]
+    assert comparable(read("killed")) == comparable(read("ref"))
+    for rid in by_id(read("ref")):
+        a = [json.loads(x) for x in (tmp_path / "ref" / "runs" / rid / "metrics.jsonl").open()]
+        b = [json.loads(x) for x in (tmp_path / "killed" / "runs" / rid / "metrics.jsonl").open()]
+        strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs]
+        assert strip(a) == strip(b)
