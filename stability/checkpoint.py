@@ -6,11 +6,16 @@ initialisation, so a run can resume onto another device layout.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none can be restored."""
 
 
 class Checkpointer:
@@ -50,6 +55,32 @@ class Checkpointer:
             ),
         )
         return out.state, dict(out.meta)
+
+    def restore_latest(self, like: Any) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the newest readable checkpoint, or None if there is none.
+
+        An unreadable checkpoint (truncated or deleted files) is skipped with a warning naming
+        it. If checkpoints exist but none is readable this raises CheckpointError rather than
+        letting the caller silently restart from scratch over existing results.
+        """
+        steps = self.all_steps()
+        for step in reversed(steps):
+            try:
+                state, meta = self.restore(step, like)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
+                warnings.warn(
+                    f"checkpoint {self.directory / str(step)} is unreadable "
+                    f"({type(e).__name__}: {str(e)[:200]}); trying the previous one",
+                    stacklevel=2,
+                )
+                continue
+            return step, state, meta
+        if steps:
+            raise CheckpointError(
+                f"no readable checkpoint in {self.directory} (tried steps {steps}); refusing to "
+                "restart from scratch over existing results: move that directory away to start over"
+            )
+        return None
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()

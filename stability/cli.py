@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args, overrides) -> int:
+    from stability.checkpoint import CheckpointError
     from stability.train import Diverged, train
 
     cfg = build_config(args.config, overrides)
@@ -178,6 +179,12 @@ def _train(args, overrides) -> int:
     except Diverged as e:
         print(f"stability: run diverged: {e}", file=sys.stderr)
         return 1
+    except CheckpointError as e:
+        print(f"stability: error: {e}", file=sys.stderr)
+        return 1
+    if result.preempted:
+        print(f"preempted at step {result.steps}; rerun the same command to continue")
+        return 0
     print(
         f"done: {result.steps} steps, final eval/loss {result.final_eval_loss:.4f}, "
         f"metrics in {Path(args.workdir) / 'metrics.jsonl'}"

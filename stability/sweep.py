@@ -189,7 +189,8 @@ class ChunkRunner:
     def _padded(self, values: list) -> np.ndarray:
         return np.asarray(values + [values[-1]] * (self.k_pad - self.k))
 
-    def run(self) -> dict[str, dict[str, Any]]:
+    def run(self) -> dict[str, dict[str, Any]] | None:
+        """Train the chunk; result records by run_id, or None if preempted (SIGTERM)."""
         cfg, static, t = self.cfg, self.static, self.cfg.train
         source = make_source(cfg.data, cfg.model.vocab_size)
         stream = source.train_stream(cfg.data.seed)
@@ -213,9 +214,10 @@ class ChunkRunner:
         init_loss = _fetch(fns.evaluate(state, eval_batches))
 
         ckpt = Checkpointer(self.chunk_dir / "checkpoints", t.max_to_keep)
-        start = ckpt.latest_step() or 0
-        if start:
-            state, meta = ckpt.restore(start, state)
+        start = 0
+        restored = ckpt.restore_latest(state)
+        if restored is not None:
+            start, state, meta = restored
             stream.restore(meta["stream"])
             init_loss = np.asarray(meta["loss_at_init"])
         is_main = jax.process_index() == 0
@@ -254,6 +256,8 @@ class ChunkRunner:
                 tr.close()
             ckpt.close()
         wall = time.time() - t0
+        if last is None:
+            return None
         finals = {}
         for i, r in enumerate(self.runs):
             rec = last.get(i)
@@ -263,7 +267,10 @@ class ChunkRunner:
             finals[r.run_id] = _result_record(r, rec, float(init_loss[i]), wall)
         return finals
 
-    def _loop(self, state, hp, stream, eval_batches, fns, ckpt, trackers, start, init_loss):
+    def _loop(
+        self, state, hp, stream, eval_batches, fns, ckpt, trackers, start, init_loss, preemption
+    ):
+        """Train to the end; returns the last record of each run, or None if preempted."""
         from tqdm import tqdm
 
         t = self.cfg.train
@@ -327,9 +334,14 @@ class ChunkRunner:
             if s % t.eval_every == 0 or s == t.steps:
                 out["eval/loss"] = fns.evaluate(state, eval_batches)
             pending = (s, out)
-            if s % t.checkpoint_every == 0 or s == t.steps:
+            if s % t.checkpoint_every == 0 or s == t.steps or preemption.requested:
                 save(s)
             bar.update(1)
+            if preemption.requested and s < t.steps:
+                if is_log(s):
+                    flush(s, out)
+                bar.close()
+                return None
         if pending is not None:
             flush(*pending)
         bar.close()
@@ -433,6 +445,10 @@ def run_sweep(
         raise ConfigError(f"--max-runs-per-program={max_runs_per_program} must be >= 1")
     name, points = load_sweep(sweep_spec)
     runs = build_runs(points, config_spec, list(overrides))
+    strat = choose_strategy(strategy)
+    n_dev = jax.device_count()
+    for chunk in chunks_of(runs, strat, max_runs_per_program):  # refuse what cannot fit
+        T.check_memory(chunk[0].config, runs_per_device=-(-len(chunk) // n_dev))
     for r in runs:  # validate every data source before anything is written
         make_source(r.config.data, r.config.model.vocab_size)
     workdir = Path(workdir)
@@ -456,7 +472,6 @@ def run_sweep(
         )
     done_ids = {r.get("run_id") for r in done}
     todo = [r for r in runs if r.run_id not in done_ids]
-    strat = choose_strategy(strategy)
     chunks = chunks_of(todo, strat, max_runs_per_program)
     print(
         f"sweep {name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
@@ -466,6 +481,9 @@ def run_sweep(
     for n, chunk in enumerate(chunks, 1):
         print(f"[{n}/{len(chunks)}] {chunk[0].setting}: {len(chunk)} run(s)", file=sys.stderr)
         finals = ChunkRunner(chunk, workdir, name, progress).run()
+        if finals is None:
+            print("SIGTERM: checkpointed; rerun the same command to continue", file=sys.stderr)
+            return read_results(workdir)[0]
         if is_main:
             for r in chunk:
                 append_jsonl(workdir / "results.jsonl", finals[r.run_id])

@@ -15,8 +15,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -233,6 +236,71 @@ def loss_at_init(cfg: Config) -> float:
 
 
 # ---------------------------------------------------------------------------------------
+# Guards: memory, preemption.
+
+
+def estimate_bytes(cfg: Config) -> tuple[int, int]:
+    """(parameter+gradient+optimizer bytes, activation bytes) of one run's train step: a
+    deliberately rough upper-side estimate used to refuse configs that cannot fit."""
+    m, d = cfg.model, cfg.data
+    D, L, V, N = m.d_model, m.n_layers, m.vocab_size, m.n_heads
+    B, T = d.batch_size, d.seq_len
+    params = V * D * (1 if m.tie_embeddings else 2) + L * (4 + 2 * m.mlp_ratio) * D * D
+    state_bytes = 4 * params * 4  # params, grads, two Adam moments (float32)
+    per_layer = B * T * D * (10 + 3 * m.mlp_ratio) + 3 * B * N * T * T
+    act_bytes = 4 * (L * per_layer + 3 * B * T * V)
+    return state_bytes, act_bytes
+
+
+def device_memory_bytes() -> int:
+    """Memory of one device: the accelerator's limit, or the host's physical memory on CPU."""
+    dev = jax.local_devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(cfg: Config, runs_per_device: int = 1) -> None:
+    """Refuse (ConfigError) a config whose estimated footprint exceeds the device's memory."""
+    state_b, act_b = estimate_bytes(cfg)
+    need = runs_per_device * (state_b + act_b)
+    have = device_memory_bytes()
+    if need > have:
+        m, d = cfg.model, cfg.data
+        gib = 2**30
+        raise ConfigError(
+            f"config (model.d_model={m.d_model}, model.n_layers={m.n_layers}, "
+            f"model.vocab_size={m.vocab_size}, data.batch_size={d.batch_size}, "
+            f"data.seq_len={d.seq_len}, runs per device={runs_per_device}) needs an estimated "
+            f"{need / gib:.1f} GiB (parameters+optimizer {runs_per_device * state_b / gib:.1f} GiB, "
+            f"activations {runs_per_device * act_b / gib:.1f} GiB) but the device has "
+            f"{have / gib:.1f} GiB"
+        )
+
+
+class Preemption:
+    """While active, SIGTERM (a preemption notice) only sets ``requested``: the training loops
+    then checkpoint, flush their records and return, and the process exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+# ---------------------------------------------------------------------------------------
 # Workdir handling and the single-run loop.
 
 
@@ -277,6 +345,7 @@ class RunResult:
     diverged: bool
     diverged_step: int | None
     wall_seconds: float
+    preempted: bool = False  # stopped early by SIGTERM, checkpointed; rerun to continue
 
 
 class Diverged(RuntimeError):
@@ -288,6 +357,7 @@ def train(
 ) -> RunResult:
     """Train one run in ``workdir``, resuming from its latest checkpoint if there is one."""
     workdir = Path(workdir)
+    check_memory(cfg)
     source = make_source(cfg.data, cfg.model.vocab_size)  # validates data before any write
     resume = prepare_workdir(cfg, workdir, overwrite)
 
@@ -299,9 +369,9 @@ def train(
     ckpt = Checkpointer(workdir / "checkpoints", cfg.train.max_to_keep)
 
     start = 0
-    if resume and ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
-        state, meta = ckpt.restore(start, state)
+    restored = ckpt.restore_latest(state) if resume else None
+    if restored is not None:
+        start, state, meta = restored
         stream.restore(meta["stream"])
         truncate_metrics(workdir / "metrics.jsonl", start)
         if meta.get("diverged"):
@@ -325,22 +395,24 @@ def train(
         print(f"{workdir} already finished {start} steps", file=sys.stderr)
         return RunResult(start, final, False, None, 0.0)
     try:
-        result = _loop(
-            cfg,
-            workdir,
-            state,
-            hp,
-            stream,
-            eval_batches,
-            source,
-            step_fn,
-            eval_fn,
-            ckpt,
-            tracker,
-            start,
-            tokens_per_step,
-            progress,
-        )
+        with Preemption() as preemption:
+            result = _loop(
+                cfg,
+                workdir,
+                state,
+                hp,
+                stream,
+                eval_batches,
+                source,
+                step_fn,
+                eval_fn,
+                ckpt,
+                tracker,
+                start,
+                tokens_per_step,
+                progress,
+                preemption,
+            )
     finally:
         tracker.close()
         ckpt.close()
@@ -370,6 +442,7 @@ def _loop(
     start,
     tokens_per_step,
     progress,
+    preemption,
 ) -> RunResult:
     from tqdm import tqdm
 
@@ -432,9 +505,17 @@ def _loop(
         if eval_now:
             out["eval/loss"] = eval_fn(state, eval_batches)
         pending = (s, out)
-        if s % t.checkpoint_every == 0 or s == t.steps:
+        if s % t.checkpoint_every == 0 or s == t.steps or preemption.requested:
             save(s, state)
         bar.update(1)
+        if preemption.requested and s < t.steps:
+            if is_log_step(s):
+                tracker.log(flush(pending))
+            bar.close()
+            print(
+                f"SIGTERM: checkpointed {workdir} at step {s}; rerun to continue", file=sys.stderr
+            )
+            return RunResult(s, float("nan"), False, None, 0.0, preempted=True)
     rec = flush(pending)
     tracker.log(rec)
     bar.close()
