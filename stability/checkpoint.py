@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 
 
 class CheckpointError(RuntimeError):
@@ -19,12 +20,17 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, max_to_keep: int):
+    def __init__(self, directory: str | Path, max_to_keep: int, keep_steps: list[int] = ()):
+        """Keeps the newest ``max_to_keep`` checkpoints plus every step in ``keep_steps``
+        (e.g. the decayed checkpoints of WSD-S cycles)."""
         self.directory = Path(directory).absolute()
+        policy = cm.LatestN(max_to_keep)
+        if keep_steps:
+            policy = cm.AnyPreservationPolicy([policy, cm.CustomSteps(sorted(keep_steps))])
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True
+                preservation_policy=policy, enable_async_checkpointing=True, create=True
             ),
         )
 

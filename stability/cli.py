@@ -92,7 +92,10 @@ def apply_override(cd: ml_collections.ConfigDict, key: str, value: Any) -> None:
                 try:
                     node[part] = value
                 except TypeError as e:
-                    raise ConfigError(f"--{where}={value!r}: wrong type ({e})") from e
+                    raise ConfigError(
+                        f"--{where}={value!r} has the wrong type: expected {type(old).__name__}, "
+                        f"got {type(value).__name__}"
+                    ) from e
         else:
             node = node[part]
 
@@ -132,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--workdir", required=True)
     p_train.add_argument("--overwrite", action="store_true", help="delete a conflicting workdir")
     p_train.add_argument("--no-progress", action="store_true")
+    p_train.add_argument(
+        "--check", action="store_true", help="validate config, data and memory; write nothing"
+    )
     p_sweep = sub.add_parser("sweep", help="run (or resume) a sweep of many runs")
     p_sweep.add_argument("--sweep", required=True, help="PATH[:ARG] of a get_sweep() file")
     p_sweep.add_argument("--config", default=None, help="PATH[:ARG] of the base get_config() file")
@@ -139,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--strategy", choices=["auto", "vmap", "sequential"], default="auto")
     p_sweep.add_argument("--max-runs-per-program", type=int, default=16)
     p_sweep.add_argument("--no-progress", action="store_true")
+    p_sweep.add_argument(
+        "--check", action="store_true", help="validate every run's config; write nothing"
+    )
     p_sweep.add_argument(
         "--distributed",
         action="store_true",
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("`stability report` takes no --config overrides")
         return _report(args)
     except ConfigError as e:
-        print(f"stability: error: {e}", file=sys.stderr)
+        print(f"stability: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 
@@ -174,6 +183,14 @@ def _train(args, overrides) -> int:
     from stability.train import Diverged, train
 
     cfg = build_config(args.config, overrides)
+    if args.check:
+        from stability.data import make_source
+        from stability.train import check_memory
+
+        check_memory(cfg)
+        make_source(cfg.data, cfg.model.vocab_size)
+        print("config OK")
+        return 0
     try:
         result = train(cfg, args.workdir, overwrite=args.overwrite, progress=not args.no_progress)
     except Diverged as e:
@@ -212,7 +229,13 @@ def _sweep(args, overrides) -> int:
         strategy=args.strategy,
         max_runs_per_program=args.max_runs_per_program,
         progress=not args.no_progress,
+        check_only=args.check,
     )
+    if args.check:
+        print(f"sweep OK: {len(records)} runs")
+        return 0
+    if jax.process_index() != 0:
+        return 0
     print(plots.summary_table(records))
     print(
         f"\nreport: {Path(args.workdir) / 'report.md'}; figures: "

@@ -99,9 +99,9 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8  # adamw/spam: ε added to √v (gradient units); 1e-15 ... 1e-6 all work
     momentum: float = 0.9  # sgd: heavy-ball momentum in [0, 1); 0 = plain SGD
-    weight_decay: float = 1e-4  # λ; independent: θ ← θ − (lr_t/lr)·λ·θ
+    weight_decay: float = 1e-4  # λ, per update (see weight_decay_mode)
     # independent: θ ← θ − η_t·Δ − (η_t/η)·λ·θ; coupled: θ ← θ − η_t·(Δ + λ·θ); Δ is the
-    # optimizer's direction. Decay acts on params with ndim >= 2 only.
+    # optimizer's direction (times the μParam multiplier). Only params with ndim >= 2 decay.
     weight_decay_mode: WeightDecayMode = "independent"
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     # SPAM (name="spam"): spike threshold θ (|g| > √θ·√v is clipped), updates ΔT between

@@ -191,3 +191,64 @@ def write_report(workdir: str | Path) -> Path:
     out = workdir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def plot_curves(
+    curves: dict[str, tuple],
+    ax=None,
+    *,
+    title: str = "",
+    xlabel: str = "step",
+    ylabel: str = "",
+    logx: bool = False,
+    logy: bool = False,
+    marker: str | None = None,
+    hline: float | None = None,
+    path: Path | None = None,
+):
+    """One line per entry of ``curves`` ({legend label: (xs, ys)}); ``hline`` draws a dotted
+    reference level (e.g. 1 for gradient RMS = Adam's ε)."""
+    fig, ax = _axes(ax)
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker=marker, markersize=4, label=label)
+    if hline is not None:
+        ax.axhline(hline, color="gray", linestyle=":", linewidth=1)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if curves:
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_panels(
+    panels: dict[str, dict[str, tuple]],
+    *,
+    suptitle: str = "",
+    ylabel: str = "",
+    ncols: int = 3,
+    path: Path | None = None,
+    **curve_kwargs,
+):
+    """``plot_curves`` side by side, one panel per entry of ``panels`` ({panel title: curves},
+    e.g. one per setting), sharing the y axis; at most ``ncols`` panels per row."""
+    if not panels:
+        raise ValueError("plot_panels needs at least one panel")
+    n = len(panels)
+    cols, rows = min(n, ncols), math.ceil(n / ncols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.5 * cols, 3.4 * rows), sharey=True, squeeze=False
+    )
+    for i, (title, curves) in enumerate(panels.items()):
+        ax = axes.flat[i]
+        plot_curves(curves, ax, title=title, ylabel=ylabel if i % cols == 0 else "", **curve_kwargs)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return _save(fig, path)

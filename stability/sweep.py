@@ -75,6 +75,12 @@ def build_runs(
 ) -> list[Run]:
     """Configs for every sweep point: base config, then command-line overrides, then the
     point's own overrides (so a point's LR is never collapsed by a global override)."""
+    for key, _ in cli_overrides:
+        if any(key in p for p in points):
+            raise ConfigError(
+                f"--config.{key} is set by the sweep's points, so the command line cannot "
+                "override it; edit the sweep file instead"
+            )
     configs = []
     for i, point in enumerate(points):
         cd = load_config_dict(config_spec)
@@ -439,8 +445,10 @@ def run_sweep(
     max_runs_per_program: int = 16,
     progress: bool = True,
     report: bool = True,
-) -> list[dict]:
-    """Run (or resume) a sweep into ``workdir``; returns the result records."""
+    check_only: bool = False,
+) -> list:
+    """Run (or resume) a sweep into ``workdir``; returns the result records (with
+    ``check_only``: validate everything, write nothing, return the runs)."""
     if max_runs_per_program < 1:
         raise ConfigError(f"--max-runs-per-program={max_runs_per_program} must be >= 1")
     name, points = load_sweep(sweep_spec)
@@ -451,6 +459,8 @@ def run_sweep(
         T.check_memory(chunk[0].config, runs_per_device=-(-len(chunk) // n_dev))
     for r in runs:  # validate every data source before anything is written
         make_source(r.config.data, r.config.model.vocab_size)
+    if check_only:
+        return runs
     workdir = Path(workdir)
     manifest = {"sweep": name, "spec": sweep_spec, "run_ids": [r.run_id for r in runs]}
     manifest_path = workdir / "sweep.json"

@@ -37,7 +37,7 @@ from stability.data import make_source
 from stability.models import Transformer
 from stability.models.layers import GradStat
 from stability.optim.build import make_optimizer, optimizer_metrics, set_hyperparams
-from stability.optim.schedules import learning_rate
+from stability.optim.schedules import decay_ends, learning_rate
 from stability.tracking import Tracker, read_jsonl, to_jsonable, truncate_metrics, write_json_atomic
 
 
@@ -77,7 +77,7 @@ def static_config(cfg: Config) -> Config:
 def compiled_fns(static: Config):
     """(graphdef, tx, jitted init, jitted train step, jitted evaluate) for a static config,
     built once per process."""
-    tx = make_optimizer(static.optim)
+    tx = make_optimizer(static.optim, d_model=static.model.d_model)
     graphdef = graphdef_of(static)
     init = jax.jit(lambda seed: init_state(static, seed, tx))
     step = jax.jit(make_train_step(static, graphdef, tx), donate_argnums=0)
@@ -366,7 +366,8 @@ def train(
     hp = hyperparams(cfg)
     stream = source.train_stream(cfg.data.seed)
     eval_batches = source.eval_batches(cfg.train.eval_batches)
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.train.max_to_keep)
+    decay_end_steps = decay_ends(cfg.optim, cfg.train.steps)
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.train.max_to_keep, keep_steps=decay_end_steps)
 
     start = 0
     restored = ckpt.restore_latest(state) if resume else None
@@ -472,16 +473,19 @@ def _loop(
             rec["train/loss_floor"] = floor
         return rec
 
+    ends = set(decay_ends(cfg.optim, t.steps))  # WSD-S: decayed checkpoints, kept and marked
+
     def save(step_count: int, st: TrainState, diverged: bool = False):
         meta = {
             "stream": stream.state(),
             "diverged": diverged,
             "diverged_step": int(st.diverged_step) if diverged else None,
+            "decay_end": step_count in ends,
         }
         ckpt.save(step_count, st, meta)
 
     def is_log_step(s: int) -> bool:
-        return s % t.log_every == 0 or s % t.eval_every == 0 or s == t.steps
+        return s % t.log_every == 0 or s % t.eval_every == 0 or s == t.steps or s in ends
 
     for i in range(start, t.steps):
         batch = stream.next()
@@ -501,11 +505,10 @@ def _loop(
                     return RunResult(
                         int(state.step), float("nan"), True, int(state.diverged_step), 0.0
                     )
-        eval_now = s % t.eval_every == 0 or s == t.steps
-        if eval_now:
+        if s % t.eval_every == 0 or s == t.steps or s in ends:
             out["eval/loss"] = eval_fn(state, eval_batches)
         pending = (s, out)
-        if s % t.checkpoint_every == 0 or s == t.steps or preemption.requested:
+        if s % t.checkpoint_every == 0 or s == t.steps or s in ends or preemption.requested:
             save(s, state)
         bar.update(1)
         if preemption.requested and s < t.steps:

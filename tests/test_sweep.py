@@ -11,14 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tiny_config, write_config_file
 from stability import plots
 from stability import train as T
 from stability.cli import main
-from stability.config import to_config_dict
 from stability.data import make_source
 from stability.sweep import run_sweep
-
-from conftest import tiny_config  # noqa: I001
 
 ROOT = Path(__file__).resolve().parent.parent
 LRS = (1e-3, 1e-2, 1e-1)
@@ -27,21 +25,14 @@ LRS = (1e-3, 1e-2, 1e-1)
 def write_files(tmp_path: Path, lrs=LRS, steps=12) -> tuple[str, str]:
     """A tiny base config file and a sweep file (qk_norm × lrs) in tmp_path."""
     cfg = tiny_config(train={"steps": steps, "log_every": 4, "eval_every": 6, "checkpoint_every": 4})
-    config_py = tmp_path / "tiny_config.py"
-    config_py.write_text(
-        "import ml_collections\n"
-        f"D = {to_config_dict(cfg).to_dict()!r}\n"
-        "def get_config():\n"
-        "    cd = ml_collections.ConfigDict(D)\n"
-        "    return cd\n"
-    )
+    config_py = write_config_file(tmp_path / "tiny_config.py", cfg)
     sweep_py = tmp_path / "tiny_sweep.py"
     sweep_py.write_text(
         "NAME = 'tiny'\n"
         "def get_sweep(arg=''):\n"
         f"    return [{{'model.qk_norm': qk, 'optim.lr': lr}} for qk in (False, True) for lr in {lrs!r}]\n"
     )
-    return str(config_py), str(sweep_py)
+    return config_py, str(sweep_py)
 
 
 def by_id(records):
@@ -169,7 +160,7 @@ def test_sharded_over_8_devices_equals_unsharded(tmp_path):
                     report=False)
     out = cli("sweep", "--sweep", sweep_py, "--config", config_py, "--workdir", str(tmp_path / "eight"),
               "--strategy", "vmap", "--no-progress",
-              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+              env={"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"})
     assert out.returncode == 0, out.stderr[-3000:]
     sharded = by_id([json.loads(line) for line in (tmp_path / "eight" / "results.jsonl").open()])
     for rid, r in by_id(ref).items():

@@ -21,7 +21,8 @@ from stability.config import ConfigError, DataConfig
 from stability.data import IndexedStream
 
 
-def stdlib_files() -> list[Path]:
+@functools.lru_cache(maxsize=1)
+def stdlib_files() -> tuple[Path, ...]:
     """Every .py file of this interpreter's standard library (site-packages excluded)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [
@@ -29,7 +30,7 @@ def stdlib_files() -> list[Path]:
         for p in root.rglob("*.py")
         if "site-packages" not in p.parts and "dist-packages" not in p.parts
     ]
-    return sorted(files)
+    return tuple(sorted(files))
 
 
 def find_files(paths: tuple[str, ...], include: tuple[str, ...]) -> list[Path]:

@@ -142,9 +142,7 @@ def _scores(spec: _Spec, q, k, q0, k0, window):
 
     The mask is None when every pair in the tile is visible.
     """
-    s = lax.dot_general(
-        q, k, _NT, preferred_element_type=jnp.float32, precision=spec.precision
-    )
+    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32, precision=spec.precision)
     s = apply_softcap(s * spec.scale, spec.softcap)
     shape = s.shape
     rows = q0 + lax.broadcasted_iota(jnp.int32, shape, 0)
@@ -212,9 +210,7 @@ def _fwd_update(spec: _Spec, state: _FwdState, s, u, mask, v) -> _FwdState:
     a = jnp.exp(state.m - m)
     l = a * state.l + _row_sum(p, state.l)
     t = a * (state.t + (state.m - m) * state.l) + _row_sum(pd, state.t)
-    pv = jnp.dot(
-        p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=spec.precision
-    )
+    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=spec.precision)
     acc = _cols(a, state.acc.shape[1]) * state.acc + pv
     s_max = state.s_max
     if s_max is not None:
@@ -244,9 +240,7 @@ def _bwd_tile(spec: _Spec, q, k, v, do, lse, delta, q0, k0, window):
     p = jnp.exp(u - _cols(lse, u.shape[1]))
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
-    dp = lax.dot_general(
-        do, v, _NT, preferred_element_type=jnp.float32, precision=spec.precision
-    )
+    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32, precision=spec.precision)
     ds = p * (dp - _cols(delta, dp.shape[1]))
     if spec.score != "softmax":
         ds = ds * log_weight_grad(s, spec.score, spec.alpha)
@@ -305,9 +299,7 @@ def _tpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, stats_ref, *scratch, spec: _Spec
         o, log_norm, max_logit, entropy = _fwd_finish(load())
         o_ref[...] = o.astype(o_ref.dtype)
         lane = lax.broadcasted_iota(jnp.int32, stats_ref.shape, 1)
-        stats_ref[...] = jnp.where(
-            lane == 0, log_norm, jnp.where(lane == 1, max_logit, entropy)
-        )
+        stats_ref[...] = jnp.where(lane == 0, log_norm, jnp.where(lane == 1, max_logit, entropy))
 
 
 def _tpu_forward(spec: _Spec, q_BTNH, k_BSNH, v_BSNH):
@@ -355,8 +347,9 @@ def _tpu_forward(spec: _Spec, q_BTNH, k_BSNH, v_BSNH):
     return o.transpose(0, 2, 1, 3), stats_tuple, stats
 
 
-def _tpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, delta_ref, dq_ref, acc_ref, *,
-                   spec: _Spec):
+def _tpu_dq_kernel(
+    q_ref, k_ref, v_ref, do_ref, stats_ref, delta_ref, dq_ref, acc_ref, *, spec: _Spec
+):
     head, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     window = _head_window(spec, head)
 
@@ -370,8 +363,16 @@ def _tpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, delta_ref, dq_ref, ac
     def _step():
         k = k_ref[...]
         _, ds = _bwd_tile(
-            spec, q_ref[...], k, v_ref[...], do_ref[...], stats_ref[...][:, :1],
-            delta_ref[...], i * spec.block_q, j * spec.block_k, window,
+            spec,
+            q_ref[...],
+            k,
+            v_ref[...],
+            do_ref[...],
+            stats_ref[...][:, :1],
+            delta_ref[...],
+            i * spec.block_q,
+            j * spec.block_k,
+            window,
         )
         acc_ref[...] += jnp.dot(
             ds.astype(k.dtype), k, preferred_element_type=jnp.float32, precision=spec.precision
@@ -382,8 +383,20 @@ def _tpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, delta_ref, dq_ref, ac
         dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
 
 
-def _tpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, delta_ref, dk_ref, dv_ref,
-                    dk_acc_ref, dv_acc_ref, *, spec: _Spec):
+def _tpu_dkv_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    stats_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    dk_acc_ref,
+    dv_acc_ref,
+    *,
+    spec: _Spec,
+):
     head, j, i = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     window = _head_window(spec, head)
 
@@ -398,8 +411,16 @@ def _tpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, delta_ref, dk_ref, d
     def _step():
         q, do = q_ref[...], do_ref[...]
         p, ds = _bwd_tile(
-            spec, q, k_ref[...], v_ref[...], do, stats_ref[...][:, :1], delta_ref[...],
-            i * spec.block_q, j * spec.block_k, window,
+            spec,
+            q,
+            k_ref[...],
+            v_ref[...],
+            do,
+            stats_ref[...][:, :1],
+            delta_ref[...],
+            i * spec.block_q,
+            j * spec.block_k,
+            window,
         )
         dv_acc_ref[...] += _dot_tn(p, do, spec)
         dk_acc_ref[...] += _dot_tn(ds, q, spec)
@@ -423,8 +444,9 @@ def _tpu_backward(spec: _Spec, q_BTNH, k_BSNH, v_BSNH, do_BTNH, stats_BNT128, de
         lo, hi = _kv_blocks(spec, i, _head_window(spec, ni))
         return bi, ni, _clamp_block(j, lo, hi), 0
 
-    q_spec, kv_spec = pl.BlockSpec((None, None, bq, h), q_major), pl.BlockSpec(
-        (None, None, bk, h), kv_minor
+    q_spec, kv_spec = (
+        pl.BlockSpec((None, None, bq, h), q_major),
+        pl.BlockSpec((None, None, bk, h), kv_minor),
     )
     row_spec = pl.BlockSpec((None, None, bq, LANES), q_major)
     dq = pl.pallas_call(
@@ -449,8 +471,9 @@ def _tpu_backward(spec: _Spec, q_BTNH, k_BSNH, v_BSNH, do_BTNH, stats_BNT128, de
         lo, hi = _q_blocks(spec, j, _head_window(spec, ni))
         return bi, ni, _clamp_block(i, lo, hi), 0
 
-    q_spec, kv_spec = pl.BlockSpec((None, None, bq, h), q_minor), pl.BlockSpec(
-        (None, None, bk, h), kv_major
+    q_spec, kv_spec = (
+        pl.BlockSpec((None, None, bq, h), q_minor),
+        pl.BlockSpec((None, None, bk, h), kv_major),
     )
     row_spec = pl.BlockSpec((None, None, bq, LANES), q_minor)
     dk, dv = pl.pallas_call(
@@ -542,8 +565,9 @@ def _gpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, s
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _gpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                    spec: _Spec):
+def _gpu_dkv_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, spec: _Spec
+):
     j, head = pl.program_id(0), pl.program_id(2)
     window = _head_window(spec, head)
     k, v = k_ref[...], v_ref[...]
@@ -554,8 +578,16 @@ def _gpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
         q0 = pl.multiple_of(i * bq, bq)
         q, do = q_ref[pl.ds(q0, bq), :], do_ref[pl.ds(q0, bq), :]
         p, ds = _bwd_tile(
-            spec, q, k, v, do, lse_ref[pl.ds(q0, bq)], delta_ref[pl.ds(q0, bq)], q0,
-            j * spec.block_k, window,
+            spec,
+            q,
+            k,
+            v,
+            do,
+            lse_ref[pl.ds(q0, bq)],
+            delta_ref[pl.ds(q0, bq)],
+            q0,
+            j * spec.block_k,
+            window,
         )
         return dk + _dot_tn(ds, q, spec), dv + _dot_tn(p, do, spec)
 
@@ -623,9 +655,10 @@ def _flash_fwd(spec: _Spec, q, k, v):
 def _flash_bwd(spec: _Spec, residuals, cotangents):
     q, k, v, o, lse_residual = residuals
     do, _ = cotangents  # the statistics carry no gradient
-    do = do.astype(q.dtype)
     delta_BNT = jnp.einsum(
-        "BTNH,BTNH->BNT", o.astype(jnp.float32), do.astype(jnp.float32),
+        "BTNH,BTNH->BNT",
+        o.astype(jnp.float32),
+        do.astype(jnp.float32),
         precision=lax.Precision.HIGHEST,
     )
     driver = _tpu_backward if spec.backend == "tpu" else _gpu_backward
@@ -639,8 +672,11 @@ def _block_size(name: str, value: int | None, default: int, length: int) -> int:
     """The block actually used: `value` (a power of two >= 16), at most `length` rounded up."""
     if value is None:
         value = default
-    elif isinstance(value, bool) or not isinstance(value, int) or value < MIN_BLOCK or (
-        value & (value - 1)
+    elif (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < MIN_BLOCK
+        or (value & (value - 1))
     ):
         raise ValueError(f"{name}={value!r}; must be a power of two >= {MIN_BLOCK}")
     return min(value, max(MIN_BLOCK, pl.next_power_of_2(length)))
@@ -681,8 +717,15 @@ def attention(
     jax's default device (the TPU-style driver on CPU).
     """
     windows, scale = resolve_arguments(
-        q_BTNH, k_BSNH, v_BSNH, causal=causal, window=window, score=score, alpha=alpha,
-        softcap=softcap, scale=scale,
+        q_BTNH,
+        k_BSNH,
+        v_BSNH,
+        causal=causal,
+        window=window,
+        score=score,
+        alpha=alpha,
+        softcap=softcap,
+        scale=scale,
     )
     if backend is None:
         backend = default_backend()
@@ -703,9 +746,20 @@ def attention(
     if windows is not None:
         windows = tuple(t_pad if w is None else min(w, t_pad) for w in windows)
     spec = _Spec(
-        causal=causal, windows=windows, score=score, alpha=float(alpha), softcap=softcap,
-        scale=scale, q_len=t, kv_len=s, q_len_pad=t_pad, kv_len_pad=s_pad, block_q=bq,
-        block_k=bk, backend=backend, interpret=bool(interpret),
+        causal=causal,
+        windows=windows,
+        score=score,
+        alpha=float(alpha),
+        softcap=softcap,
+        scale=scale,
+        q_len=t,
+        kv_len=s,
+        q_len_pad=t_pad,
+        kv_len_pad=s_pad,
+        block_q=bq,
+        block_k=bk,
+        backend=backend,
+        interpret=bool(interpret),
         precision=lax.Precision.HIGHEST if q_BTNH.dtype == jnp.float32 else None,
     )
 

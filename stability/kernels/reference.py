@@ -164,8 +164,15 @@ def attention(
     the input dtype. Returns (output [B, T, N, H], :class:`AttentionStats`).
     """
     windows, scale = resolve_arguments(
-        q_BTNH, k_BSNH, v_BSNH, causal=causal, window=window, score=score, alpha=alpha,
-        softcap=softcap, scale=scale,
+        q_BTNH,
+        k_BSNH,
+        v_BSNH,
+        causal=causal,
+        window=window,
+        score=score,
+        alpha=alpha,
+        softcap=softcap,
+        scale=scale,
     )
     b, t, n, h = q_BTNH.shape
     hp = lax.Precision.HIGHEST
@@ -182,9 +189,9 @@ def attention(
     e_BNTS = jnp.exp(u_BNTS - m_BNT1)  # 0 at masked keys
     l_BNT1 = jnp.sum(e_BNTS, axis=-1, keepdims=True)
     p_BNTS = e_BNTS / l_BNT1
-    o_BTNH = jnp.einsum(
-        "BNTS,BSNH->BTNH", p_BNTS, v_BSNH.astype(jnp.float32), precision=hp
-    ).astype(q_BTNH.dtype)
+    o_BTNH = jnp.einsum("BNTS,BSNH->BTNH", p_BNTS, v_BSNH.astype(jnp.float32), precision=hp).astype(
+        q_BTNH.dtype
+    )
 
     e_BNTS, l_BNT1, u_BNTS = (lax.stop_gradient(x) for x in (e_BNTS, l_BNT1, u_BNTS))
     # Entropy relative to the row max: log l - Σ e (u - m) / l, exact for huge logits.

@@ -97,9 +97,15 @@ def lssar_reweight(a_BNTS: jax.Array, n_NT1: jax.Array, power: float) -> jax.Arr
 
 def head_windows(cfg: ModelConfig) -> tuple[int | None, ...]:
     """Each head's window: ``local_window`` for the first ``n_local_heads``, None (global) after."""
-    return tuple(
-        cfg.local_window if n < cfg.n_local_heads else None for n in range(cfg.n_heads)
-    )
+    return tuple(cfg.local_window if n < cfg.n_local_heads else None for n in range(cfg.n_heads))
+
+
+def visible_keys(cfg: ModelConfig, T: int) -> tuple[jax.Array, jax.Array]:
+    """(visible [N, T, T] bool: query i of head n sees key j, N_i [N, T, 1] float32: how many
+    keys each query sees) for causal attention with ``head_windows(cfg)``."""
+    windows = head_windows(cfg) if cfg.n_local_heads else None
+    visible_NTS = visible_mask(T, T, causal=True, windows=windows, num_heads=cfg.n_heads)
+    return visible_NTS, visible_NTS.sum(-1, keepdims=True).astype(jnp.float32)
 
 
 def _unit_heads(x_BTNH: jax.Array) -> jax.Array:
@@ -123,14 +129,14 @@ def attention_logits(
 
 
 def attention_weights(
-    s_BNTS: jax.Array, visible_NTS: jax.Array, cfg: ModelConfig
+    s_BNTS: jax.Array, visible_NTS: jax.Array, n_NT1: jax.Array, cfg: ModelConfig
 ) -> tuple[jax.Array, jax.Array]:
     """(weights A [B, N, T, S] of kind ``cfg.attention_score`` over the visible keys,
-    entropy [B, N, T] of the row-normalised weights, without gradient)."""
+    entropy [B, N, T] of the row-normalised weights, without gradient); ``visible_NTS`` and
+    ``n_NT1`` as from :func:`visible_keys`."""
     if cfg.attention_score == "softmax":
         p_BNTS, entropy_BNT, _ = softmax_with_stats(s_BNTS, visible_NTS)
         return p_BNTS, jax.lax.stop_gradient(entropy_BNT)
-    n_NT1 = visible_NTS.sum(-1, keepdims=True).astype(jnp.float32)
     if cfg.attention_score == "relu":
         w_BNTS = jnp.where(visible_NTS, jax.nn.relu(s_BNTS), 0.0) / n_NT1
     else:
@@ -154,14 +160,9 @@ def attend(
 ) -> tuple[jax.Array, RowStats]:
     """Causal attention with per-head windows (``head_windows``), the score kind and soft-cap
     of ``cfg``, materialising the weights. Returns (output [B, T, N, H] in v's dtype, stats)."""
-    T, N = q_BTNH.shape[1], q_BTNH.shape[2]
-    windows = head_windows(cfg)
-    visible_NTS = visible_mask(
-        T, k_BSNH.shape[1], causal=True, windows=windows if cfg.n_local_heads else None, num_heads=N
-    )
-    n_NT1 = visible_NTS.sum(-1, keepdims=True).astype(jnp.float32)
+    visible_NTS, n_NT1 = visible_keys(cfg, q_BTNH.shape[1])
     s_BNTS = attention_logits(q_BTNH, k_BSNH, n_NT1, cfg)
-    w_BNTS, entropy_BNT = attention_weights(s_BNTS, visible_NTS, cfg)
+    w_BNTS, entropy_BNT = attention_weights(s_BNTS, visible_NTS, n_NT1, cfg)
     out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", w_BNTS.astype(v_BSNH.dtype), v_BSNH)
     max_BNT = jnp.where(visible_NTS, s_BNTS, NEG_INF).max(-1)
     stats = RowStats(max_BNT, entropy_BNT, w_BNTS[..., 0])

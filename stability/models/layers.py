@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stability.config import GammaInit, ModelConfig
+from stability.config import GammaInit, LinearKind, ModelConfig
 
 
 class GradStat(nnx.Variable):
@@ -226,7 +226,7 @@ NORMS: dict[str, Callable[[ModelConfig, int], nnx.Module]] = {
 
 
 def make_linear(
-    cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, kind: str | None = None
+    cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, kind: LinearKind | None = None
 ) -> nnx.Module:
     """A bias-free linear layer of kind ``kind`` (default ``cfg.linear``)."""
     return LINEARS[kind or cfg.linear](cfg, d_in, d_out, rngs)

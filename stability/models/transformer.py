@@ -90,15 +90,13 @@ class Transformer(nnx.Module):
     def __call__(
         self, tokens_BT: jax.Array, *, train: bool = True
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        (logits_BTV, aux), sown = nnx.capture(self.forward, nnx.Intermediate)(tokens_BT, train)
+        (logits_BTV, aux), sown = nnx.capture(self._forward, nnx.Intermediate)(tokens_BT, train)
         for path, values in nnx.to_flat_state(sown):
             layer = ".".join(map(str, path[:-1]))
             aux[f"reparam/{path[-1]}/{layer}"] = values.get_value()[-1]
         return logits_BTV, aux
 
-    def forward(
-        self, tokens_BT: jax.Array, train: bool
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def _forward(self, tokens_BT: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
         B, T = tokens_BT.shape
         dtype = jnp.dtype(cfg.dtype)

@@ -13,9 +13,14 @@ LR multiplier m (per leaf; 1 for "standard") → decay and LR:
   independent (Wortsman et al. 2023): θ ← θ − η_t·m·Δ − (η_t/η_max)·λ·θ
   coupled (Loshchilov & Hutter):      θ ← θ − η_t·(m·Δ + λ·θ)
 
-Weight decay applies to matrices and embeddings (ndim ≥ 2), not to norm scales. μParam scales
-only the gradient step, not the decay, as ``mup.MuAdamW`` does (it divides the LR by the width
-multiplier and multiplies λ by it).
+Weight decay applies to matrices and embeddings (ndim ≥ 2), not to norm scales.
+
+μParam (``parametrization`` "mup_simple"/"mup_full", Yang et al. 2022 for Adam, as used by
+Wortsman et al. 2023): m = base_fan_in/fan_in = mup_base_d_model/d_model on the hidden matrices
+(``is_hidden_matrix``: the blocks' q, k, v, o, fc1, fc2 kernels), m = 1 on the embedding, the
+head (readout), norm scales and σReparam's γ. It scales only the gradient step, not the decay,
+as ``mup.MuAdamW`` does (it divides the LR by the width multiplier and multiplies λ by it).
+"mup_full" differs only on the model side (output logits × mup_base_d_model/d_model).
 
 Directions Δ:
 

@@ -1,0 +1,393 @@
+"""Sweep results as pandas tables, from sweep workdirs or from W&B (for the notebook).
+
+Two shapes, whatever the source:
+
+  runs table   one row per run: ``RUN_COLUMNS``. ``status`` is "finished", "diverged" or
+               "unfinished" (a run with a history but no results record: an interrupted
+               sweep). ``label`` is the setting, prefixed by the source's name when several
+               sources are read at once; the figures group by it.
+  histories    long form, one row per (run, logged step, metric): ``HISTORY_COLUMNS``.
+               ``value`` is a float (booleans become 0/1; null, NaN and ±inf become NaN).
+
+Torn or foreign lines of a JSONL file are skipped with a warning naming the file and lines.
+``from_wandb`` talks to the W&B server only when called; nothing here touches W&B at import.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+try:
+    import pandas as pd
+except ImportError as e:  # pragma: no cover - depends on the installed extras
+    raise ImportError("stability.results needs pandas: pip install -e '.[notebook]'") from e
+
+from stability import plots
+from stability.tracking import read_jsonl
+
+RUN_COLUMNS = (
+    "workdir",  # the source: a sweep workdir, or "wandb:ENTITY/PROJECT/GROUP"
+    "run_id",
+    "label",  # the setting, prefixed by the source's name when several are read
+    "setting",  # what differs from the other runs besides the LR, "leaf=value,..."
+    "lr",  # peak learning rate
+    "status",  # finished | diverged | unfinished
+    "final_loss",  # final eval loss (nats); NaN if diverged or unfinished
+    "loss_at_init",  # eval loss at initialisation (nats); NaN if unknown
+    "diverged",
+    "diverged_step",
+    "max_attn_logit",  # at the last logged step, max over layers
+    "min_attn_entropy",  # at the last logged step, min over layers (nats)
+    "steps",  # last logged step
+    "wall_seconds",
+    "config",  # the run's full config (dict), when known
+)
+HISTORY_COLUMNS = ("workdir", "run_id", "label", "setting", "lr", "step", "key", "value")
+Curve = tuple[np.ndarray, np.ndarray]
+
+_RUN_ID = re.compile(r"^(?P<slug>.*)-lr(?P<lr>[0-9.]+(?:e[-+]?\d+)?)-[0-9a-f]{8}$")
+
+
+# ---------------------------------------------------------------------------------------
+# Sweep workdirs.
+
+
+def runs_table(workdirs: str | Path | Sequence[str | Path]) -> pd.DataFrame:
+    """One row per run of one or several sweep workdirs (``RUN_COLUMNS``), sorted by
+    workdir, setting and LR."""
+    dirs = _as_dirs(workdirs)
+    prefixes = _prefixes(dirs)
+    rows = [row for d, p in zip(dirs, prefixes, strict=True) for row in _workdir_runs(d, p)]
+    return _runs_frame(rows)
+
+
+def histories(
+    workdirs: str | Path | Sequence[str | Path],
+    run_ids: Iterable[str] | None = None,
+    keys: Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """Long-form metric histories (``HISTORY_COLUMNS``) of the runs of one or several sweep
+    workdirs, from ``runs/<run_id>/metrics.jsonl``.
+
+    run_ids: only these runs (default: all). keys: metric names or shell-style patterns
+    (``"attn/entropy_min/layer_*"``) to keep (default: every numeric metric).
+    """
+    wanted = None if run_ids is None else set(run_ids)
+    match = _key_matcher(keys)
+    frames = []
+    dirs = _as_dirs(workdirs)
+    for d, prefix in zip(dirs, _prefixes(dirs), strict=True):
+        for run in _workdir_runs(d, prefix):
+            if wanted is not None and run["run_id"] not in wanted:
+                continue
+            path = d / "runs" / run["run_id"] / "metrics.jsonl"
+            recs, bad = read_jsonl(path)
+            _warn_bad(path, bad)
+            frames.append(_long(run, recs, "step", match))
+    return _history_frame(frames)
+
+
+def _as_dirs(workdirs) -> list[Path]:
+    dirs = [Path(workdirs)] if isinstance(workdirs, (str, Path)) else [Path(w) for w in workdirs]
+    if not dirs:
+        raise ValueError("no sweep workdir given")
+    for d in dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"sweep workdir {str(d)!r} does not exist")
+        if not (d / "results.jsonl").exists() and not (d / "runs").is_dir():
+            raise FileNotFoundError(
+                f"sweep workdir {str(d)!r} holds neither results.jsonl nor runs/: "
+                "not a sweep workdir (run `stability sweep --workdir=...` first)"
+            )
+    return dirs
+
+
+def _prefixes(dirs: list[Path]) -> list[str | None]:
+    """Label prefixes: none for one workdir, else each workdir's name (its path if two
+    names clash)."""
+    if len(dirs) == 1:
+        return [None]
+    names = [d.name for d in dirs]
+    return names if len(set(names)) == len(names) else [str(d) for d in dirs]
+
+
+def _workdir_runs(workdir: Path, prefix: str | None) -> list[dict[str, Any]]:
+    """Runs of one workdir as RUN_COLUMNS dicts: results records, then unfinished runs."""
+    path = workdir / "results.jsonl"
+    recs, bad = read_jsonl(path)
+    _warn_bad(path, bad)
+    good = [r for r in recs if {"run_id", "setting", "lr"} <= r.keys()]
+    if len(good) < len(recs):
+        warnings.warn(
+            f"{path}: skipped {len(recs) - len(good)} record(s) without run_id, setting, lr",
+            stacklevel=3,
+        )
+    latest = {r["run_id"]: r for r in good}  # a rerun's later record wins
+    rows = [_result_row(r) for r in latest.values()]
+    slug_setting = {m["slug"]: r["setting"] for r in rows if (m := _RUN_ID.match(r["run_id"]))}
+    runs_dir = workdir / "runs"
+    started = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
+    for run_dir in started:
+        if run_dir.name not in latest:
+            rows.append(_unfinished_row(run_dir, slug_setting))
+    for row in rows:
+        row["workdir"] = str(workdir)
+        row["label"] = row["setting"] if prefix is None else f"{prefix}: {row['setting']}"
+    return rows
+
+
+def _result_row(r: dict) -> dict[str, Any]:
+    diverged = bool(r.get("diverged"))
+    return {
+        "run_id": r["run_id"],
+        "setting": r["setting"],
+        "lr": float(r["lr"]),
+        "status": "diverged" if diverged else "finished",
+        "final_loss": _float(r.get("final_loss")),
+        "loss_at_init": _float(r.get("loss_at_init")),
+        "diverged": diverged,
+        "diverged_step": r.get("diverged_step"),
+        "max_attn_logit": _float(r.get("max_attn_logit")),
+        "min_attn_entropy": _float(r.get("min_attn_entropy")),
+        "steps": r.get("steps"),
+        "wall_seconds": _float(r.get("wall_seconds")),
+        "config": r.get("config"),
+    }
+
+
+def _unfinished_row(run_dir: Path, slug_setting: dict[str, str]) -> dict[str, Any]:
+    """A started run without a results record: setting from a finished run with the same
+    run-id prefix (else that prefix), LR from its config.json (else its run id)."""
+    m = _RUN_ID.match(run_dir.name)
+    config_path = run_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else None
+    lr = (config or {}).get("optim", {}).get("lr", float(m["lr"]) if m else math.nan)
+    path = run_dir / "metrics.jsonl"
+    hist, bad = read_jsonl(path)
+    _warn_bad(path, bad)
+    last = hist[-1] if hist else {}
+    diverged = last.get("alive") is False
+    return {
+        "run_id": run_dir.name,
+        "setting": slug_setting.get(m["slug"], m["slug"]) if m else run_dir.name,
+        "lr": float(lr),
+        "status": "unfinished",
+        "final_loss": math.nan,
+        "loss_at_init": math.nan,
+        "diverged": diverged,
+        "diverged_step": last.get("step") if diverged else None,
+        "max_attn_logit": _float(plots.max_over_layers(last, "attn/max_logit")),
+        "min_attn_entropy": _float(plots.min_over_layers(last, "attn/entropy_min")),
+        "steps": last.get("step"),
+        "wall_seconds": math.nan,
+        "config": config,
+    }
+
+
+def _warn_bad(path: Path, bad: list) -> None:
+    if bad:
+        warnings.warn(f"{path}: skipped unreadable lines {bad}", stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------
+# W&B.
+
+
+def from_wandb(
+    project: str,
+    group: str,
+    entity: str | None = None,
+    *,
+    keys: Iterable[str] | None = None,
+    api: Any = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs table, histories) of the W&B runs of one group (a sweep's name), in the shapes
+    of ``runs_table`` and ``histories``; needs the network and a W&B login.
+
+    A run counts as finished when W&B says so; its final loss is the last ``eval/loss``
+    and its loss at init the summary's ``loss_at_init`` (NaN when the run did not log one).
+    keys: as in ``histories``. api: a ``wandb.Api()`` or an object with its ``runs`` method.
+    """
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    path = f"{entity}/{project}" if entity else project
+    runs = list(api.runs(path, filters={"group": group}))
+    if not runs:
+        raise LookupError(f"W&B project {path!r} has no runs in group {group!r}")
+    source = f"wandb:{path}/{group}"
+    match = _key_matcher(keys)
+    rows, frames = [], []
+    for run in runs:
+        cfg, summary = dict(run.config), dict(run.summary_metrics)
+        status = "unfinished"
+        if run.state == "finished":
+            status = "diverged" if summary.get("alive") is False else "finished"
+        row = {
+            "workdir": source,
+            "run_id": cfg.get("run_id") or run.name,
+            "setting": cfg.get("setting", "default"),
+            "lr": float(cfg.get("lr", (cfg.get("optim") or {}).get("lr", math.nan))),
+            "status": status,
+            "final_loss": _float(summary.get("eval/loss")) if status == "finished" else math.nan,
+            "loss_at_init": _float(summary.get("loss_at_init")),
+            "diverged": status == "diverged",
+            "diverged_step": summary.get("_step") if status == "diverged" else None,
+            "max_attn_logit": _float(plots.max_over_layers(summary, "attn/max_logit")),
+            "min_attn_entropy": _float(plots.min_over_layers(summary, "attn/entropy_min")),
+            "steps": summary.get("_step"),
+            "wall_seconds": _float(summary.get("_runtime")),
+            "config": cfg,
+        }
+        row["label"] = row["setting"]
+        rows.append(row)
+        frames.append(_long(row, run.scan_history(), "_step", match))
+    return _runs_frame(rows), _history_frame(frames)
+
+
+# ---------------------------------------------------------------------------------------
+# Building and reshaping the frames.
+
+
+def _float(v: Any) -> float:
+    """A finite float, or NaN (for None, non-numbers, NaN and ±inf)."""
+    if isinstance(v, (bool, np.bool_)):
+        return float(v)
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return v if math.isfinite(v) else math.nan
+
+
+def _key_matcher(keys: Iterable[str] | None):
+    if keys is None:
+        return lambda k: True
+    patterns = list(keys)
+    return lambda k: any(fnmatch.fnmatchcase(k, p) for p in patterns)
+
+
+def _long(run: dict, recs: Iterable[dict], step_key: str, match) -> pd.DataFrame:
+    """One run's history records as long rows; non-numeric values are dropped."""
+    steps, keys, values = [], [], []
+    for rec in recs:
+        step = rec.get(step_key)
+        if not isinstance(step, (int, float)):
+            continue
+        for k, v in rec.items():
+            if k == step_key or k.startswith("_") or not match(k):
+                continue
+            if v is None or isinstance(v, (bool, int, float)):
+                steps.append(int(step))
+                keys.append(k)
+                values.append(_float(v))
+    meta = {c: run[c] for c in ("workdir", "run_id", "label", "setting", "lr")}
+    return pd.DataFrame({**meta, "step": steps, "key": keys, "value": values})
+
+
+def _runs_frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+    df = df.astype({"lr": float, "final_loss": float, "loss_at_init": float, "diverged": bool})
+    df = df.astype({"diverged_step": "Int64", "steps": "Int64"})
+    return df.sort_values(["workdir", "setting", "lr"], ignore_index=True)
+
+
+def _history_frame(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        empty = pd.DataFrame(columns=list(HISTORY_COLUMNS))
+        return empty.astype({"lr": float, "step": int, "value": float})
+    df = pd.concat(frames, ignore_index=True)
+    return df.sort_values(["workdir", "run_id", "key", "step"], ignore_index=True)
+
+
+def records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """The finished and diverged runs with a known loss at init, as the record dicts that
+    ``stability.plots`` takes (``setting`` is the table's ``label``)."""
+    done = table[(table["status"] != "unfinished") & table["loss_at_init"].notna()]
+    several = table["workdir"].nunique() > 1
+    out = []
+    for r in done.itertuples():
+        out.append(
+            {
+                "run_id": f"{r.workdir}/{r.run_id}" if several else r.run_id,
+                "setting": r.label,
+                "lr": r.lr,
+                "final_loss": None if math.isnan(r.final_loss) else r.final_loss,
+                "loss_at_init": r.loss_at_init,
+                "diverged": bool(r.diverged),
+                "diverged_step": None if pd.isna(r.diverged_step) else int(r.diverged_step),
+                "max_attn_logit": None if math.isnan(r.max_attn_logit) else r.max_attn_logit,
+                "min_attn_entropy": None if math.isnan(r.min_attn_entropy) else r.min_attn_entropy,
+            }
+        )
+    return out
+
+
+def nearest_lr(table: pd.DataFrame, lr: float) -> float:
+    """The LR of the table closest to ``lr`` on a log scale."""
+    lrs = sorted(x for x in table["lr"].unique() if x > 0)
+    if not lrs:
+        raise ValueError(f"no run with a positive learning rate among {len(table)} run(s)")
+    return min(lrs, key=lambda x: abs(math.log(x / lr)))
+
+
+def over_layers(hist: pd.DataFrame, name: str, how: Literal["min", "max"]) -> pd.DataFrame:
+    """Rows of ``{name}/layer_i`` reduced over layers at each step, as key ``name``
+    (``plots.min_over_layers`` / ``max_over_layers``; NaN values are ignored)."""
+    reduce = {"min": plots.min_over_layers, "max": plots.max_over_layers}[how]
+    sub = hist[hist["key"].str.startswith(f"{name}/layer_") & hist["value"].notna()]
+    ids = ["workdir", "run_id", "label", "setting", "lr", "step"]
+    rows = [
+        (*group, reduce(dict(zip(g["key"], g["value"], strict=True)), name))
+        for group, g in sub.groupby(ids, sort=False)
+    ]
+    out = pd.DataFrame(rows, columns=ids + ["value"])
+    out.insert(len(ids), "key", name)
+    return _history_frame([out])
+
+
+def value_at_step(hist: pd.DataFrame, key: str, step: int) -> pd.DataFrame:
+    """Per run, the last finite value of ``key`` logged at or before ``step`` (one row per run,
+    its ``step`` column saying which step that was)."""
+    sub = hist[(hist["key"] == key) & (hist["step"] <= step) & hist["value"].notna()]
+    last = sub.sort_values("step").groupby(["workdir", "run_id"], sort=False).tail(1)
+    return last.sort_values(["label", "lr"], ignore_index=True)
+
+
+def curves(df: pd.DataFrame, by: str | Sequence[str], x: str = "step") -> dict[str, Curve]:
+    """{legend label: (x values, values)}: one curve per distinct value of column(s) ``by``,
+    sorted by ``x``, NaN values dropped. Labels read ``lr=0.1``, ``layer_0`` (the last part of a
+    key) or the plain value."""
+    by = [by] if isinstance(by, str) else list(by)
+    out = {}
+    for group, g in df[df["value"].notna()].groupby(by, sort=True):
+        g = g.sort_values(x)
+        out[", ".join(_fmt(c, v) for c, v in zip(by, group, strict=True))] = (
+            g[x].to_numpy(),
+            g["value"].to_numpy(),
+        )
+    return out
+
+
+def panels(df: pd.DataFrame, panel: str, by: str | Sequence[str]) -> dict[str, dict[str, Curve]]:
+    """{panel title: curves(rows of that panel, by)}, e.g. one panel per ``label``."""
+    return {str(p): curves(g, by) for p, g in df.groupby(panel, sort=True)}
+
+
+def _fmt(column: str, value: Any) -> str:
+    if column == "lr":
+        return f"lr={value:g}"
+    if column == "key":
+        return str(value).rsplit("/", 1)[-1]
+    return str(value)

@@ -1,0 +1,141 @@
+"""Faults of `stability train`, each in a real process on real files."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config, write_config_file
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+STEPS = 40
+
+
+def config_file(tmp_path: Path) -> str:
+    cfg = tiny_config(train={"steps": STEPS, "log_every": 2, "eval_every": 10, "checkpoint_every": 4,
+                             "max_to_keep": 3})
+    return write_config_file(tmp_path / "cfg.py", cfg)
+
+
+def train_cmd(config: str, workdir: Path) -> list[str]:
+    return [sys.executable, "-m", "stability", "train", "--config", config, "--workdir", str(workdir),
+            "--no-progress"]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "WANDB_MODE": "disabled"}, **kw)
+
+
+def metrics(workdir: Path) -> list[dict]:
+    out = []
+    for line in (workdir / "metrics.jsonl").open():
+        rec = json.loads(line)
+        out.append({k: v for k, v in rec.items() if not k.startswith("perf/")})
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    config = config_file(tmp)
+    out = run(train_cmd(config, tmp / "run"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return config, metrics(tmp / "run")
+
+
+def wait_for_records(workdir: Path, n: int, timeout: float = 300) -> None:
+    path = workdir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and path.read_text().count("\n") >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} never reached {n} records")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(reference, tmp_path, seed):
+    config, ref = reference
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(config, workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "disabled"})
+    wait_for_records(workdir, random.Random(seed).randint(1, STEPS // 2 - 2))
+    time.sleep(random.Random(seed).random() * 0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = run(train_cmd(config, workdir))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert metrics(workdir) == ref  # bitwise on CPU, nothing lost or duplicated
+
+
+def test_sigterm_checkpoints_and_exits_zero(reference, tmp_path):
+    config, ref = reference
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(config, workdir), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+    wait_for_records(workdir, 3)
+    t = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert time.time() - t < 30
+    assert "SIGTERM: checkpointed" in err
+    out = run(train_cmd(config, workdir))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert metrics(workdir) == ref
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path):
+    config, ref = reference
+    workdir = tmp_path / "run"
+    assert run(train_cmd(config, workdir)).returncode == 0
+    ckpts = workdir / "checkpoints"
+    latest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    # Truncate every data file of the latest checkpoint, and drop its metrics past the previous one.
+    for f in (ckpts / str(latest)).rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "json" not in f.name:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    out = run(train_cmd(config, workdir))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"checkpoint {ckpts / str(latest)} is unreadable" in out.stderr
+    assert metrics(workdir) == ref
+
+
+def test_no_readable_checkpoint_is_a_clear_error_not_a_silent_restart(reference, tmp_path):
+    config, _ = reference
+    workdir = tmp_path / "run"
+    assert run(train_cmd(config, workdir)).returncode == 0
+    before = (workdir / "metrics.jsonl").read_bytes()
+    for step_dir in (workdir / "checkpoints").iterdir():
+        if step_dir.name.isdigit():
+            for f in step_dir.rglob("*"):
+                if f.is_file() and "json" not in f.name:
+                    f.write_bytes(b"")
+    out = run(train_cmd(config, workdir))
+    assert out.returncode == 1
+    assert "no readable checkpoint" in out.stderr and "Traceback" not in out.stderr
+    assert (workdir / "metrics.jsonl").read_bytes() == before
+
+
+def test_wandb_online_without_network_warns_once_and_keeps_jsonl(reference, tmp_path):
+    config, ref = reference
+    workdir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9",
+           "WANDB_API_KEY": "x" * 40, "WANDB_INIT_TIMEOUT": "5"}
+    out = subprocess.run(train_cmd(config, workdir) + ["--config.wandb.mode=online"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.count("W&B disabled for this run") == 1
+    shutil.rmtree(workdir / "wandb", ignore_errors=True)
+    assert metrics(workdir) == [{k: v for k, v in r.items()} for r in ref]
