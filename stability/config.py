@@ -340,6 +340,12 @@ def validate(cfg: Config) -> None:
             "config.model.sigma_reparam_head=True needs config.model.linear='sigma_reparam' "
             f"(got {m.linear!r}) and tie_embeddings=False (got {m.tie_embeddings})"
         )
+    if m.attention_impl == "pallas" and (m.attention_score == "relu" or m.softplus_reweight):
+        raise ConfigError(
+            f"config.model.attention_impl='pallas' supports attention_score 'softmax' and "
+            f"'softplus' without softplus_reweight; got attention_score={m.attention_score!r}, "
+            f"softplus_reweight={m.softplus_reweight} (use attention_impl='xla')"
+        )
     if m.softplus_reweight and m.attention_score != "softplus":
         raise ConfigError(
             "config.model.softplus_reweight=True needs config.model.attention_score="

@@ -26,7 +26,10 @@ Softmax entropy is computed relative to the row max (log l − Σ p·(s − m)),
 
 ``attend`` is the XLA path: it materialises the [B, N, T, S] weights and returns per-row
 statistics [B, N, T] with the meaning of ``stability.kernels.reference.AttentionStats``
-(per-head windows as a mask, score kinds, soft-cap).
+(per-head windows as a mask, score kinds, soft-cap). ``attend_flash`` (``attention_impl =
+"pallas"``) returns the same from the Pallas kernels of ``stability.kernels.flash`` without
+any [T, S] tensor: the statistics come from the kernel, and the weight on key 0 from the saved
+log-normaliser. The kernels do softmax and softplus (not ReLU attention or LSSAR re-weighting).
 """
 
 from __future__ import annotations
@@ -169,6 +172,56 @@ def attend(
     return out_BTNH, RowStats(*(jax.lax.stop_gradient(x) for x in stats))
 
 
+def visible_counts(cfg: ModelConfig, T: int) -> jax.Array:
+    """N_i [N, T]: keys query i of each head sees (i + 1, or min(i + 1, window) on a local head),
+    computed without a [T, S] mask."""
+    n_T = jnp.arange(1, T + 1, dtype=jnp.float32)
+    return jnp.stack([n_T if w is None else jnp.minimum(n_T, w) for w in head_windows(cfg)])
+
+
+def attend_flash(
+    q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, cfg: ModelConfig
+) -> tuple[jax.Array, RowStats]:
+    """``attend`` through the flash kernels (module docstring)."""
+    from stability.kernels import flash
+
+    T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
+    windows = head_windows(cfg) if cfg.n_local_heads else None
+    n_NT = visible_counts(cfg, T)
+    if cfg.attention_score == "softplus":
+        # s = log(H)·log(N_i)·q̂·k̂: fold the per-row scale into q, so the kernel's scale is 1.
+        row_scale_TN = (math.log(H) * jnp.log(n_NT)).T
+        q_BTNH = _unit_heads(q_BTNH) * row_scale_TN[None, :, :, None]
+        k_BSNH, scale = _unit_heads(k_BSNH), 1.0
+    else:
+        scale = H**-0.5
+    softcap = cfg.attn_softcap or None
+    out_BTNH, st = flash.attention(
+        q_BTNH,
+        k_BSNH,
+        v_BSNH,
+        causal=True,
+        window=windows,
+        score=cfg.attention_score,
+        softcap=softcap,
+        scale=scale,
+    )
+    # Weight on key 0: exp(log w(s_i0) − log_norm_i), where key 0 is visible.
+    s0_BNT = apply_softcap(
+        jnp.einsum("BTNH,BNH->BNT", q_BTNH.astype(jnp.float32), k_BSNH[:, 0].astype(jnp.float32))
+        * scale,
+        softcap,
+    )
+    log_w0 = s0_BNT if cfg.attention_score == "softmax" else jnp.log(jax.nn.softplus(s0_BNT))
+    sees_first_NT = n_NT == jnp.arange(1, T + 1, dtype=jnp.float32)[None]
+    bos_BNT = jnp.where(sees_first_NT[None], jnp.exp(log_w0 - st.log_norm), 0.0)
+    stats = RowStats(st.max_logit, st.entropy, bos_BNT)
+    return out_BTNH, RowStats(*(jax.lax.stop_gradient(x) for x in stats))
+
+
+ATTEND = {"xla": attend, "pallas": attend_flash}
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, N = cfg.d_model, cfg.n_heads
@@ -193,7 +246,7 @@ class Attention(nnx.Module):
             q_BTNH, k_BTNH = self.q_norm(q_BTNH), self.k_norm(k_BTNH)
         q_BTNH, k_BTNH = apply_rope(q_BTNH, *rope), apply_rope(k_BTNH, *rope)
 
-        out_BTNH, rows = attend(q_BTNH, k_BTNH, v_BTNH, cfg)
+        out_BTNH, rows = ATTEND[cfg.attention_impl](q_BTNH, k_BTNH, v_BTNH, cfg)
 
         entropy_N = rows.entropy.mean((0, 2))
         stats = {
