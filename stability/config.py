@@ -69,6 +69,9 @@ class ModelConfig:
     n_local_heads: int = 0
     local_window: int = 16  # tokens
     attn_softcap: float = 0.0  # c > 0: attention logits ← c·tanh(logits/c) (Gemma 2: 50); 0 = off
+    logit_multiplier: float = (
+        1.0  # output logits ← m·logits; μParam (full): optim.mup_base_d_model/d_model
+    )
     logit_softcap: float = 0.0  # c > 0: output logits ← c·tanh(logits/c) (Gemma 2: 30); 0 = off
     # λ of the sink decorrelation loss: λ·mean over the residual states between blocks of
     # mean over positions s >= 1 of cos²(h_0, h_s) (AVSR attention sinks, 2025). 0 = off.
@@ -153,13 +156,21 @@ class DataConfig:
     markov_branching: int = 32  # synthetic_markov: successors per state
     backcopy_vocab: int = 64  # bigram_backcopy: Markov symbols; BOS is token backcopy_vocab
     backcopy_triggers: int = 3  # bigram_backcopy: the k most frequent symbols, after which the next token copies the one before the trigger
-    tfds_name: str = ""  # tfds: dataset name with optional config/version, e.g. "lm1b", "c4/en:3.1.0"
-    tfds_data_dir: str = ""  # tfds: directory (or bucket) where the dataset is prepared as array_record
+    tfds_name: str = (
+        ""  # tfds: dataset name with optional config/version, e.g. "lm1b", "c4/en:3.1.0"
+    )
+    tfds_data_dir: str = (
+        ""  # tfds: directory (or bucket) where the dataset is prepared as array_record
+    )
     tfds_split: str = "train"  # tfds: training split (tfds split syntax, e.g. "train[:90%]")
     tfds_eval_split: str = "validation"  # tfds: held-out split for eval/loss and bits per byte
     tfds_text_feature: str = "text"  # tfds: feature holding each document's text
-    tokenizer: Tokenizer = "bytes"  # tfds: "bytes" (258 ids: bytes, BOS 256, EOS 257) or "sentencepiece"
-    tokenizer_path: str = ""  # sentencepiece: path of the .model file (e.g. the T5 vocabulary, 32,100 pieces)
+    tokenizer: Tokenizer = (
+        "bytes"  # tfds: "bytes" (258 ids: bytes, BOS 256, EOS 257) or "sentencepiece"
+    )
+    tokenizer_path: str = (
+        ""  # sentencepiece: path of the .model file (e.g. the T5 vocabulary, 32,100 pieces)
+    )
 
 
 @dataclass(frozen=True)
@@ -340,6 +351,15 @@ def validate(cfg: Config) -> None:
             "config.model.sigma_reparam_head=True needs config.model.linear='sigma_reparam' "
             f"(got {m.linear!r}) and tie_embeddings=False (got {m.tie_embeddings})"
         )
+    _positive("config.model.logit_multiplier", m.logit_multiplier)
+    if o.parametrization == "mup_full":
+        want = o.mup_base_d_model / m.d_model
+        if abs(m.logit_multiplier - want) > 1e-9 * want:
+            raise ConfigError(
+                f"config.model.logit_multiplier={m.logit_multiplier!r} must be "
+                f"optim.mup_base_d_model/model.d_model={want!r} with "
+                "config.optim.parametrization='mup_full'"
+            )
     if m.attention_impl == "pallas" and (m.attention_score == "relu" or m.softplus_reweight):
         raise ConfigError(
             f"config.model.attention_impl='pallas' supports attention_score 'softmax' and "

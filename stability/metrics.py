@@ -8,10 +8,16 @@ Key names are fixed (the sweep engine, the report and the notebook rely on them)
   attn/max_logit/layer_i  max over heads, queries and keys of the scaled pre-softmax logit
   attn/entropy/layer_i    mean over heads of the mean row entropy (nats)
   attn/entropy_min/layer_i  min over heads of that per-head mean
+  attn/bos_mass/layer_i   mean attention weight on position 0 (attention sinks)
+  resid/bos_norm_ratio/layer_i  norm of position 0's residual state / median of the others'
+  reparam/sigma|gamma/{layer}   σReparam's spectral norm estimate and learned scale
+  train/{term}            extra loss terms the model returns (e.g. sink_decorrelation)
+  train/loss_icl|markov   bigram-backcopy: loss at copy positions / at Markov positions
   grad/global_norm        global L2 norm of the gradient (before clipping)
   grad/rms/{path}         RMS of each parameter's gradient
   update/rms/{path}       RMS of each parameter's update divided by the current LR
   param/rms/{path}        RMS of each parameter (after the update)
+  grad/rms_over_eps/{path}  Adam family: gradient RMS over ε (§3.4); spam/* SPAM diagnostics
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ def build_runs(
     )
     runs, seen = [], set()
     for point, cfg in zip(points, configs, strict=True):
-        setting = ",".join(f"{k.split('.')[-1]}={_fmt(point.get(k))}" for k in varying) or "default"
+        setting = ",".join(f"{k.split('.')[-1]}={_fmt(point[k])}" for k in varying if k in point)
+        setting = setting or "default"
         digest = hashlib.sha1(
             json.dumps(to_jsonable(cfg.to_dict()), sort_keys=True).encode()
         ).hexdigest()
@@ -356,14 +357,22 @@ class ChunkRunner:
 
 def _tags(cfg: Config) -> list[str]:
     """The stabilizers that are on, as W&B tags."""
-    tags = []
-    if cfg.model.qk_norm:
-        tags.append("qk_norm")
-    if cfg.train.z_loss > 0:
-        tags.append("z_loss")
-    if cfg.model.norm != "layernorm":
-        tags.append(cfg.model.norm)
-    return tags
+    m = cfg.model
+    switches = {
+        "qk_norm": m.qk_norm,
+        "z_loss": cfg.train.z_loss > 0,
+        "sigma_reparam": m.linear == "sigma_reparam",
+        m.norm: m.norm != "layernorm",
+        "ls_attention": m.n_local_heads > 0,
+        f"{m.attention_score}_attention": m.attention_score != "softmax",
+        "lssar": m.softplus_reweight,
+        "attn_softcap": m.attn_softcap > 0,
+        "logit_softcap": m.logit_softcap > 0,
+        "sink_decorrelation": m.sink_decorrelation > 0,
+        cfg.optim.name: cfg.optim.name != "adamw",
+        cfg.optim.parametrization: cfg.optim.parametrization != "standard",
+    }
+    return [tag for tag, on in switches.items() if on]
 
 
 def _finite(x: Any) -> float | None:

@@ -112,7 +112,10 @@ class Transformer(nnx.Module):
             logits_MV = jnp.dot(x_MD, self.embed[...].astype(dtype).T)
         else:
             logits_MV = self.head(x_MD, train=train)
-        logits_MV = apply_softcap(logits_MV.astype(jnp.float32), cfg.logit_softcap or None)
+        logits_MV = logits_MV.astype(jnp.float32)
+        if cfg.logit_multiplier != 1.0:  # μParam (full): base_d/d
+            logits_MV = logits_MV * cfg.logit_multiplier
+        logits_MV = apply_softcap(logits_MV, cfg.logit_softcap or None)
 
         aux = {f"attn/{k}": jnp.stack([s[k] for s in layer_stats]) for k in layer_stats[0]}
         aux["resid/bos_norm_ratio"] = jax.lax.stop_gradient(
