@@ -327,6 +327,13 @@ def _non_negative(path: str, value: float) -> None:
 
 def validate(cfg: Config) -> None:
     m, o, d, t = cfg.model, cfg.optim, cfg.data, cfg.train
+    # No numeric field means anything when negative, whether or not its feature is switched on.
+    for section in ("model", "optim", "data", "train"):
+        group = getattr(cfg, section)
+        for f in dataclasses.fields(group):
+            v = getattr(group, f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+                raise ConfigError(f"config.{section}.{f.name}={v!r} must be >= 0")
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio"):
         _positive(f"config.model.{name}", getattr(m, name))
     if m.d_model % m.n_heads:

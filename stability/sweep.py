@@ -255,9 +255,10 @@ class ChunkRunner:
         t0 = time.time()
         last = {}
         try:
-            last = self._loop(
-                state, hp, stream, eval_batches, fns, ckpt, trackers, start, init_loss
-            )
+            with T.Preemption() as preemption:
+                last = self._loop(
+                    state, hp, stream, eval_batches, fns, ckpt, trackers, start, init_loss, preemption
+                )
         finally:
             for tr in trackers:
                 tr.close()
