@@ -1,0 +1,368 @@
+"""stability.results on hand-written sweep workdirs (no training) and an offline W&B run."""
+
+import glob
+import hashlib
+import json
+import math
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from stability import plots, results
+from stability.tracking import Tracker, to_jsonable
+
+# The hand-written workdirs hold torn lines on purpose; tests that check the warning use
+# pytest.warns, the others need not see it.
+pytestmark = pytest.mark.filterwarnings("ignore:.*skipped:UserWarning")
+
+FC1 = "blocks/0/mlp/fc1/kernel"
+STEPS = (2, 4, 6, 8)
+
+
+def run_id(setting: str, lr: float) -> str:
+    return f"{setting}-lr{lr:g}-{hashlib.sha1(f'{setting}{lr}'.encode()).hexdigest()[:8]}"
+
+
+def history(lr: float, *, diverge_at=None, last=8, sink=True, eps=True) -> list[dict]:
+    """Metric records as the sweep logs them; a diverged run's last record has NaN loss and
+    alive=False, and nothing is logged after it."""
+    recs = []
+    for s in (s for s in STEPS if s <= last):
+        alive = diverge_at is None or s < diverge_at
+        loss = 4.0 - 0.1 * s if alive else math.nan
+        rec = {"step": s, "train/loss": loss, "alive": alive, "logits/log_z_mean": -lr * s}
+        for i in range(2):
+            rec[f"attn/max_logit/layer_{i}"] = 10.0 * (i + 1) * s * lr
+            rec[f"attn/entropy_min/layer_{i}"] = 2.0 / (1 + s * lr * (i + 1))
+        rec[f"update/rms/{FC1}"] = 0.5
+        rec[f"grad/rms/{FC1}"] = 1e-3 / s
+        if eps:
+            rec[f"grad/rms_over_eps/{FC1}"] = 1e5 / s
+        if sink:
+            rec["attn/bos_mass/layer_0"] = 0.1 * s
+            rec["resid/bos_norm_ratio/layer_0"] = 1.0 + s
+        if s % 4 == 0:
+            rec["eval/loss"] = loss
+        recs.append(rec)
+        if not alive:
+            break
+    return recs
+
+
+def write_jsonl(path: Path, recs: list[dict], tail: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + tail)
+
+
+def write_sweep_dir(
+    root: Path, settings=("qk_norm=False", "qk_norm=True"), lrs=(0.01, 1.0), *, sink=True, eps=True
+) -> Path:
+    """A sweep workdir as the engine leaves it when interrupted: every run finished except the
+    last (a history up to step 4, no results record); the first setting's largest LR diverged
+    at step 6; results.jsonl ends with a foreign and a torn line, one history with a torn line."""
+    results_recs = []
+    for si, setting in enumerate(settings):
+        for li, lr in enumerate(lrs):
+            rid = run_id(setting, lr)
+            run_dir = root / "runs" / rid
+            (run_dir.parent).mkdir(parents=True, exist_ok=True)
+            unfinished = si == len(settings) - 1 and li == len(lrs) - 1
+            diverged = si == 0 and li == len(lrs) - 1 and len(lrs) > 1
+            hist = history(
+                lr,
+                diverge_at=6 if diverged else None,
+                last=4 if unfinished else 8,
+                sink=sink,
+                eps=eps,
+            )
+            write_jsonl(run_dir / "metrics.jsonl", hist, tail='{"step": 1' if si == li == 0 else "")
+            run_dir.joinpath("config.json").write_text(json.dumps({"optim": {"lr": lr}}))
+            if unfinished:
+                continue
+            results_recs.append(
+                {
+                    "run_id": rid,
+                    "setting": setting,
+                    "lr": lr,
+                    "final_loss": None if diverged else hist[-1]["eval/loss"],
+                    "loss_at_init": 4.2,
+                    "diverged": diverged,
+                    "diverged_step": 6 if diverged else None,
+                    "max_attn_logit": plots.max_over_layers(hist[-1], "attn/max_logit"),
+                    "min_attn_entropy": plots.min_over_layers(hist[-1], "attn/entropy_min"),
+                    "steps": hist[-1]["step"],
+                    "wall_seconds": 1.5,
+                    "overrides": {},
+                    "config": {"optim": {"lr": lr}},
+                }
+            )
+    write_jsonl(root / "results.jsonl", results_recs, tail='{"note": "by hand"}\n{"run_id": "x')
+    return root
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    return write_sweep_dir(tmp_path / "sweep")
+
+
+def test_runs_table_reports_finished_diverged_and_unfinished_runs(sweep_dir):
+    with pytest.warns(UserWarning) as caught:
+        table = results.runs_table(sweep_dir)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "results.jsonl: skipped unreadable lines [5]" in messages
+    assert "skipped 1 record(s) without run_id" in messages
+    assert list(table.columns) == list(results.RUN_COLUMNS)
+    by_id = table.set_index("run_id")
+    assert by_id.loc[run_id("qk_norm=False", 0.01), "status"] == "finished"
+    div = by_id.loc[run_id("qk_norm=False", 1.0)]
+    assert (
+        div["status"] == "diverged" and div["diverged_step"] == 6 and math.isnan(div["final_loss"])
+    )
+    cut = by_id.loc[run_id("qk_norm=True", 1.0)]
+    # setting from the finished run of the same setting, LR from its config.json
+    assert (cut["status"], cut["setting"], cut["lr"], cut["steps"]) == (
+        "unfinished",
+        "qk_norm=True",
+        1.0,
+        4,
+    )
+    assert math.isnan(cut["loss_at_init"]) and cut["max_attn_logit"] == pytest.approx(80.0)
+    assert list(table["label"]) == list(table["setting"])  # one workdir: no prefix
+
+
+def test_histories_are_long_form_and_filterable(sweep_dir):
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: skipped unreadable lines \[5\]"):
+        hist = results.histories(sweep_dir, keys=["train/loss", "attn/max_logit/*", "alive"])
+    assert list(hist.columns) == list(results.HISTORY_COLUMNS)
+    assert set(hist["key"]) == {
+        "train/loss",
+        "attn/max_logit/layer_0",
+        "attn/max_logit/layer_1",
+        "alive",
+    }
+    assert hist["run_id"].nunique() == 4
+    div = hist[(hist["run_id"] == run_id("qk_norm=False", 1.0))]
+    loss = div[div["key"] == "train/loss"].set_index("step")["value"]
+    assert list(loss.index) == [2, 4, 6] and math.isnan(loss[6])  # NaN at the diverging step
+    alive = div[div["key"] == "alive"].set_index("step")["value"]
+    assert list(alive) == [1.0, 1.0, 0.0]
+    one = results.histories(sweep_dir, run_ids=[run_id("qk_norm=True", 0.01)], keys=["eval/loss"])
+    assert list(one["step"]) == [4, 8] and set(one["setting"]) == {"qk_norm=True"}
+    assert set(one["lr"]) == {0.01}
+
+
+def test_several_workdirs_are_labelled_by_name(tmp_path):
+    a = write_sweep_dir(tmp_path / "a")
+    b = write_sweep_dir(tmp_path / "b", settings=("z_loss=0",), lrs=(0.01,))
+    table = results.runs_table([a, b])
+    assert set(table["label"]) == {"a: qk_norm=False", "a: qk_norm=True", "b: z_loss=0"}
+    assert table.loc[table["workdir"] == str(b), "status"].tolist() == ["unfinished"]
+    recs = results.records(table)
+    assert {r["setting"] for r in recs} == {"a: qk_norm=False", "a: qk_norm=True"}
+    assert all(r["run_id"].startswith(str(a)) for r in recs)
+
+
+def test_records_feed_the_lr_sensitivity(sweep_dir):
+    recs = results.records(results.runs_table(sweep_dir))
+    assert len(recs) == 3  # the unfinished run is left out
+    base = [r for r in recs if r["setting"] == "qk_norm=False"]
+    assert [r["final_loss"] for r in base] == [pytest.approx(3.2), None]
+    # ℓ* = 3.2, ℓ0 = 4.2: terms 0 and (diverged) 4.2 - 3.2 = 1.
+    assert plots.lr_sensitivity(base) == pytest.approx(0.5)
+    assert "div" in plots.summary_table(recs)
+
+
+def test_over_layers_value_at_step_and_curves(sweep_dir):
+    hist = results.histories(sweep_dir, keys=["attn/*"])
+    mx = results.over_layers(hist, "attn/max_logit", "max")
+    assert set(mx["key"]) == {"attn/max_logit"}
+    rid = run_id("qk_norm=True", 0.01)
+    got = mx[mx["run_id"] == rid].set_index("step")["value"]
+    np.testing.assert_allclose(got.to_numpy(), [20.0 * s * 0.01 for s in STEPS])
+    at = results.value_at_step(mx, "attn/max_logit", 5)  # last logged step <= 5 is 4
+    assert set(at["step"]) == {4} and len(at) == 4
+    c = results.curves(at, "label", x="lr")
+    assert list(c) == ["qk_norm=False", "qk_norm=True"]
+    np.testing.assert_allclose(c["qk_norm=False"][0], [0.01, 1.0])
+    p = results.panels(hist[hist["run_id"] == rid], "label", "key")
+    assert list(p["qk_norm=True"])[:2] == ["layer_0", "layer_1"]
+    assert "lr=0.01" in results.curves(mx, "lr")
+    assert results.nearest_lr(results.runs_table(sweep_dir), 0.5) == 1.0
+
+
+def test_errors_name_the_bad_workdir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        results.runs_table(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither results.jsonl nor runs/"):
+        results.histories(tmp_path / "empty")
+
+
+def test_import_does_not_touch_wandb():
+    code = "import sys, stability.results; assert 'wandb' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------
+# W&B, offline only.
+
+
+def read_wandb_file(path: str):
+    """The protobuf records of an offline run's .wandb file (a LevelDB-style log: 7-byte file
+    header, 32 KiB blocks of chunks with a 7-byte header: crc32, length, type)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B"
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer
+            pos += 32768 - pos % 32768
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 or pos + 7 + n > len(data):  # padding, or a chunk still being written
+            break
+        buf += data[pos + 7 : pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            yield rec
+
+
+@dataclass
+class FakeRun:
+    """The part of wandb.apis.public.Run that from_wandb reads."""
+
+    name: str
+    config: dict
+    group: str
+    tags: list
+    state: str = "finished"
+    summary_metrics: dict = field(default_factory=dict)
+    rows: list = field(default_factory=list)
+
+    def scan_history(self):
+        return iter(self.rows)
+
+
+class FakeApi:
+    def __init__(self, runs):
+        self._runs, self.calls = runs, []
+
+    def runs(self, path, filters=None):
+        self.calls.append((path, filters))
+        return [r for r in self._runs if r.group == filters["group"]]
+
+
+def fake_run_from_offline(path: str, timeout: float = 30.0) -> FakeRun:
+    """What wandb.Api would return for the run once synced, read from its offline file
+    (wandb's service may still be writing it when ``finish()`` returns: wait for the exit)."""
+    deadline = time.time() + timeout
+    while not any(r.WhichOneof("record_type") == "exit" for r in read_wandb_file(path)):
+        assert time.time() < deadline, f"{path} holds no exit record after {timeout} s"
+        time.sleep(0.2)
+    items = lambda updates: {
+        u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in updates
+    }
+    run, summary, rows, state = None, {}, [], "running"
+    for rec in read_wandb_file(path):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            run = rec.run
+            config = items(run.config.update)
+        elif kind == "history":
+            rows.append(items(rec.history.item))
+        elif kind == "summary":
+            summary.update(items(rec.summary.update))
+        elif kind == "exit":
+            state = "finished" if rec.exit.exit_code == 0 else "failed"
+    config.pop("_wandb", None)
+    return FakeRun(run.display_name, config, run.run_group, list(run.tags), state, summary, rows)
+
+
+def test_offline_wandb_run_holds_the_sweep_conventions_and_reads_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # never the network
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    cfg = tiny_config(model={"qk_norm": True})
+    rid = run_id("qk_norm=True", cfg.optim.lr)
+    run_config = {
+        **to_jsonable(cfg.to_dict()),
+        "setting": "qk_norm=True",
+        "lr": cfg.optim.lr,
+        "run_id": rid,
+    }
+    tracker = Tracker(
+        tmp_path / "runs" / rid,
+        cfg.wandb,
+        run_config,
+        name=rid,
+        group="tiny",
+        tags=("qk_norm", "z_loss"),
+    )
+    logged = history(cfg.optim.lr)
+    for rec in logged:
+        tracker.log(rec)
+    tracker.summary({"loss_at_init": 4.2})
+    tracker.close()
+
+    files = glob.glob(str(tmp_path / "runs" / rid / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    run = fake_run_from_offline(files[0])
+    assert (run.name, run.group, run.tags, run.state) == (
+        rid,
+        "tiny",
+        ["qk_norm", "z_loss"],
+        "finished",
+    )
+    assert run.config["setting"] == "qk_norm=True" and run.config["run_id"] == rid
+    assert run.config["lr"] == cfg.optim.lr and run.config["model"]["qk_norm"] is True
+    assert [r["_step"] for r in run.rows] == list(STEPS)
+    assert set(logged[0]) - {"step"} <= set(run.rows[0])
+    assert run.summary_metrics["loss_at_init"] == 4.2
+
+    diverged = FakeRun(
+        "d",
+        {"setting": "qk_norm=False", "lr": 1.0, "run_id": "d"},
+        "tiny",
+        [],
+        summary_metrics={"alive": False, "_step": 6, "train/loss": None},
+    )
+    running = FakeRun(
+        "r", {"setting": "qk_norm=False", "optim": {"lr": 0.1}}, "tiny", [], state="running"
+    )
+    other = FakeRun("o", {"setting": "x", "lr": 1.0}, "another-sweep", [])
+    api = FakeApi([run, diverged, running, other])
+    table, hist = results.from_wandb(
+        "stability", "tiny", "me", keys=["train/loss", "attn/*"], api=api
+    )
+    assert api.calls == [("me/stability", {"group": "tiny"})]
+    assert list(table.columns) == list(results.RUN_COLUMNS)
+    by_id = table.set_index("run_id")
+    ok = by_id.loc[rid]
+    assert (ok["status"], ok["workdir"], ok["loss_at_init"]) == (
+        "finished",
+        "wandb:me/stability/tiny",
+        4.2,
+    )
+    assert ok["final_loss"] == pytest.approx(logged[-1]["eval/loss"])
+    assert ok["max_attn_logit"] == pytest.approx(
+        plots.max_over_layers(logged[-1], "attn/max_logit")
+    )
+    assert (by_id.loc["d", "status"], by_id.loc["d", "diverged_step"]) == ("diverged", 6)
+    assert (by_id.loc["r", "status"], by_id.loc["r", "lr"]) == ("unfinished", 0.1)
+    # the W&B history equals the one read from the run's metrics.jsonl
+    (tmp_path / "results.jsonl").write_text("")
+    local = results.histories(tmp_path, keys=["train/loss", "attn/*"])
+    cols = ["step", "key", "value"]
+    assert hist[hist["run_id"] == rid][cols].reset_index(drop=True).equals(local[cols])
+    assert len(results.records(table)) == 1  # only the run with a loss at init
