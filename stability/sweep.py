@@ -259,6 +259,9 @@ class ChunkRunner:
                 last = self._loop(
                     state, hp, stream, eval_batches, fns, ckpt, trackers, start, init_loss, preemption
                 )
+            if last is not None:
+                for i, tracker in enumerate(trackers):  # ℓ0 for LR sensitivity read from W&B
+                    tracker.summary({"loss_at_init": float(init_loss[i])})
         finally:
             for tr in trackers:
                 tr.close()

@@ -44,7 +44,7 @@ def test_no_T_by_T_tensor_in_the_compiled_step():
     for impl, expect in (("xla", True), ("pallas", False)):
         cfg = tiny_config(model={"attention_impl": impl}, data={"seq_len": T_})
         graphdef, tx, _, _, _ = T.compiled_fns(T.static_config(cfg))
-        state = jax.eval_shape(lambda: T.init_state(cfg, 0, tx))
+        state = jax.eval_shape(lambda cfg=cfg, tx=tx: T.init_state(cfg, 0, tx))
         batch = {"tokens": jax.ShapeDtypeStruct((4, T_ + 1), np.int32)}
         step = T.make_train_step(cfg, graphdef, tx)
         hlo = jax.jit(step).lower(state, T.hyperparams(cfg), batch).as_text()
