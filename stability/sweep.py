@@ -471,6 +471,11 @@ def run_sweep(
     for chunk in chunks_of(runs, strat, max_runs_per_program):  # refuse what cannot fit
         T.check_memory(chunk[0].config, runs_per_device=-(-len(chunk) // n_dev))
     for r in runs:  # validate every data source before anything is written
+        if jax.process_count() > 1 and r.config.data.source == "tfds":
+            raise ConfigError(
+                "config.data.source='tfds' is not supported by multi-process sweeps: every "
+                "process must feed identical batches, and the tfds source shards by process"
+            )
         make_source(r.config.data, r.config.model.vocab_size)
     if check_only:
         return runs

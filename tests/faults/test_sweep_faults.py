@@ -1,0 +1,62 @@
+"""Faults of `stability sweep`: torn result lines and SIGTERM, on real files and processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_sweep import ROOT, comparable, write_files
+
+from stability.sweep import read_results, run_sweep
+
+
+def test_torn_result_line_redoes_only_that_run(tmp_path, capsys):
+    config_py, sweep_py = write_files(tmp_path, lrs=(1e-3, 1e-2))
+    first = run_sweep(sweep_py, tmp_path / "w", config_spec=config_py, strategy="vmap",
+                      progress=False, report=False)
+    path = tmp_path / "w" / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    torn_id = json.loads(lines[-1])["run_id"]
+    # A crash mid-append of the last record, then a hand-edited foreign line.
+    path.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2] + "\nnot json\n")
+    again = run_sweep(sweep_py, tmp_path / "w", config_spec=config_py, strategy="vmap",
+                      progress=False, report=False)
+    err = capsys.readouterr().err
+    assert "skipped unreadable lines" in err and "1 program(s) to run" in err
+    records, bad = read_results(tmp_path / "w")
+    assert len(bad) == 2
+    assert [r["run_id"] for r in records].count(torn_id) == 1
+    assert comparable(records) == comparable(first) == comparable(again)
+
+
+@pytest.mark.slow
+def test_sweep_sigterm_checkpoints_exits_zero_and_resumes(tmp_path):
+    config_py, sweep_py = write_files(tmp_path, lrs=(1e-3, 1e-2), steps=40)
+    args = [sys.executable, "-m", "stability", "sweep", "--sweep", sweep_py, "--config", config_py,
+            "--strategy", "sequential", "--no-progress", "--workdir", str(tmp_path / "w")]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    ref = run_sweep(sweep_py, tmp_path / "ref", config_spec=config_py, strategy="sequential",
+                    progress=False, report=False)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "w" / "runs"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(runs.glob("*/metrics.jsonl")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM: checkpointed" in err
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert comparable(read_results(tmp_path / "w")[0]) == comparable(ref)
+    for rid in {r["run_id"] for r in ref}:
+        a = Path(tmp_path / "ref" / "runs" / rid / "metrics.jsonl").read_text().splitlines()
+        b = Path(tmp_path / "w" / "runs" / rid / "metrics.jsonl").read_text().splitlines()
+        strip = lambda lines: [{k: v for k, v in json.loads(x).items() if not k.startswith("perf/")}
+                               for x in lines]
+        assert strip(a) == strip(b)
