@@ -196,7 +196,7 @@ class ChunkRunner:
     def _padded(self, values: list) -> np.ndarray:
         return np.asarray(values + [values[-1]] * (self.k_pad - self.k))
 
-    def run(self) -> dict[str, dict[str, Any]] | None:
+    def run(self, preemption: T.Preemption) -> dict[str, dict[str, Any]] | None:
         """Train the chunk; result records by run_id, or None if preempted (SIGTERM)."""
         cfg, static, t = self.cfg, self.static, self.cfg.train
         source = make_source(cfg.data, cfg.model.vocab_size)
@@ -255,10 +255,9 @@ class ChunkRunner:
         t0 = time.time()
         last = {}
         try:
-            with T.Preemption() as preemption:
-                last = self._loop(
-                    state, hp, stream, eval_batches, fns, ckpt, trackers, start, init_loss, preemption
-                )
+            last = self._loop(
+                state, hp, stream, eval_batches, fns, ckpt, trackers, start, init_loss, preemption
+            )
             if last is not None:
                 for i, tracker in enumerate(trackers):  # ℓ0 for LR sensitivity read from W&B
                     tracker.summary({"loss_at_init": float(init_loss[i])})
@@ -461,7 +460,35 @@ def run_sweep(
     check_only: bool = False,
 ) -> list:
     """Run (or resume) a sweep into ``workdir``; returns the result records (with
-    ``check_only``: validate everything, write nothing, return the runs)."""
+    ``check_only``: validate everything, write nothing, return the runs). SIGTERM at any point
+    checkpoints the running chunk and returns."""
+    with T.Preemption() as preemption:
+        return _run_sweep(
+            sweep_spec,
+            Path(workdir),
+            config_spec,
+            list(overrides),
+            strategy,
+            max_runs_per_program,
+            progress,
+            report,
+            check_only,
+            preemption,
+        )
+
+
+def _run_sweep(
+    sweep_spec,
+    workdir,
+    config_spec,
+    overrides,
+    strategy,
+    max_runs_per_program,
+    progress,
+    report,
+    check_only,
+    preemption,
+) -> list:
     if max_runs_per_program < 1:
         raise ConfigError(f"--max-runs-per-program={max_runs_per_program} must be >= 1")
     name, points = load_sweep(sweep_spec)
@@ -500,7 +527,13 @@ def run_sweep(
         )
     done_ids = {r.get("run_id") for r in done}
     todo = [r for r in runs if r.run_id not in done_ids]
-    chunks = chunks_of(todo, strat, max_runs_per_program)
+    # Chunks are formed over every run, so a rerun meets the same programs (and checkpoints)
+    # as the first attempt; a chunk with any unfinished run runs again (from its checkpoint).
+    chunks = [
+        c
+        for c in chunks_of(runs, strat, max_runs_per_program)
+        if any(r.run_id not in done_ids for r in c)
+    ]
     print(
         f"sweep {name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
         f"{len(chunks)} program(s) to run ({strat})",
@@ -508,13 +541,18 @@ def run_sweep(
     )
     for n, chunk in enumerate(chunks, 1):
         print(f"[{n}/{len(chunks)}] {chunk[0].setting}: {len(chunk)} run(s)", file=sys.stderr)
-        finals = ChunkRunner(chunk, workdir, name, progress).run()
+        finals = (
+            None
+            if preemption.requested
+            else ChunkRunner(chunk, workdir, name, progress).run(preemption)
+        )
         if finals is None:
             print("SIGTERM: checkpointed; rerun the same command to continue", file=sys.stderr)
             return read_results(workdir)[0]
         if is_main:
             for r in chunk:
-                append_jsonl(workdir / "results.jsonl", finals[r.run_id])
+                if r.run_id not in done_ids:
+                    append_jsonl(workdir / "results.jsonl", finals[r.run_id])
     records, _ = read_results(workdir)
     if report and is_main:
         from stability import plots

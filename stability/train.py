@@ -355,7 +355,13 @@ class Diverged(RuntimeError):
 def train(
     cfg: Config, workdir: str | Path, *, overwrite: bool = False, progress: bool = True
 ) -> RunResult:
-    """Train one run in ``workdir``, resuming from its latest checkpoint if there is one."""
+    """Train one run in ``workdir``, resuming from its latest checkpoint if there is one.
+    SIGTERM at any point checkpoints (once training has started) and returns preempted."""
+    with Preemption() as preemption:
+        return _train(cfg, Path(workdir), overwrite, progress, preemption)
+
+
+def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preemption) -> RunResult:
     workdir = Path(workdir)
     check_memory(cfg)
     source = make_source(cfg.data, cfg.model.vocab_size)  # validates data before any write
@@ -396,24 +402,23 @@ def train(
         print(f"{workdir} already finished {start} steps", file=sys.stderr)
         return RunResult(start, final, False, None, 0.0)
     try:
-        with Preemption() as preemption:
-            result = _loop(
-                cfg,
-                workdir,
-                state,
-                hp,
-                stream,
-                eval_batches,
-                source,
-                step_fn,
-                eval_fn,
-                ckpt,
-                tracker,
-                start,
-                tokens_per_step,
-                progress,
-                preemption,
-            )
+        result = _loop(
+            cfg,
+            workdir,
+            state,
+            hp,
+            stream,
+            eval_batches,
+            source,
+            step_fn,
+            eval_fn,
+            ckpt,
+            tracker,
+            start,
+            tokens_per_step,
+            progress,
+            preemption,
+        )
     finally:
         tracker.close()
         ckpt.close()
