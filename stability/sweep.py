@@ -165,11 +165,6 @@ def _fetch(tree) -> Any:
     return jax.device_get(tree)
 
 
-@dataclass
-class ChunkResult:
-    finals: dict[str, dict[str, Any]]  # run_id -> result record fields
-
-
 class ChunkRunner:
     """Trains the runs of one chunk (same static config) as one vmapped program."""
 

@@ -26,7 +26,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -228,11 +227,6 @@ def make_evaluate(cfg: Config, graphdef):
         return total / count
 
     return evaluate
-
-
-def loss_at_init(cfg: Config) -> float:
-    """The loss of a uniform predictor, log V: the paper's ℓ0 reference for LR sensitivity."""
-    return float(np.log(cfg.model.vocab_size))
 
 
 # ---------------------------------------------------------------------------------------
