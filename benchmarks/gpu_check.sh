@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared accelerator session (about 9 minutes on an H200): the kernel tests on the real
+# One prepared accelerator session (about 11 minutes on an H200): the kernel tests on the real
 # Triton driver, then the attention, train-step and sweep benchmarks. Writes JSON/logs to $OUT.
 # Run from the repository root; ml_collections travels as a wheel in .whl/ (see README).
 set -u
@@ -19,4 +19,4 @@ timeout 240 python3 benchmarks/attention.py --budget-s 190 --out "$OUT/attention
 echo "== train-step benchmark"
 timeout 60 python3 benchmarks/train_step.py --out "$OUT/train_step.json" 2>&1 | tail -5 | tee "$OUT/train_step.log"
 echo "== sweep benchmark"
-timeout 140 python3 benchmarks/sweep.py --skip-naive --steps 200 --sizes 64,128,256 --out "$OUT/sweep.json" 2>&1 | tail -12 | tee "$OUT/sweep.log"
+timeout 300 python3 benchmarks/sweep.py --skip-naive --steps 300 --sizes 64,128,256 --out "$OUT/sweep.json" 2>&1 | tail -12 | tee "$OUT/sweep.log"
