@@ -5,9 +5,9 @@ pytrees (the NNX model is split once; the step merges it inside the trace). ``hp
 per-run scalar hyperparameters as arrays, so the sweep engine can vmap the same step over runs.
 
 Divergence is handled inside the step: if the loss is non-finite or above
-``train.divergence_loss`` or any gradient is non-finite, the state is left unchanged
-(frozen at the last finite step), ``alive`` becomes False and ``diverged_step`` records the
-update that failed.
+``train.divergence_loss`` or any gradient (of a parameter or of a GradStat) is non-finite,
+the state is left unchanged (frozen at the last finite step), ``alive`` becomes False and
+``diverged_step`` records the update that failed.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation):
         params = optax.apply_updates(state.params, updates)
 
         loss = out["train/loss"]
-        ok = state.alive & jnp.isfinite(loss) & (loss <= bound) & M.all_finite(grads)
+        ok = state.alive & jnp.isfinite(loss) & (loss <= bound) & M.all_finite((grads, gstat_grads))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = TrainState(
             params=keep(params, state.params),
