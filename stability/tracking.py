@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -146,11 +145,13 @@ class Tracker:
             self._wandb_failed(e)
 
     def _wandb_failed(self, e: Exception) -> None:
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         warnings.warn(
-            f"W&B disabled for this run ({type(e).__name__}: {e}); metrics stay in {self.path}",
-            stacklevel=3,
+            f"W&B disabled for this run ({reason}); metrics stay in {self.path}", stacklevel=3
         )
         self._wandb = None
+        if _service_died(e):
+            _drop_dead_service()
 
     def log(self, record: dict) -> None:
         record = to_jsonable(record)
@@ -172,7 +173,33 @@ class Tracker:
     def close(self) -> None:
         if self._wandb is not None:
             try:
-                self._wandb.finish()
+                self._wandb.finish()  # a dead service makes it raise at once, not hang
             except Exception as e:  # noqa: BLE001
-                print(f"warning: W&B finish failed: {e}", file=sys.stderr)
+                self._wandb_failed(e)
             self._wandb = None
+
+
+def _service_died(e: Exception) -> bool:
+    """Whether ``e`` says that the connection to W&B's service process broke."""
+    try:
+        from wandb.sdk.mailbox import HandleAbandonedError, MailboxClosedError
+
+        lost = (ConnectionError, HandleAbandonedError, MailboxClosedError)
+    except ImportError:  # another wandb version
+        lost = (ConnectionError,)
+    return isinstance(e, lost)
+
+
+def _drop_dead_service() -> None:
+    """Forget W&B's service process after it died (the connection to it broke).
+
+    Every run of this process used it, so all of them are lost to W&B. Without this, wandb's
+    exit hook would try to tear the dead service down and print a traceback at exit; a later
+    ``wandb.init`` starts a new service.
+    """
+    try:
+        import wandb
+
+        wandb.teardown()  # raises on the broken connection, after unhooking the exit hook
+    except Exception:  # noqa: BLE001
+        pass
