@@ -6,6 +6,8 @@ initialisation, so a run can resume onto another device layout.
 
 from __future__ import annotations
 
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -66,10 +68,13 @@ class Checkpointer:
         """(step, state, meta) of the newest readable checkpoint, or None if there is none.
 
         An unreadable checkpoint (truncated or deleted files) is skipped with a warning naming
-        it. If checkpoints exist but none is readable this raises CheckpointError rather than
-        letting the caller silently restart from scratch over existing results.
+        it, and moved aside to ``<directory>.unreadable/`` (kept for inspection) so that the
+        resumed run writes that step afresh. If checkpoints exist but none is readable this
+        raises CheckpointError rather than letting the caller silently restart from scratch
+        over existing results (nothing is moved then).
         """
         steps = self.all_steps()
+        unreadable = []
         for step in reversed(steps):
             try:
                 state, meta = self.restore(step, like)
@@ -79,7 +84,10 @@ class Checkpointer:
                     f"({type(e).__name__}: {str(e)[:200]}); trying the previous one",
                     stacklevel=2,
                 )
+                unreadable.append(step)
                 continue
+            if unreadable:
+                self._move_aside(unreadable)
             return step, state, meta
         if steps:
             raise CheckpointError(
@@ -87,6 +95,20 @@ class Checkpointer:
                 "restart from scratch over existing results: move that directory away to start over"
             )
         return None
+
+    def _move_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            aside = self.directory.with_name(self.directory.name + ".unreadable")
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                dest = aside / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
+                (self.directory / str(step)).rename(dest)
+                print(f"moved unreadable checkpoint {step} to {dest}", file=sys.stderr)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoint_move_aside")
+        self._mgr.reload()
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()

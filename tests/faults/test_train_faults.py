@@ -101,15 +101,29 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path):
     workdir = tmp_path / "run"
     assert run(train_cmd(config, workdir)).returncode == 0
     ckpts = workdir / "checkpoints"
-    latest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-    # Truncate every data file of the latest checkpoint, and drop its metrics past the previous one.
-    for f in (ckpts / str(latest)).rglob("*"):
+    latest = lambda: max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    # Truncated: every data file of the latest checkpoint cut to a third.
+    step = latest()
+    for f in (ckpts / str(step)).rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "json" not in f.name:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     out = run(train_cmd(config, workdir))
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"checkpoint {ckpts / str(latest)} is unreadable" in out.stderr
+    assert f"checkpoint {ckpts / str(step)} is unreadable" in out.stderr
     assert metrics(workdir) == ref
+    aside = workdir / "checkpoints.unreadable"
+    assert [p.name.split(".")[0] for p in aside.iterdir()] == [str(step)]  # kept, not deleted
+    # Deleted: the latest (rewritten by the rerun) loses its array files.
+    step = latest()
+    deleted = [f for f in (ckpts / str(step)).rglob("*") if f.is_file() and "json" not in f.name]
+    assert deleted
+    for f in deleted:
+        f.unlink()
+    out = run(train_cmd(config, workdir))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"checkpoint {ckpts / str(step)} is unreadable" in out.stderr
+    assert metrics(workdir) == ref
+    assert len(list(aside.iterdir())) == 2 and latest() == step  # rewritten afresh
 
 
 def test_no_readable_checkpoint_is_a_clear_error_not_a_silent_restart(reference, tmp_path):
