@@ -83,9 +83,12 @@ def append_jsonl(path: str | Path, record: dict) -> None:
 
 
 def truncate_metrics(path: str | Path, max_step: int) -> None:
-    """Keep only records with step ≤ max_step (used when resuming from a checkpoint)."""
+    """Keep only records with step ≤ max_step (used when resuming from a checkpoint); torn or
+    foreign lines are dropped and reported."""
     path = Path(path)
-    records, _ = read_jsonl(path)
+    records, bad = read_jsonl(path)
+    if bad:
+        warnings.warn(f"{path}: dropped unreadable lines {bad}", stacklevel=2)
     kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= max_step]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:

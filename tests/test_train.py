@@ -10,7 +10,7 @@ import pytest
 from stability import train as T
 from stability.config import ConfigError, OptimConfig
 from stability.optim.build import make_optimizer, set_hyperparams
-from stability.tracking import read_jsonl
+from stability.tracking import read_jsonl, truncate_metrics
 
 
 def strip_perf(records):
@@ -155,6 +155,9 @@ def test_wandb_offline_run_directory_has_logged_keys(tiny, tmp_path, monkeypatch
 
 def test_torn_metrics_line_is_skipped(tmp_path):
     p = tmp_path / "metrics.jsonl"
-    p.write_text('{"step": 1}\n{"step": 2, "train/lo')
+    p.write_text('{"step": 1}\n[1, 2]\n{"step": 2}\n{"step": 3, "train/lo')
     records, bad = read_jsonl(p)
-    assert records == [{"step": 1}] and bad == [2]
+    assert records == [{"step": 1}, {"step": 2}] and bad == [2, 4]
+    with pytest.warns(UserWarning, match=r"dropped unreadable lines \[2, 4\]"):
+        truncate_metrics(p, 1)  # what a resume from step 1 does
+    assert read_jsonl(p) == ([{"step": 1}], [])
