@@ -5,8 +5,10 @@ config is identical (``train.static_config``) share one compiled program; their 
 scalars (LR, weight decay, warmup, z-loss weight, seed) are traced arrays with a leading run
 axis. A group is executed in chunks of at most ``max_runs_per_program`` runs:
 
-  vmap        each chunk is one jitted, vmapped program (the run axis sharded over a
-              ("run",) device mesh, across hosts under jax.distributed)
+  vmap        each chunk is one jitted, vmapped program on a ("run", "data") device mesh
+              spanning every host under jax.distributed: runs are sharded over "run", and
+              devices left over when there are fewer runs than devices split each run's
+              batch over "data" (data parallel)
   sequential  chunks of one run, reusing the same compiled step run after run
   auto        sequential on CPU (already saturated by one small model), vmap on GPU/TPU
 
@@ -145,10 +147,23 @@ def chunks_of(runs: list[Run], strategy: str, max_runs: int) -> list[list[Run]]:
 # Executing one chunk.
 
 
-def run_mesh() -> jax.sharding.Mesh:
-    """A 1-D ("run",) mesh over every device of every process."""
-    n = jax.device_count()
-    return jax.make_mesh((n,), ("run",), axis_types=(AxisType.Auto,))
+def mesh_shape(n_devices: int, n_runs: int, batch_size: int) -> tuple[int, int]:
+    """(run, data) axis sizes. Runs need no communication, so every device holds runs (the run
+    axis padded with copies) unless there are too few runs to fill the devices: then the run
+    axis is the largest divisor of the device count not above ``n_runs`` and the devices left
+    split each run's batch (if it divides evenly and this lowers the padded run count)."""
+    n_run = max(d for d in range(1, n_devices + 1) if n_devices % d == 0 and d <= n_runs)
+    n_data = n_devices // n_run
+    padded = lambda n: -(-n_runs // n) * n
+    if batch_size % n_data or padded(n_run) >= padded(n_devices):
+        return n_devices, 1
+    return n_run, n_data
+
+
+def sweep_mesh(n_runs: int, batch_size: int) -> jax.sharding.Mesh:
+    """The ("run", "data") mesh of a chunk over every device of every process."""
+    shape = mesh_shape(jax.device_count(), n_runs, batch_size)
+    return jax.make_mesh(shape, ("run", "data"), axis_types=(AxisType.Auto,) * 2)
 
 
 def _global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -179,14 +194,14 @@ class ChunkRunner:
         self.cfg = runs[0].config
         ids = ",".join(r.run_id for r in runs)
         self.chunk_dir = workdir / "chunks" / hashlib.sha1(ids.encode()).hexdigest()[:12]
-        mesh = run_mesh()
-        n_dev = mesh.devices.size
-        # Pad the run axis to a multiple of the device count with copies of the last run
-        # (their results are discarded).
         self.k = len(runs)
-        self.k_pad = -(-self.k // n_dev) * n_dev
-        self.run_sharding = NamedSharding(mesh, P("run"))
-        self.replicated = NamedSharding(mesh, P())
+        self.mesh = sweep_mesh(self.k, self.cfg.data.batch_size)
+        n_run = self.mesh.shape["run"]
+        # Pad the run axis to a multiple of its size with copies of the last run (their
+        # results are discarded).
+        self.k_pad = -(-self.k // n_run) * n_run
+        self.run_sharding = NamedSharding(self.mesh, P("run"))
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
 
     def _padded(self, values: list) -> np.ndarray:
         return np.asarray(values + [values[-1]] * (self.k_pad - self.k))
@@ -197,10 +212,10 @@ class ChunkRunner:
         source = make_source(cfg.data, cfg.model.vocab_size)
         stream = source.train_stream(cfg.data.seed)
         eval_batches = [
-            jax.tree.map(lambda x: _global(x, self.replicated), b)
+            jax.tree.map(lambda x: _global(x, self.batch_sharding), b)
             for b in source.eval_batches(t.eval_batches)
         ]
-        fns = _vmapped_fns(static, self.run_sharding, self.replicated)
+        fns = _vmapped_fns(static, self.run_sharding)
         seeds = _global(
             self._padded([r.config.train.seed for r in self.runs]).astype(np.int32),
             self.run_sharding,
@@ -327,7 +342,7 @@ class ChunkRunner:
 
         is_log = lambda s: s % t.log_every == 0 or s % t.eval_every == 0 or s == t.steps
         for i in range(start, t.steps):
-            batch = jax.tree.map(lambda x: _global(x, self.replicated), stream.next())
+            batch = jax.tree.map(lambda x: _global(x, self.batch_sharding), stream.next())
             state, out = fns.step(state, hp, batch)
             s = i + 1
             if pending is not None:
@@ -413,8 +428,8 @@ class _Fns:
 _FNS_CACHE: dict = {}
 
 
-def _vmapped_fns(static: Config, run_sharding, replicated) -> _Fns:
-    key = (static, run_sharding, replicated)
+def _vmapped_fns(static: Config, run_sharding) -> _Fns:
+    key = (static, run_sharding)
     if key not in _FNS_CACHE:
         graphdef, tx, _, _, _ = T.compiled_fns(static)
         init = jax.jit(
@@ -489,9 +504,9 @@ def _run_sweep(
     name, points = load_sweep(sweep_spec)
     runs = build_runs(points, config_spec, list(overrides))
     strat = choose_strategy(strategy)
-    n_dev = jax.device_count()
     for chunk in chunks_of(runs, strat, max_runs_per_program):  # refuse what cannot fit
-        T.check_memory(chunk[0].config, runs_per_device=-(-len(chunk) // n_dev))
+        n_run, n_data = mesh_shape(jax.device_count(), len(chunk), chunk[0].config.data.batch_size)
+        T.check_memory(chunk[0].config, runs_per_device=-(-len(chunk) // n_run), data_shards=n_data)
     for r in runs:  # validate every data source before anything is written
         if jax.process_count() > 1 and r.config.data.source == "tfds":
             raise ConfigError(
@@ -535,12 +550,13 @@ def _run_sweep(
         file=sys.stderr,
     )
     for n, chunk in enumerate(chunks, 1):
-        print(f"[{n}/{len(chunks)}] {chunk[0].setting}: {len(chunk)} run(s)", file=sys.stderr)
-        finals = (
-            None
-            if preemption.requested
-            else ChunkRunner(chunk, workdir, name, progress).run(preemption)
+        runner = ChunkRunner(chunk, workdir, name, progress)
+        mesh = "×".join(str(runner.mesh.shape[a]) for a in ("run", "data"))
+        print(
+            f"[{n}/{len(chunks)}] {chunk[0].setting}: {len(chunk)} run(s), run×data mesh {mesh}",
+            file=sys.stderr,
         )
+        finals = None if preemption.requested else runner.run(preemption)
         if finals is None:
             print("SIGTERM: checkpointed; rerun the same command to continue", file=sys.stderr)
             return read_results(workdir)[0]

@@ -255,9 +255,11 @@ def device_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(cfg: Config, runs_per_device: int = 1) -> None:
-    """Refuse (ConfigError) a config whose estimated footprint exceeds the device's memory."""
+def check_memory(cfg: Config, runs_per_device: int = 1, data_shards: int = 1) -> None:
+    """Refuse (ConfigError) a config whose estimated footprint exceeds the device's memory
+    (``data_shards``: devices that split each run's batch)."""
     state_b, act_b = estimate_bytes(cfg)
+    act_b = -(-act_b // data_shards)
     need = runs_per_device * (state_b + act_b)
     have = device_memory_bytes()
     if need > have:
@@ -266,7 +268,9 @@ def check_memory(cfg: Config, runs_per_device: int = 1) -> None:
         raise ConfigError(
             f"config (model.d_model={m.d_model}, model.n_layers={m.n_layers}, "
             f"model.vocab_size={m.vocab_size}, data.batch_size={d.batch_size}, "
-            f"data.seq_len={d.seq_len}, runs per device={runs_per_device}) needs an estimated "
+            f"data.seq_len={d.seq_len}, runs per device={runs_per_device}"
+            f"{f', batch split over {data_shards} devices' if data_shards > 1 else ''}) needs an "
+            "estimated "
             f"{need / gib:.1f} GiB (parameters+optimizer {runs_per_device * state_b / gib:.1f} GiB, "
             f"activations {runs_per_device * act_b / gib:.1f} GiB) but the device has "
             f"{have / gib:.1f} GiB"

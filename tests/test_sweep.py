@@ -16,7 +16,7 @@ from stability import plots
 from stability import train as T
 from stability.cli import main
 from stability.data import make_source
-from stability.sweep import run_sweep
+from stability.sweep import mesh_shape, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 LRS = (1e-3, 1e-2, 1e-1)
@@ -153,6 +153,19 @@ def comparable(records):
     return sorted(({k: r[k] for k in keep} for r in records), key=lambda r: r["run_id"])
 
 
+@pytest.mark.parametrize("n_dev, k, batch, expect", [
+    (8, 3, 4, (2, 4)),  # fewer runs than devices: the rest split the batch
+    (8, 1, 16, (1, 8)),
+    (8, 3, 2, (8, 1)),  # the batch does not split 4 ways: pad the runs
+    (8, 7, 16, (8, 1)),  # a data axis would not lower the padded run count
+    (8, 20, 16, (8, 1)),
+    (1, 7, 16, (1, 1)),
+    (256, 7, 256, (4, 64)),
+])
+def test_mesh_shape(n_dev, k, batch, expect):
+    assert mesh_shape(n_dev, k, batch) == expect
+
+
 @pytest.mark.slow
 def test_sharded_over_8_devices_equals_unsharded(tmp_path):
     config_py, sweep_py = write_files(tmp_path)
@@ -162,6 +175,7 @@ def test_sharded_over_8_devices_equals_unsharded(tmp_path):
               "--strategy", "vmap", "--no-progress",
               env={"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"})
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "3 run(s), run×data mesh 2×4" in out.stderr  # runs sharded 2 ways, batches 4 ways
     sharded = by_id([json.loads(line) for line in (tmp_path / "eight" / "results.jsonl").open()])
     for rid, r in by_id(ref).items():
         np.testing.assert_allclose(sharded[rid]["final_loss"], r["final_loss"], rtol=1e-4)
