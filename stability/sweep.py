@@ -457,6 +457,26 @@ def read_results(workdir: str | Path) -> tuple[list[dict], list[int]]:
     return read_jsonl(Path(workdir) / "results.jsonl")
 
 
+def _plan(sweep_spec, config_spec, overrides, strategy, max_runs_per_program):
+    """(sweep name, runs, strategy) after validating every run: config, memory, data."""
+    if max_runs_per_program < 1:
+        raise ConfigError(f"--max-runs-per-program={max_runs_per_program} must be >= 1")
+    name, points = load_sweep(sweep_spec)
+    runs = build_runs(points, config_spec, list(overrides))
+    strat = choose_strategy(strategy)
+    for chunk in chunks_of(runs, strat, max_runs_per_program):  # refuse what cannot fit
+        n_run, n_data = mesh_shape(jax.device_count(), len(chunk), chunk[0].config.data.batch_size)
+        T.check_memory(chunk[0].config, runs_per_device=-(-len(chunk) // n_run), data_shards=n_data)
+    for r in runs:  # validate every data source before anything is written
+        if jax.process_count() > 1 and r.config.data.source == "tfds":
+            raise ConfigError(
+                "config.data.source='tfds' is not supported by multi-process sweeps: every "
+                "process must feed identical batches, and the tfds source shards by process"
+            )
+        make_source(r.config.data, r.config.model.vocab_size)
+    return name, runs, strat
+
+
 def run_sweep(
     sweep_spec: str,
     workdir: str | Path,
@@ -473,100 +493,63 @@ def run_sweep(
     ``check_only``: validate everything, write nothing, return the runs). SIGTERM at any point
     checkpoints the running chunk and returns."""
     with T.Preemption() as preemption:
-        return _run_sweep(
-            sweep_spec,
-            Path(workdir),
-            config_spec,
-            list(overrides),
-            strategy,
-            max_runs_per_program,
-            progress,
-            report,
-            check_only,
-            preemption,
+        name, runs, strat = _plan(
+            sweep_spec, config_spec, overrides, strategy, max_runs_per_program
         )
-
-
-def _run_sweep(
-    sweep_spec,
-    workdir,
-    config_spec,
-    overrides,
-    strategy,
-    max_runs_per_program,
-    progress,
-    report,
-    check_only,
-    preemption,
-) -> list:
-    if max_runs_per_program < 1:
-        raise ConfigError(f"--max-runs-per-program={max_runs_per_program} must be >= 1")
-    name, points = load_sweep(sweep_spec)
-    runs = build_runs(points, config_spec, list(overrides))
-    strat = choose_strategy(strategy)
-    for chunk in chunks_of(runs, strat, max_runs_per_program):  # refuse what cannot fit
-        n_run, n_data = mesh_shape(jax.device_count(), len(chunk), chunk[0].config.data.batch_size)
-        T.check_memory(chunk[0].config, runs_per_device=-(-len(chunk) // n_run), data_shards=n_data)
-    for r in runs:  # validate every data source before anything is written
-        if jax.process_count() > 1 and r.config.data.source == "tfds":
-            raise ConfigError(
-                "config.data.source='tfds' is not supported by multi-process sweeps: every "
-                "process must feed identical batches, and the tfds source shards by process"
+        if check_only:
+            return runs
+        workdir = Path(workdir)
+        manifest = {"sweep": name, "spec": sweep_spec, "run_ids": [r.run_id for r in runs]}
+        manifest_path = workdir / "sweep.json"
+        if manifest_path.exists():
+            old = json.loads(manifest_path.read_text())
+            if old.get("run_ids") != manifest["run_ids"]:
+                raise ConfigError(
+                    f"--workdir={workdir} holds a different sweep ({old.get('spec')!r} with "
+                    f"{len(old.get('run_ids', []))} runs); use another workdir"
+                )
+        is_main = jax.process_index() == 0
+        if is_main:
+            workdir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(manifest_path, manifest)
+        done, bad = read_results(workdir)
+        if bad:
+            print(
+                f"warning: {workdir / 'results.jsonl'}: skipped unreadable lines {bad}",
+                file=sys.stderr,
             )
-        make_source(r.config.data, r.config.model.vocab_size)
-    if check_only:
-        return runs
-    workdir = Path(workdir)
-    manifest = {"sweep": name, "spec": sweep_spec, "run_ids": [r.run_id for r in runs]}
-    manifest_path = workdir / "sweep.json"
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if old.get("run_ids") != manifest["run_ids"]:
-            raise ConfigError(
-                f"--workdir={workdir} holds a different sweep ({old.get('spec')!r} with "
-                f"{len(old.get('run_ids', []))} runs); use another workdir"
-            )
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(manifest_path, manifest)
-    done, bad = read_results(workdir)
-    if bad:
+        done_ids = {r.get("run_id") for r in done}
+        todo = [r for r in runs if r.run_id not in done_ids]
+        # Chunks are formed over every run, so a rerun meets the same programs (and checkpoints)
+        # as the first attempt; a chunk with any unfinished run runs again (from its checkpoint).
+        chunks = [
+            c
+            for c in chunks_of(runs, strat, max_runs_per_program)
+            if any(r.run_id not in done_ids for r in c)
+        ]
         print(
-            f"warning: {workdir / 'results.jsonl'}: skipped unreadable lines {bad}", file=sys.stderr
-        )
-    done_ids = {r.get("run_id") for r in done}
-    todo = [r for r in runs if r.run_id not in done_ids]
-    # Chunks are formed over every run, so a rerun meets the same programs (and checkpoints)
-    # as the first attempt; a chunk with any unfinished run runs again (from its checkpoint).
-    chunks = [
-        c
-        for c in chunks_of(runs, strat, max_runs_per_program)
-        if any(r.run_id not in done_ids for r in c)
-    ]
-    print(
-        f"sweep {name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
-        f"{len(chunks)} program(s) to run ({strat})",
-        file=sys.stderr,
-    )
-    for n, chunk in enumerate(chunks, 1):
-        runner = ChunkRunner(chunk, workdir, name, progress)
-        mesh = "×".join(str(runner.mesh.shape[a]) for a in ("run", "data"))
-        print(
-            f"[{n}/{len(chunks)}] {chunk[0].setting}: {len(chunk)} run(s), run×data mesh {mesh}",
+            f"sweep {name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
+            f"{len(chunks)} program(s) to run ({strat})",
             file=sys.stderr,
         )
-        finals = None if preemption.requested else runner.run(preemption)
-        if finals is None:
-            print("SIGTERM: checkpointed; rerun the same command to continue", file=sys.stderr)
-            return read_results(workdir)[0]
-        if is_main:
-            for r in chunk:
-                if r.run_id not in done_ids:
-                    append_jsonl(workdir / "results.jsonl", finals[r.run_id])
-    records, _ = read_results(workdir)
-    if report and is_main:
-        from stability import plots
+        for n, chunk in enumerate(chunks, 1):
+            runner = ChunkRunner(chunk, workdir, name, progress)
+            mesh = "×".join(str(runner.mesh.shape[a]) for a in ("run", "data"))
+            print(
+                f"[{n}/{len(chunks)}] {chunk[0].setting}: {len(chunk)} run(s), run×data mesh {mesh}",
+                file=sys.stderr,
+            )
+            finals = None if preemption.requested else runner.run(preemption)
+            if finals is None:
+                print("SIGTERM: checkpointed; rerun the same command to continue", file=sys.stderr)
+                return read_results(workdir)[0]
+            if is_main:
+                for r in chunk:
+                    if r.run_id not in done_ids:
+                        append_jsonl(workdir / "results.jsonl", finals[r.run_id])
+        records, _ = read_results(workdir)
+        if report and is_main:
+            from stability import plots
 
-        plots.write_report(workdir)
-    return records
+            plots.write_report(workdir)
+        return records
