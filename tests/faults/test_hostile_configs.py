@@ -74,22 +74,14 @@ def test_adversarial_configs(tmp_path, capsys, overrides, field, command):
     assert not workdir.exists()
 
 
-def test_text_shorter_than_one_sequence(tmp_path, capsys):
-    short = tmp_path / "short.txt"
-    short.write_text("tiny")
+@pytest.mark.parametrize("text, message", [("tiny", "seq_len"), ("", "0 bytes")])
+def test_text_file_too_short(tmp_path, capsys, text, message):
+    path = tmp_path / "short.txt"
+    path.write_text(text)
     code, err, workdir = run_cli(
-        tmp_path, capsys, "--config.data.source=text_files", f"--config.data.paths={short}"
+        tmp_path, capsys, "--config.data.source=text_files", f"--config.data.paths={path}"
     )
-    assert code == 2 and "seq_len" in err and not workdir.exists()
-
-
-def test_empty_text_file(tmp_path, capsys):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    code, err, workdir = run_cli(
-        tmp_path, capsys, "--config.data.source=text_files", f"--config.data.paths={empty}"
-    )
-    assert code == 2 and "0 bytes" in err and not workdir.exists()
+    assert code == 2 and message in err and not workdir.exists()
 
 
 def test_heads_not_dividing_width(tmp_path, capsys):
