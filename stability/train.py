@@ -342,7 +342,6 @@ class RunResult:
     final_eval_loss: float
     diverged: bool
     diverged_step: int | None
-    wall_seconds: float
     preempted: bool = False  # stopped early by SIGTERM, checkpointed; rerun to continue
 
 
@@ -356,7 +355,15 @@ def train(
     """Train one run in ``workdir``, resuming from its latest checkpoint if there is one.
     SIGTERM at any point checkpoints (once training has started) and returns preempted."""
     with Preemption() as preemption:
-        return _train(cfg, Path(workdir), overwrite, progress, preemption)
+        result = _train(cfg, Path(workdir), overwrite, progress, preemption)
+    if result.diverged:
+        raise Diverged(
+            f"loss became non-finite or exceeded train.divergence_loss={cfg.train.divergence_loss} "
+            f"at update {result.diverged_step}; the last finite state is checkpointed at step "
+            f"{result.steps} in {Path(workdir) / 'checkpoints'} and metrics are in "
+            f"{Path(workdir) / 'metrics.jsonl'}"
+        )
+    return result
 
 
 def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preemption) -> RunResult:
@@ -391,63 +398,13 @@ def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preempti
         workdir, cfg.wandb, run_config, name=cfg.wandb.name or workdir.name, resume=start > 0
     )
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    t_start = time.time()
     if start >= cfg.train.steps:
         tracker.close()
         ckpt.close()
         done = [r for r in read_metrics(workdir) if "eval/loss" in r]
         final = float(done[-1]["eval/loss"]) if done else float("nan")
         print(f"{workdir} already finished {start} steps", file=sys.stderr)
-        return RunResult(start, final, False, None, 0.0)
-    try:
-        result = _loop(
-            cfg,
-            workdir,
-            state,
-            hp,
-            stream,
-            eval_batches,
-            source,
-            step_fn,
-            eval_fn,
-            ckpt,
-            tracker,
-            start,
-            tokens_per_step,
-            progress,
-            preemption,
-        )
-    finally:
-        tracker.close()
-        ckpt.close()
-    result.wall_seconds = time.time() - t_start
-    if result.diverged:
-        raise Diverged(
-            f"loss became non-finite or exceeded train.divergence_loss={cfg.train.divergence_loss} "
-            f"at update {result.diverged_step}; the last finite state is checkpointed at step "
-            f"{result.steps} in {workdir / 'checkpoints'} and metrics are in "
-            f"{workdir / 'metrics.jsonl'}"
-        )
-    return result
-
-
-def _loop(
-    cfg,
-    workdir,
-    state,
-    hp,
-    stream,
-    eval_batches,
-    source,
-    step_fn,
-    eval_fn,
-    ckpt,
-    tracker,
-    start,
-    tokens_per_step,
-    progress,
-    preemption,
-) -> RunResult:
+        return RunResult(start, final, False, None)
     from tqdm import tqdm
 
     t = cfg.train
@@ -460,7 +417,7 @@ def _loop(
         desc=workdir.name,
         file=sys.stderr,
     )
-    pending = None  # (step, metrics on device, wall time): fetched one step late
+    pending = None  # (step, metrics on device): fetched one step late
     last_time, last_step = time.time(), start
 
     def flush(pending):
@@ -490,47 +447,48 @@ def _loop(
     def is_log_step(s: int) -> bool:
         return s % t.log_every == 0 or s % t.eval_every == 0 or s == t.steps or s in ends
 
-    for i in range(start, t.steps):
-        batch = stream.next()
-        state, out = step_fn(state, hp, batch)
-        s = i + 1  # updates done (the record's "step")
-        if pending is not None:
-            prev_step, prev_out = pending
-            if is_log_step(prev_step) or not bool(prev_out["alive"]):
-                rec = flush(pending)
-                tracker.log(rec)
-                bar.set_postfix(
-                    loss=f"{rec['train/loss']:.4f}", tok_s=f"{rec['perf/tokens_per_sec']:.0f}"
-                )
-                if not rec["alive"]:
-                    bar.close()
-                    save(int(state.step), state, diverged=True)
-                    return RunResult(
-                        int(state.step), float("nan"), True, int(state.diverged_step), 0.0
+    try:
+        for i in range(start, t.steps):
+            batch = stream.next()
+            state, out = step_fn(state, hp, batch)
+            s = i + 1  # updates done (the record's "step")
+            if pending is not None:
+                prev_step, prev_out = pending
+                if is_log_step(prev_step) or not bool(prev_out["alive"]):
+                    rec = flush(pending)
+                    tracker.log(rec)
+                    bar.set_postfix(
+                        loss=f"{rec['train/loss']:.4f}", tok_s=f"{rec['perf/tokens_per_sec']:.0f}"
                     )
-        if s % t.eval_every == 0 or s == t.steps or s in ends:
-            out["eval/loss"] = eval_fn(state, eval_batches)
-        pending = (s, out)
-        if s % t.checkpoint_every == 0 or s == t.steps or s in ends or preemption.requested:
-            save(s, state)
-        bar.update(1)
-        if preemption.requested and s < t.steps:
-            if is_log_step(s):
-                tracker.log(flush(pending))
-            bar.close()
-            print(
-                f"SIGTERM: checkpointed {workdir} at step {s}; rerun to continue", file=sys.stderr
-            )
-            return RunResult(s, float("nan"), False, None, 0.0, preempted=True)
-    rec = flush(pending)
-    tracker.log(rec)
-    bar.close()
-    if not rec["alive"]:
-        save(int(state.step), state, diverged=True)
-        return RunResult(int(state.step), float("nan"), True, int(state.diverged_step), 0.0)
-    final = float(rec["eval/loss"])
-    tracker.summary({"final_eval_loss": final})
-    return RunResult(t.steps, final, False, None, 0.0)
+                    if not rec["alive"]:
+                        break
+            if s % t.eval_every == 0 or s == t.steps or s in ends:
+                out["eval/loss"] = eval_fn(state, eval_batches)
+            pending = (s, out)
+            if s % t.checkpoint_every == 0 or s == t.steps or s in ends or preemption.requested:
+                save(s, state)
+            bar.update(1)
+            if preemption.requested and s < t.steps:
+                if is_log_step(s):
+                    tracker.log(flush(pending))
+                print(
+                    f"SIGTERM: checkpointed {workdir} at step {s}; rerun to continue",
+                    file=sys.stderr,
+                )
+                return RunResult(s, float("nan"), False, None, preempted=True)
+        else:  # the last record (no break: the run did not diverge before it)
+            rec = flush(pending)
+            tracker.log(rec)
+        if not rec["alive"]:
+            save(int(state.step), state, diverged=True)
+            return RunResult(int(state.step), float("nan"), True, int(state.diverged_step))
+        final = float(rec["eval/loss"])
+        tracker.summary({"final_eval_loss": final})
+        return RunResult(t.steps, final, False, None)
+    finally:
+        bar.close()
+        tracker.close()
+        ckpt.close()
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
