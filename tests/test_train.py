@@ -1,3 +1,4 @@
+import json
 import math
 import shutil
 
@@ -46,6 +47,18 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     T.train(cfg, tmp_path / "b", progress=False)
     a, b = T.read_metrics(tmp_path / "a"), T.read_metrics(tmp_path / "b")
     assert strip_perf(a) == strip_perf(b)  # bitwise: floats compared exactly
+
+
+def test_wsd_s_decay_ends_are_evaluated_checkpointed_and_kept(tiny, tmp_path):
+    cfg = tiny(optim={"schedule": "wsd_s", "wsd_decay_ends": (7, 13)},
+               train={"checkpoint_every": 10, "max_to_keep": 1, "eval_every": 20})
+    T.train(cfg, tmp_path, progress=False)
+    evals = [r["step"] for r in T.read_metrics(tmp_path) if "eval/loss" in r]
+    assert evals == [7, 13, 20]
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [7, 13, 20]
+    meta = lambda step: json.loads(next((ckpts / str(step)).glob("meta/*")).read_text())
+    assert meta(7)["decay_end"] and meta(13)["decay_end"]
 
 
 def test_rerun_of_finished_run_does_nothing(tiny, tmp_path):
