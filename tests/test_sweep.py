@@ -22,15 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 LRS = (1e-3, 1e-2, 1e-1)
 
 
-def write_files(tmp_path: Path, lrs=LRS, steps=12) -> tuple[str, str]:
-    """A tiny base config file and a sweep file (qk_norm × lrs) in tmp_path."""
+def write_files(tmp_path: Path, lrs=LRS, steps=12, qk_norm=(False, True)) -> tuple[str, str]:
+    """A tiny base config file and a sweep file (qk_norm × lrs) in tmp_path; one qk_norm value
+    means one program to compile."""
     cfg = tiny_config(train={"steps": steps, "log_every": 4, "eval_every": 6, "checkpoint_every": 4})
     config_py = write_config_file(tmp_path / "tiny_config.py", cfg)
     sweep_py = tmp_path / "tiny_sweep.py"
     sweep_py.write_text(
         "NAME = 'tiny'\n"
         "def get_sweep(arg=''):\n"
-        f"    return [{{'model.qk_norm': qk, 'optim.lr': lr}} for qk in (False, True) for lr in {lrs!r}]\n"
+        f"    return [{{'model.qk_norm': qk, 'optim.lr': lr}} for qk in {qk_norm!r} for lr in {lrs!r}]\n"
     )
     return config_py, str(sweep_py)
 
@@ -168,7 +169,7 @@ def test_mesh_shape(n_dev, k, batch, expect):
 
 @pytest.mark.slow
 def test_sharded_over_8_devices_equals_unsharded(tmp_path):
-    config_py, sweep_py = write_files(tmp_path)
+    config_py, sweep_py = write_files(tmp_path, qk_norm=(False,))
     ref = run_sweep(sweep_py, tmp_path / "one", config_spec=config_py, strategy="vmap", progress=False,
                     report=False)
     out = cli("sweep", "--sweep", sweep_py, "--config", config_py, "--workdir", str(tmp_path / "eight"),
@@ -183,7 +184,7 @@ def test_sharded_over_8_devices_equals_unsharded(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
-    config_py, sweep_py = write_files(tmp_path, lrs=(1e-2, 1e-1))
+    config_py, sweep_py = write_files(tmp_path, lrs=(1e-2, 1e-1), qk_norm=(False,))
     ref = run_sweep(sweep_py, tmp_path / "one", config_spec=config_py, strategy="vmap", progress=False,
                     report=False)
     port = 20000 + os.getpid() % 20000
@@ -208,7 +209,7 @@ def test_two_processes_equal_one(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_uninterrupted_records(tmp_path):
-    config_py, sweep_py = write_files(tmp_path, lrs=(1e-3, 1e-2), steps=16)
+    config_py, sweep_py = write_files(tmp_path, lrs=(1e-3, 1e-2, 3e-2), steps=16, qk_norm=(False,))
     args = [sys.executable, "-m", "stability", "sweep", "--sweep", sweep_py, "--config", config_py,
             "--strategy", "sequential", "--no-progress"]
     assert main([*args[3:], "--workdir", str(tmp_path / "ref")]) == 0  # in this process
