@@ -30,6 +30,7 @@ DType = Literal["float32", "bfloat16"]
 Source = Literal["stdlib", "text_files", "synthetic_markov", "bigram_backcopy", "tfds"]
 Tokenizer = Literal["bytes", "sentencepiece"]
 WandbMode = Literal["offline", "online", "disabled"]
+Remat = Literal["none", "block", "full"]
 Schedule = Literal["cosine", "linear", "constant", "rsqrt", "wsd", "wsd_s"]
 DecayShape = Literal["linear", "cosine", "sqrt", "exponential"]
 WeightDecayMode = Literal["independent", "coupled"]
@@ -193,6 +194,16 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between orbax checkpoints; the last step always saves
     max_to_keep: int = 2
     divergence_loss: float = 1e3  # a finite loss above this also counts as divergence
+    # Updates per device call (a lax.scan inside the jitted program); 0 = as many as the next
+    # log / eval / checkpoint / decay-end boundary allows.
+    steps_per_call: int = 0
+    # Sharding of one run (stability/sharding.py): the mesh is ("run", "data", "model").
+    # fsdp: also shard parameters, gradients and optimizer state over "data" (ZeRO-3/FSDP).
+    fsdp: bool = False
+    tensor_parallel: int = 1  # size of the "model" axis: heads and MLP hidden split over it
+    # Activation rematerialisation: none; block = recompute each block in the backward pass;
+    # full = also recompute inside the attention and MLP (nothing saved but block inputs).
+    remat: Remat = "none"
 
 
 @dataclass(frozen=True)
