@@ -25,7 +25,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,10 +73,25 @@ def load_sweep(spec: str) -> tuple[str, list[dict[str, Any]]]:
 
 
 def build_runs(
-    points: list[dict[str, Any]], config_spec: str | None, cli_overrides: list[tuple[str, str]]
+    points: list[dict[str, Any]],
+    config_spec: str | None,
+    cli_overrides: list[tuple[str, str]],
+    seeds: int = 1,
 ) -> list[Run]:
     """Configs for every sweep point: base config, then command-line overrides, then the
-    point's own overrides (so a point's LR is never collapsed by a global override)."""
+    point's own overrides (so a point's LR is never collapsed by a global override).
+
+    seeds > 1: every point becomes ``seeds`` runs with train.seed = 0 … seeds−1 (data.seed is
+    kept: the seeds of a point see the same batches) and run ids
+    ``{setting}-lr{lr}-s{seed}-{hash}``; with one seed the run ids carry no seed (as in the
+    workdirs of earlier one-seed sweeps)."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds={seeds} must be >= 1")
+    if seeds > 1 and "train.seed" in {*dict(cli_overrides), *(k for p in points for k in p)}:
+        raise ConfigError(
+            f"--seeds={seeds} sets train.seed to 0..{seeds - 1}; remove train.seed from the "
+            "sweep's points and the command line"
+        )
     for key, _ in cli_overrides:
         if any(key in p for p in points):
             raise ConfigError(
@@ -109,14 +124,17 @@ def build_runs(
     for point, cfg in zip(points, configs, strict=True):
         setting = ",".join(f"{k.split('.')[-1]}={_fmt(point[k])}" for k in varying if k in point)
         setting = setting or "default"
-        digest = hashlib.sha1(
-            json.dumps(to_jsonable(cfg.to_dict()), sort_keys=True).encode()
-        ).hexdigest()
-        run_id = f"{_slug(setting)}-lr{cfg.optim.lr:g}-{digest[:8]}"
-        if run_id in seen:
-            raise ConfigError(f"sweep has two identical points: {point}")
-        seen.add(run_id)
-        runs.append(Run(run_id, setting, point, cfg))
+        for seed in range(seeds) if seeds > 1 else [None]:
+            c = cfg if seed is None else replace(cfg, train=replace(cfg.train, seed=seed))
+            digest = hashlib.sha1(
+                json.dumps(to_jsonable(c.to_dict()), sort_keys=True).encode()
+            ).hexdigest()
+            suffix = "" if seed is None else f"-s{seed}"
+            run_id = f"{_slug(setting)}-lr{c.optim.lr:g}{suffix}-{digest[:8]}"
+            if run_id in seen:
+                raise ConfigError(f"sweep has two identical points: {point}")
+            seen.add(run_id)
+            runs.append(Run(run_id, setting, point, c))
     return runs
 
 
@@ -457,12 +475,12 @@ def read_results(workdir: str | Path) -> tuple[list[dict], list[int]]:
     return read_jsonl(Path(workdir) / "results.jsonl")
 
 
-def _plan(sweep_spec, config_spec, overrides, strategy, max_runs_per_program):
+def _plan(sweep_spec, config_spec, overrides, strategy, max_runs_per_program, seeds=1):
     """(sweep name, runs, strategy) after validating every run: config, memory, data."""
     if max_runs_per_program < 1:
         raise ConfigError(f"--max-runs-per-program={max_runs_per_program} must be >= 1")
     name, points = load_sweep(sweep_spec)
-    runs = build_runs(points, config_spec, list(overrides))
+    runs = build_runs(points, config_spec, list(overrides), seeds)
     strat = choose_strategy(strategy)
     for chunk in chunks_of(runs, strat, max_runs_per_program):  # refuse what cannot fit
         n_run, n_data = mesh_shape(jax.device_count(), len(chunk), chunk[0].config.data.batch_size)
@@ -488,13 +506,14 @@ def run_sweep(
     progress: bool = True,
     report: bool = True,
     check_only: bool = False,
+    seeds: int = 1,
 ) -> list:
     """Run (or resume) a sweep into ``workdir``; returns the result records (with
-    ``check_only``: validate everything, write nothing, return the runs). SIGTERM at any point
-    checkpoints the running chunk and returns."""
+    ``check_only``: validate everything, write nothing, return the runs). ``seeds``: runs per
+    sweep point (``build_runs``). SIGTERM at any point checkpoints the running chunk and returns."""
     with T.Preemption() as preemption:
         name, runs, strat = _plan(
-            sweep_spec, config_spec, overrides, strategy, max_runs_per_program
+            sweep_spec, config_spec, overrides, strategy, max_runs_per_program, seeds
         )
         if check_only:
             return runs
