@@ -2,13 +2,28 @@
 
 LR sensitivity (Wortsman et al. 2023): E_{η∈grid}[min(ℓ(η), ℓ0) − ℓ*], with ℓ* the best final
 loss over the grid and ℓ0 the loss at initialisation; a diverged or non-finite run counts as ℓ0.
+
+Records are result dicts (``results.jsonl`` lines, ``run_record``, ``results.records``):
+run_id, setting, lr, final_loss, loss_at_init (None when unknown: a single run's workdir does
+not hold it), diverged, diverged_step, max_attn_logit, min_attn_entropy; optionally seed (else
+config.train.seed) and metrics_path (else ``<workdir>/runs/<run_id>/metrics.jsonl``).
+
+Seeds: runs of one setting at one LR are the seeds of that point. Their counted losses
+min(ℓ, ℓ0) (ℓ0 for a diverged run) are given as mean ± std over seeds (sample std, ddof 1), and
+the LR sensitivity is computed per seed, then given as mean ± std over seeds. Seeds *disagree*
+at an LR when some diverged and others did not, or when their counted losses span more than
+``SEED_TOLERANCE`` nats (max − min).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import matplotlib
 
@@ -16,6 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from stability.tracking import read_jsonl  # noqa: E402
+
+SEED_TOLERANCE = 0.05  # nats: seeds whose counted final losses span more disagree
 
 
 def _loss_or_none(r: dict) -> float | None:
@@ -25,82 +42,219 @@ def _loss_or_none(r: dict) -> float | None:
     return float(v)
 
 
-def lr_sensitivity(records: list[dict]) -> float:
-    """The paper's LR sensitivity of one setting's runs (one record per LR)."""
+def seed_of(r: dict) -> int:
+    """The run's train.seed (``seed``, else its config's, else 0)."""
+    if r.get("seed") is not None:
+        return int(r["seed"])
+    return int(((r.get("config") or {}).get("train") or {}).get("seed", 0))
+
+
+def loss_at_init(records: list[dict]) -> float | None:
+    """ℓ0 of a setting: the median of its runs' known losses at init (None if none is known)."""
+    known = sorted(
+        float(r["loss_at_init"])
+        for r in records
+        if r.get("loss_at_init") is not None and math.isfinite(r["loss_at_init"])
+    )
+    return known[len(known) // 2] if known else None
+
+
+def counted_loss(r: dict, l0: float | None) -> float | None:
+    """min(final loss, ℓ0), ℓ0 for a diverged run; None for a diverged run when ℓ0 is unknown."""
+    v = _loss_or_none(r)
+    if v is None:
+        return l0
+    return v if l0 is None else min(v, l0)
+
+
+def lr_sensitivity(records: list[dict], l0: float | None = None) -> float:
+    """The paper's LR sensitivity of one setting's runs of one seed (one record per LR).
+    l0: ℓ0 (default: ``loss_at_init(records)``). NaN when a run diverged and ℓ0 is unknown."""
     if not records:
         raise ValueError("lr_sensitivity needs at least one run")
-    l0 = float(sorted(r["loss_at_init"] for r in records)[len(records) // 2])
-    losses = [_loss_or_none(r) for r in records]
-    finite = [v for v in losses if v is not None]
-    best = min(finite) if finite else l0
-    best = min(best, l0)
-    return sum(min(l0 if v is None else v, l0) - best for v in losses) / len(losses)
+    l0 = loss_at_init(records) if l0 is None else l0
+    losses = [counted_loss(r, l0) for r in records]
+    if any(v is None for v in losses):
+        return math.nan
+    return sum(losses) / len(losses) - min(losses)
+
+
+def sensitivity_over_seeds(records: list[dict]) -> tuple[float, float, int]:
+    """(mean, sample std, number of seeds) of the LR sensitivity computed per seed of one
+    setting's runs (std is NaN for one seed); every seed uses the setting's ℓ0."""
+    l0 = loss_at_init(records)
+    per_seed: dict[int, list[dict]] = defaultdict(list)
+    for r in records:
+        per_seed[seed_of(r)].append(r)
+    values = [lr_sensitivity(runs, l0) for runs in per_seed.values()]
+    std = statistics.stdev(values) if len(values) > 1 else math.nan
+    return statistics.fmean(values), std, len(values)
+
+
+@dataclass(frozen=True)
+class LRPoint:
+    """One setting at one LR, over its seeds (losses counted as in the LR sensitivity)."""
+
+    lr: float
+    runs: list[dict]
+    n_diverged: int
+    mean: float  # mean counted loss (NaN if none is known: all diverged, ℓ0 unknown)
+    std: float  # sample std of the counted losses over seeds (NaN for fewer than two)
+    spread: float  # max − min of the counted losses (0 for one seed)
+    disagree: bool  # some seeds diverged and others not, or spread > tolerance
+
+
+def lr_points(runs: list[dict], tolerance: float = SEED_TOLERANCE) -> list[LRPoint]:
+    """One setting's runs as LR points sorted by LR (seeds of an LR pooled)."""
+    l0 = loss_at_init(runs)
+    at: dict[float, list[dict]] = defaultdict(list)
+    for r in runs:
+        at[r["lr"]].append(r)
+    out = []
+    for lr in sorted(at):
+        rs = sorted(at[lr], key=seed_of)
+        vals = [v for v in (counted_loss(r, l0) for r in rs) if v is not None]
+        n_div = sum(_loss_or_none(r) is None for r in rs)
+        spread = max(vals) - min(vals) if vals else 0.0
+        out.append(
+            LRPoint(
+                lr=lr,
+                runs=rs,
+                n_diverged=n_div,
+                mean=statistics.fmean(vals) if vals else math.nan,
+                std=statistics.stdev(vals) if len(vals) > 1 else math.nan,
+                spread=spread,
+                disagree=0 < n_div < len(rs) or spread > tolerance,
+            )
+        )
+    return out
 
 
 def by_setting(records: list[dict]) -> dict[str, list[dict]]:
-    """Records grouped by setting, each group sorted by LR (latest record per run_id wins)."""
+    """Records grouped by setting, each group sorted by LR then seed (latest record per run_id
+    wins)."""
     latest = {r["run_id"]: r for r in records if "run_id" in r and "setting" in r}
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in latest.values():
         groups[r["setting"]].append(r)
-    return {k: sorted(v, key=lambda r: r["lr"]) for k, v in sorted(groups.items())}
+    return {k: sorted(v, key=lambda r: (r["lr"], seed_of(r))) for k, v in sorted(groups.items())}
 
 
-def summary_table(records: list[dict]) -> str:
-    """Markdown: per setting, final loss at each LR ('div' = diverged), LR sensitivity."""
+def n_seeds(records: list[dict]) -> int:
+    """The largest number of runs at one (setting, LR): 1 for a one-seed sweep."""
+    counts = defaultdict(int)
+    for r in by_setting(records).values():
+        for x in r:
+            counts[(x["setting"], x["lr"])] += 1
+    return max(counts.values(), default=0)
+
+
+def _fmt_sens(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def summary_table(records: list[dict], tolerance: float = SEED_TOLERANCE) -> str:
+    """Markdown: per setting, the final loss at each LR ('div' = diverged), LR sensitivity and
+    diverged LRs. With several seeds a cell reads "mean ± std" of the counted losses, "(k/n
+    div)" when k of n seeds diverged, and "†" where the seeds disagree (module docstring)."""
     groups = by_setting(records)
     lrs = sorted({r["lr"] for r in records if "lr" in r})
     head = (
         "| setting | " + " | ".join(f"{lr:g}" for lr in lrs) + " | LR sensitivity | diverged LRs |"
     )
-    sep = "|" + "---|" * (len(lrs) + 3)
-    rows = [head, sep]
+    rows = [head, "|" + "---|" * (len(lrs) + 3)]
     for setting, runs in groups.items():
-        at = {r["lr"]: r for r in runs}
-        cells = []
-        for lr in lrs:
-            r = at.get(lr)
-            v = None if r is None else _loss_or_none(r)
-            cells.append("" if r is None else ("div" if v is None else f"{v:.3f}"))
-        diverged = ", ".join(f"{r['lr']:g}" for r in runs if r.get("diverged")) or "-"
-        rows.append(
-            f"| {setting} | " + " | ".join(cells) + f" | {lr_sensitivity(runs):.3f} | {diverged} |"
-        )
+        at = {p.lr: p for p in lr_points(runs, tolerance)}
+        cells = [_cell(at[lr]) if lr in at else "" for lr in lrs]
+        diverged = ", ".join(f"{p.lr:g}" for p in at.values() if p.n_diverged) or "-"
+        sens = _fmt_sens(*sensitivity_over_seeds(runs)[:2])
+        rows.append(f"| {setting} | " + " | ".join(cells) + f" | {sens} | {diverged} |")
     return "\n".join(rows)
 
 
+def _cell(p: LRPoint) -> str:
+    n = len(p.runs)
+    if p.n_diverged == n:
+        return "div"
+    if n == 1:
+        return f"{p.mean:.3f}"
+    cell = f"{p.mean:.3f} ± {p.std:.3f}" if not math.isnan(p.std) else f"{p.mean:.3f}"
+    if p.n_diverged:
+        cell += f" ({p.n_diverged}/{n} div)"
+    return cell + (" †" if p.disagree else "")
+
+
 def plot_lr_sensitivity(records: list[dict], path: Path | None = None, ax=None):
-    """Final loss vs LR, one curve per setting (log-x); diverged runs drawn at ℓ0 as crosses."""
+    """Final loss vs LR, one curve per setting (log-x): the mean counted loss over seeds with
+    a ±std bar; a cross at ℓ0 (at the top edge when ℓ0 is unknown) where a seed diverged, a
+    ring where the seeds disagree."""
     fig, ax = _axes(ax)
+    rings = False
     for setting, runs in by_setting(records).items():
-        l0 = float(sorted(r["loss_at_init"] for r in runs)[len(runs) // 2])
-        xs = [r["lr"] for r in runs]
-        ys = [min(_loss_or_none(r) or l0, l0) for r in runs]
-        (line,) = ax.plot(xs, ys, "o-", label=f"{setting} (sens. {lr_sensitivity(runs):.2f})")
-        div = [(r["lr"], l0) for r in runs if _loss_or_none(r) is None]
+        pts = lr_points(runs)
+        l0 = loss_at_init(runs)
+        mean, std, n = sensitivity_over_seeds(runs)
+        label = f"{setting} (sens. {_fmt_sens(mean, std)}{f', {n} seeds' if n > 1 else ''})"
+        known = [p for p in pts if not math.isnan(p.mean)]
+        line = ax.errorbar(
+            [p.lr for p in known],
+            [p.mean for p in known],
+            yerr=[0.0 if math.isnan(p.std) else p.std for p in known],
+            fmt="o-",
+            capsize=3,
+            label=label,
+        )
+        color = line[0].get_color()
+        div = [p.lr for p in pts if p.n_diverged]
         if div:
-            ax.plot(*zip(*div, strict=True), "x", color=line.get_color(), markersize=10)
+            if l0 is None:
+                ax.plot(
+                    div,
+                    [0.97] * len(div),
+                    "x",
+                    color=color,
+                    ms=10,
+                    transform=ax.get_xaxis_transform(),
+                )
+            else:
+                ax.plot(div, [l0] * len(div), "x", color=color, markersize=10)
+        ring = [p for p in known if p.disagree]
+        if ring:
+            rings = True
+            ax.plot([p.lr for p in ring], [p.mean for p in ring], "o", mfc="none", mec=color, ms=14)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("final eval loss")
-    ax.set_title("LR sensitivity")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("final eval loss (diverged = loss at init)")
+    ax.set_title("LR sensitivity" + (" (ring: seeds disagree)" if rings else ""))
+    _legend(ax)
     return _save(fig, path)
 
 
 def plot_max_attn_logit(records: list[dict], path: Path | None = None, ax=None):
-    """Final max attention logit (max over layers) vs LR, log-log."""
+    """Final max attention logit (max over layers) vs LR, log-log: the median over seeds, with
+    their min–max as a band."""
     fig, ax = _axes(ax)
     for setting, runs in by_setting(records).items():
-        pts = [(r["lr"], r["max_attn_logit"]) for r in runs if r.get("max_attn_logit")]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), "o-", label=setting)
+        xs, mid, lo, hi = [], [], [], []
+        for p in lr_points(runs):
+            vals = sorted(r["max_attn_logit"] for r in p.runs if r.get("max_attn_logit"))
+            if vals:
+                xs.append(p.lr)
+                mid.append(statistics.median(vals))
+                lo.append(vals[0])
+                hi.append(vals[-1])
+        if xs:
+            (line,) = ax.plot(xs, mid, "o-", label=setting)
+            if any(a != b for a, b in zip(lo, hi, strict=True)):
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("max attention logit (final)")
     ax.set_title("Attention-logit growth")
-    ax.legend(fontsize=8)
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -122,19 +276,30 @@ def plot_entropy_over_training(
     records: list[dict], workdir: Path, path: Path | None = None, n_lrs: int = 3, ax=None
 ):
     """Min attention entropy (min over layers and heads) vs step, for up to ``n_lrs`` LRs per
-    setting (the largest ones: where collapse happens)."""
+    setting (the largest ones: where collapse happens); the seeds of an LR share a colour."""
     fig, ax = _axes(ax)
     for setting, runs in by_setting(records).items():
-        for r in runs[-n_lrs:]:
-            hist = history(workdir, r["run_id"])
-            pts = [(h["step"], min_over_layers(h, "attn/entropy_min")) for h in hist]
-            pts = [(s, v) for s, v in pts if v is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), label=f"{setting}, lr={r['lr']:g}")
+        for p in lr_points(runs)[-n_lrs:]:
+            color, n = None, len(p.runs)
+            for r in p.runs:
+                hist = read_jsonl(
+                    r.get("metrics_path") or Path(workdir) / "runs" / r["run_id"] / "metrics.jsonl"
+                )[0]
+                pts = [(h["step"], min_over_layers(h, "attn/entropy_min")) for h in hist]
+                pts = [(s, v) for s, v in pts if v is not None]
+                if not pts:
+                    continue
+                label = (
+                    None
+                    if color
+                    else f"{setting}, lr={p.lr:g}" + (f" ({n} seeds)" if n > 1 else "")
+                )
+                (line,) = ax.plot(*zip(*pts, strict=True), color=color, label=label)
+                color = line.get_color()
     ax.set_xlabel("step")
     ax.set_ylabel("min attention entropy (nats)")
     ax.set_title("Attention entropy over training")
-    ax.legend(fontsize=7)
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -145,39 +310,124 @@ def _axes(ax):
     return ax.figure, ax
 
 
+def _legend(ax, fontsize: int = 7) -> None:
+    """A legend beside the axes (never over the curves), if anything is labelled."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
 def _save(fig, path):
     if path is not None:
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
     return fig
 
 
+# ---------------------------------------------------------------------------------------
+# Workdirs and the report.
+
+
+def workdir_kind(workdir: str | Path) -> Literal["sweep", "run"] | None:
+    """ "sweep" (results.jsonl or runs/), "run" (a single run: config.json and metrics.jsonl),
+    or None."""
+    d = Path(workdir)
+    if (d / "results.jsonl").is_file() or (d / "runs").is_dir():
+        return "sweep"
+    if (d / "config.json").is_file() and (d / "metrics.jsonl").is_file():
+        return "run"
+    return None
+
+
+def run_record(run_dir: str | Path) -> tuple[dict, list[int]]:
+    """(result record, unreadable line numbers) of a single-run workdir (``stability train``),
+    from its config.json and metrics.jsonl. ``status``: finished (logged the last step with
+    its eval loss), diverged (last record has alive=False) or unfinished. Its setting is the
+    workdir's name; its loss at init is not recorded there (None)."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    hist, bad = read_jsonl(run_dir / "metrics.jsonl")
+    last = hist[-1] if hist else {}
+    diverged = last.get("alive") is False
+    steps = (config.get("train") or {}).get("steps")
+    done = not diverged and last.get("step") == steps and last.get("eval/loss") is not None
+    status = "diverged" if diverged else "finished" if done else "unfinished"
+    rec = {
+        "run_id": run_dir.name,
+        "setting": run_dir.name,
+        "lr": float((config.get("optim") or {}).get("lr", math.nan)),
+        "seed": seed_of({"config": config}),
+        "status": status,
+        "final_loss": float(last["eval/loss"]) if done else None,
+        "loss_at_init": None,
+        "diverged": diverged,
+        "diverged_step": last.get("step") if diverged else None,
+        "max_attn_logit": max_over_layers(last, "attn/max_logit"),
+        "min_attn_entropy": min_over_layers(last, "attn/entropy_min"),
+        "steps": last.get("step"),
+        "wall_seconds": None,
+        "config": config,
+        "metrics_path": str(run_dir / "metrics.jsonl"),
+    }
+    return rec, bad
+
+
 def write_report(workdir: str | Path) -> Path:
-    """``report.md`` plus lr_sensitivity.png, max_attn_logit.png, attn_entropy.png in workdir."""
+    """``report.md`` plus lr_sensitivity.png, max_attn_logit.png, attn_entropy.png in a sweep
+    workdir or a single run's workdir."""
     workdir = Path(workdir)
-    records, bad = read_jsonl(workdir / "results.jsonl")
-    if not records:
-        raise FileNotFoundError(f"{workdir / 'results.jsonl'} holds no results")
+    kind = workdir_kind(workdir)
+    if kind == "run":
+        rec, bad = run_record(workdir)
+        source = "metrics.jsonl"
+        if rec["status"] == "unfinished":
+            raise FileNotFoundError(
+                f"{workdir}: the run is unfinished (last logged step {rec['steps']} of "
+                f"{rec['config'].get('train', {}).get('steps')}); rerun `stability train` on it"
+            )
+        records = [rec]
+    else:
+        records, bad = read_jsonl(workdir / "results.jsonl")
+        source = "results.jsonl"
+        if not records:
+            raise FileNotFoundError(f"{workdir / 'results.jsonl'} holds no results")
     plot_lr_sensitivity(records, workdir / "lr_sensitivity.png")
     plot_max_attn_logit(records, workdir / "max_attn_logit.png")
     plot_entropy_over_training(records, workdir, workdir / "attn_entropy.png")
+    seeds = n_seeds(records)
     lines = [
-        f"# Sweep report: {workdir.name}",
+        f"# {'Sweep' if kind == 'sweep' else 'Run'} report: {workdir.name}",
         "",
         "Final eval loss per learning rate ('div' = diverged). LR sensitivity = mean over the",
         "grid of min(loss, loss at init) − best loss (Wortsman et al. 2023).",
-        "",
-        summary_table(records),
-        "",
-        "| setting | lr | max attn logit | min attn entropy | diverged at |",
-        "|---|---|---|---|---|",
+    ]
+    if kind == "run" and records[0]["diverged"]:
+        lines += [
+            "A single run's workdir holds no loss at init: the LR sensitivity of a",
+            "diverged run is n/a.",
+        ]
+    if seeds > 1:
+        lines += [
+            f"Up to {seeds} seeds per LR: a cell is the mean ± std (ddof 1) over seeds of",
+            "min(loss, loss at init), with a diverged seed counted at the loss at init and",
+            "'(k/n div)' when k of n seeds diverged; LR sensitivity is computed per seed, then",
+            "mean ± std. † marks an LR where the seeds disagree: some diverged and others",
+            f"not, or their losses span more than {SEED_TOLERANCE:g} nats.",
+        ]
+    lines += ["", summary_table(records), ""]
+    seed_col = seeds > 1
+    lines += [
+        "| setting | lr |"
+        + (" seed |" if seed_col else "")
+        + " max attn logit | min attn entropy | diverged at |",
+        "|---|---|" + ("---|" if seed_col else "") + "---|---|---|",
     ]
     for setting, runs in by_setting(records).items():
         for r in runs:
             ml, me = r.get("max_attn_logit"), r.get("min_attn_entropy")
             lines.append(
-                f"| {setting} | {r['lr']:g} | {'' if ml is None else f'{ml:.3g}'} | "
+                f"| {setting} | {r['lr']:g} |"
+                + (f" {seed_of(r)} |" if seed_col else "")
+                + f" {'' if ml is None else f'{ml:.3g}'} | "
                 f"{'' if me is None else f'{me:.3f}'} | {r.get('diverged_step') or '-'} |"
             )
     lines += [
@@ -187,10 +437,14 @@ def write_report(workdir: str | Path) -> Path:
         "![attention entropy](attn_entropy.png)",
     ]
     if bad:
-        lines += ["", f"Skipped unreadable lines of results.jsonl: {bad}"]
+        lines += ["", f"Skipped unreadable lines of {source}: {bad}"]
     out = workdir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Generic curves (the notebook).
 
 
 def plot_curves(
@@ -204,10 +458,11 @@ def plot_curves(
     logy: bool = False,
     marker: str | None = None,
     hline: float | None = None,
+    legend: bool = True,
     path: Path | None = None,
 ):
     """One line per entry of ``curves`` ({legend label: (xs, ys)}); ``hline`` draws a dotted
-    reference level (e.g. 1 for gradient RMS = Adam's ε)."""
+    reference level (e.g. 1 for gradient RMS = Adam's ε); the legend sits beside the axes."""
     fig, ax = _axes(ax)
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, marker=marker, markersize=4, label=label)
@@ -220,8 +475,8 @@ def plot_curves(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    if curves:
-        ax.legend(fontsize=7)
+    if legend:
+        _legend(ax)
     return _save(fig, path)
 
 
@@ -235,20 +490,47 @@ def plot_panels(
     **curve_kwargs,
 ):
     """``plot_curves`` side by side, one panel per entry of ``panels`` ({panel title: curves},
-    e.g. one per setting), sharing the y axis; at most ``ncols`` panels per row."""
+    e.g. one per setting), sharing the y axis; at most ``ncols`` panels per row. A label keeps
+    its colour across panels, and one legend for all sits right of the panels."""
     if not panels:
         raise ValueError("plot_panels needs at least one panel")
     n = len(panels)
     cols, rows = min(n, ncols), math.ceil(n / ncols)
     fig, axes = plt.subplots(
-        rows, cols, figsize=(4.5 * cols, 3.4 * rows), sharey=True, squeeze=False
+        rows,
+        cols,
+        figsize=(4.5 * cols, 3.4 * rows),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
     )
+    labels = list(dict.fromkeys(label for curves in panels.values() for label in curves))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
+    handles = {}
     for i, (title, curves) in enumerate(panels.items()):
         ax = axes.flat[i]
-        plot_curves(curves, ax, title=title, ylabel=ylabel if i % cols == 0 else "", **curve_kwargs)
+        ax.set_prop_cycle(color=[colors[label] for label in curves] or cycle)
+        plot_curves(
+            curves,
+            ax,
+            title=title,
+            ylabel=ylabel if i % cols == 0 else "",
+            legend=False,
+            **curve_kwargs,
+        )
+        handles.update(
+            {line.get_label(): line for line in ax.get_lines() if line.get_label() in colors}
+        )
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
+    if handles:
+        fig.legend(
+            [handles[label] for label in labels if label in handles],
+            [label for label in labels if label in handles],
+            loc="outside right upper",
+            fontsize=7,
+        )
     if suptitle:
         fig.suptitle(suptitle)
-    fig.tight_layout()
     return _save(fig, path)
