@@ -144,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--workdir", required=True)
     p_sweep.add_argument("--strategy", choices=["auto", "vmap", "sequential"], default="auto")
     p_sweep.add_argument("--max-runs-per-program", type=int, default=16)
+    p_sweep.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs per sweep point, with train.seed = 0..N-1 and the same batches (default 1)",
+    )
     p_sweep.add_argument("--no-progress", action="store_true")
     p_sweep.add_argument(
         "--check", action="store_true", help="validate every run's config; write nothing"
@@ -158,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_sweep.add_argument("--num-processes", type=int, default=None)
     p_sweep.add_argument("--process-id", type=int, default=None)
-    p_report = sub.add_parser("report", help="write report.md and figures for a sweep workdir")
+    p_report = sub.add_parser(
+        "report", help="write report.md and figures for a sweep or single-run workdir"
+    )
     p_report.add_argument("workdir")
     for p in (p_train, p_sweep, p_report):
         p.error = parser.error  # type: ignore[method-assign]
@@ -230,6 +238,7 @@ def _sweep(args, overrides) -> int:
         max_runs_per_program=args.max_runs_per_program,
         progress=not args.no_progress,
         check_only=args.check,
+        seeds=args.seeds,
     )
     if args.check:
         print(f"sweep OK: {len(records)} runs")
@@ -248,9 +257,15 @@ def _report(args) -> int:
     from stability import plots
 
     workdir = Path(args.workdir)
-    if not (workdir / "results.jsonl").exists():
-        raise ConfigError(f"{workdir}: no results.jsonl (not a sweep workdir)")
-    out = plots.write_report(workdir)
+    if plots.workdir_kind(workdir) is None:
+        raise ConfigError(
+            f"{workdir}: neither a sweep workdir (results.jsonl, runs/) nor a run workdir "
+            "(config.json, metrics.jsonl)"
+        )
+    try:
+        out = plots.write_report(workdir)
+    except FileNotFoundError as e:  # a sweep with no finished run yet
+        raise ConfigError(str(e)) from e
     print(out.read_text())
     return 0
 
