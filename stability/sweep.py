@@ -36,8 +36,8 @@ from jax.sharding import PartitionSpec as P
 
 from stability import train as T
 from stability.checkpoint import Checkpointer
-from stability.cli import apply_override, load_config_dict, load_module, parse_value
 from stability.config import Config, ConfigError, from_config_dict
+from stability.configfiles import apply_override, load_config_dict, load_sweep, parse_value
 from stability.data import make_source
 from stability.tracking import (
     Tracker,
@@ -59,17 +59,36 @@ class Run:
     config: Config
 
 
-def load_sweep(spec: str) -> tuple[str, list[dict[str, Any]]]:
-    """(sweep name, list of override dicts) from ``PATH[:ARG]``."""
-    path, _, arg = spec.partition(":")
-    module = load_module(path, "sweep")
-    if not hasattr(module, "get_sweep"):
-        raise ConfigError(f"--sweep={spec!r} defines no get_sweep()")
-    points = module.get_sweep(arg) if arg else module.get_sweep()
-    points = [dict(p) for p in points]
-    if not points:
-        raise ConfigError(f"--sweep={spec!r}: get_sweep returned an empty grid")
-    return getattr(module, "NAME", Path(path).stem), points
+def check_manifest(workdir: Path, runs: list[Run], spec: str) -> None:
+    """Refuse (ConfigError) a workdir whose ``sweep.json`` lists other runs, saying what differs:
+    the first differing run (and its first differing config field when it has started) and the
+    run counts."""
+    path = workdir / "sweep.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+        old_ids = [str(x) for x in old["run_ids"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is unreadable ({type(e).__name__}); use another workdir") from e
+    new_ids = [r.run_id for r in runs]
+    if old_ids == new_ids:
+        return
+    n = min(len(old_ids), len(new_ids))
+    i = next((j for j in range(n) if old_ids[j] != new_ids[j]), n)
+    there = old_ids[i] if i < len(old_ids) else "none"
+    now = new_ids[i] if i < len(new_ids) else "none"
+    detail = ""
+    old_cfg = workdir / "runs" / there / "config.json"
+    if i < n and old_cfg.exists():
+        new_cfg = to_jsonable(runs[i].config.to_dict())
+        detail = f" ({T.first_difference(json.loads(old_cfg.read_text()), new_cfg)})"
+    raise ConfigError(
+        f"--workdir={workdir} holds a different sweep: {old.get('spec')!r} with {len(old_ids)} "
+        f"runs there, {spec!r} with {len(new_ids)} runs now, "
+        f"{len(set(old_ids) & set(new_ids))} in common; run {i} is {there} there, {now} now"
+        f"{detail}; use another workdir"
+    )
 
 
 def build_runs(
@@ -515,18 +534,12 @@ def run_sweep(
         name, runs, strat = _plan(
             sweep_spec, config_spec, overrides, strategy, max_runs_per_program, seeds
         )
+        workdir = Path(workdir)
+        check_manifest(workdir, runs, sweep_spec)
         if check_only:
             return runs
-        workdir = Path(workdir)
         manifest = {"sweep": name, "spec": sweep_spec, "run_ids": [r.run_id for r in runs]}
         manifest_path = workdir / "sweep.json"
-        if manifest_path.exists():
-            old = json.loads(manifest_path.read_text())
-            if old.get("run_ids") != manifest["run_ids"]:
-                raise ConfigError(
-                    f"--workdir={workdir} holds a different sweep ({old.get('spec')!r} with "
-                    f"{len(old.get('run_ids', []))} runs); use another workdir"
-                )
         is_main = jax.process_index() == 0
         if is_main:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -546,16 +559,21 @@ def run_sweep(
             for c in chunks_of(runs, strat, max_runs_per_program)
             if any(r.run_id not in done_ids for r in c)
         ]
+        programs = len({(T.static_config(c[0].config), len(c)) for c in chunks})
         print(
-            f"sweep {name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
-            f"{len(chunks)} program(s) to run ({strat})",
+            f"sweep {name}: {len(runs)} runs, {len(runs) - len(todo)} already finished; "
+            f"{len(todo)} to train in {len(chunks)} chunk(s), {programs} compiled program(s) "
+            f"({strat})",
             file=sys.stderr,
         )
         for n, chunk in enumerate(chunks, 1):
             runner = ChunkRunner(chunk, workdir, name, progress)
             mesh = "×".join(str(runner.mesh.shape[a]) for a in ("run", "data"))
+            lrs = sorted({r.config.optim.lr for r in chunk})
+            lr = f"lr={lrs[0]:g}" if len(lrs) == 1 else f"lr={lrs[0]:g}…{lrs[-1]:g}"
             print(
-                f"[{n}/{len(chunks)}] {chunk[0].setting}: {len(chunk)} run(s), run×data mesh {mesh}",
+                f"[{n}/{len(chunks)}] {chunk[0].setting} {lr}: {len(chunk)} run(s), "
+                f"run×data mesh {mesh}",
                 file=sys.stderr,
             )
             finals = None if preemption.requested else runner.run(preemption)

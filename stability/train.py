@@ -302,37 +302,83 @@ class Preemption:
 # Workdir handling and the single-run loop.
 
 
+def check_workdir(cfg: Config, workdir: Path, overwrite: bool) -> bool:
+    """Refuse (ConfigError) a ``workdir`` that ``prepare_workdir`` would refuse; writes nothing.
+    Returns True if ``overwrite`` will delete a previous run there."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir={workdir} is a file, not a directory")
+    cfg_path = workdir / "config.json"
+    if not cfg_path.exists():
+        if overwrite and workdir.exists() and any(workdir.iterdir()):
+            raise ConfigError(
+                f"--workdir={workdir} holds files but no run (no config.json); --overwrite "
+                "deletes only run directories: delete it yourself or use another workdir"
+            )
+        return False
+    if overwrite:
+        return True
+    try:
+        old = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ConfigError(
+            f"{cfg_path} is not valid JSON ({e}); pass --overwrite to delete the run"
+        ) from e
+    new = to_jsonable(cfg.to_dict())
+    if old != new:
+        raise ConfigError(
+            f"--workdir={workdir} holds a run with a different config "
+            f"({first_difference(old, new)}); use another workdir or pass --overwrite to delete it"
+        )
+    return False
+
+
+def describe_run(workdir: Path) -> str:
+    """What a run directory holds, for messages: logged steps, checkpoints, files."""
+    steps = [
+        r["step"]
+        for r in read_jsonl(workdir / "metrics.jsonl")[0]
+        if isinstance(r.get("step"), int)
+    ]
+    ckpt_dir = workdir / "checkpoints"
+    ckpts = (
+        sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+        if ckpt_dir.is_dir()
+        else []
+    )
+    n_files = sum(1 for p in workdir.rglob("*") if p.is_file())
+    return ", ".join(
+        [
+            f"metrics up to step {max(steps)}" if steps else "no metrics",
+            f"checkpoints at steps {', '.join(map(str, ckpts))}" if ckpts else "no checkpoints",
+            f"{n_files} files",
+        ]
+    )
+
+
 def prepare_workdir(cfg: Config, workdir: Path, overwrite: bool) -> bool:
     """Create or check ``workdir``. Returns True if it holds a run to resume.
 
-    A workdir whose config.json differs from ``cfg`` is refused unless ``overwrite``, which
-    deletes its previous contents.
+    A workdir holding a run with another config is refused (``check_workdir``); with
+    ``overwrite`` the previous run is deleted (and what it held printed) and the run starts
+    from scratch, whatever its config.
     """
+    if check_workdir(cfg, workdir, overwrite):
+        print(f"--overwrite: deleting {workdir} ({describe_run(workdir)})", file=sys.stderr)
+        shutil.rmtree(workdir)
     cfg_path = workdir / "config.json"
     if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if old != to_jsonable(cfg.to_dict()):
-            if not overwrite:
-                diff = _first_difference(old, to_jsonable(cfg.to_dict()))
-                raise ConfigError(
-                    f"--workdir={workdir} holds a run with a different config ({diff}); use "
-                    "another workdir or pass --overwrite to delete it"
-                )
-            shutil.rmtree(workdir)
-        else:
-            return (workdir / "checkpoints").exists()
-    elif overwrite and workdir.exists():
-        shutil.rmtree(workdir)
+        return (workdir / "checkpoints").exists()
     workdir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cfg_path, to_jsonable(cfg.to_dict()))
     return False
 
 
-def _first_difference(a: Any, b: Any, path: str = "config") -> str:
+def first_difference(a: Any, b: Any, path: str = "config") -> str:
+    """The first leaf where two nested dicts differ, as "config.x.y: A there, B now"."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{path}.{k}")
+                return first_difference(a.get(k), b.get(k), f"{path}.{k}")
     return f"{path}: {a!r} there, {b!r} now"
 
 
