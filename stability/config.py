@@ -224,6 +224,9 @@ SIZES: dict[str, dict[str, int]] = {
     "xs": dict(d_model=64, n_layers=2, n_heads=2),
     "s": dict(d_model=128, n_layers=2, n_heads=4),
     "m": dict(d_model=256, n_layers=4, n_heads=4),
+    # CPU width-scaling family (`stability forecast`, `reproduce --preset=cpu`): 2 layers,
+    # head dim 16; non-embedding parameters 6.3K (c16) … 222K (c96), a 35× span.
+    **{f"c{d}": dict(d_model=d, n_layers=2, n_heads=d // 16) for d in (16, 32, 48, 64, 96)},
     **{
         f"w{d}": dict(d_model=d, n_layers=6, n_heads=d // 64)
         for d in (256, 512, 768, 1024, 1536, 2048, 3072, 4096)
