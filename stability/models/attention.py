@@ -44,6 +44,7 @@ from flax import nnx
 from stability.config import ModelConfig
 from stability.kernels.reference import apply_softcap, visible_mask
 from stability.models.layers import LayerNorm, make_linear
+from stability.sharding import constrain
 
 NEG_INF = -1e30  # finite, so that 0·(s − m) stays 0 on masked entries
 SOFTPLUS_EPS = 1e-8  # LSSA's denominator guard
@@ -227,10 +228,10 @@ class Attention(nnx.Module):
         D, N = cfg.d_model, cfg.n_heads
         H = D // N
         self.cfg, self.n_heads, self.head_dim = cfg, N, H
-        self.q = make_linear(cfg, D, N * H, rngs=rngs)
-        self.k = make_linear(cfg, D, N * H, rngs=rngs)
-        self.v = make_linear(cfg, D, N * H, rngs=rngs)
-        self.o = make_linear(cfg, N * H, D, rngs=rngs)
+        self.q = make_linear(cfg, D, N * H, axes=("embed", "heads"), rngs=rngs)
+        self.k = make_linear(cfg, D, N * H, axes=("embed", "heads"), rngs=rngs)
+        self.v = make_linear(cfg, D, N * H, axes=("embed", "heads"), rngs=rngs)
+        self.o = make_linear(cfg, N * H, D, axes=("heads", "embed"), rngs=rngs)
         if cfg.qk_norm:
             self.q_norm = LayerNorm(H, cfg.norm_eps)
             self.k_norm = LayerNorm(H, cfg.norm_eps)
@@ -242,6 +243,9 @@ class Attention(nnx.Module):
         q_BTNH = self.q(x_MD, train=train).reshape(B, T, N, H)
         k_BTNH = self.k(x_MD, train=train).reshape(B, T, N, H)
         v_BTNH = self.v(x_MD, train=train).reshape(B, T, N, H)
+        q_BTNH, k_BTNH, v_BTNH = (
+            constrain(x, ("batch", None, "heads", None)) for x in (q_BTNH, k_BTNH, v_BTNH)
+        )
         if cfg.qk_norm:
             q_BTNH, k_BTNH = self.q_norm(q_BTNH), self.k_norm(k_BTNH)
         q_BTNH, k_BTNH = apply_rope(q_BTNH, *rope), apply_rope(k_BTNH, *rope)

@@ -7,6 +7,10 @@ non-optimised state (σReparam's power-iteration vector u, PowerNorm's running s
 
 Activations around matmuls are kept 2-D (``x_MD`` with M = batch·time): on CPU the backward
 runs markedly faster than with [B, T, D] operands.
+
+Matrices carry the logical names of their two dims as the variable metadata ``logical_axes``
+(e.g. ``("embed", "mlp")``); ``stability/sharding.py`` maps them onto mesh axes. Vectors and
+scalars carry none (replicated).
 """
 
 from __future__ import annotations
@@ -36,12 +40,18 @@ class RunningStat(nnx.Variable):
 fan_in_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
-class Linear(nnx.Module):
-    """y = x·W, no bias; W [d_in, d_out] ~ truncated normal with std 1/√d_in. Stateless:
-    ``train`` is accepted for the common layer interface."""
+Axes = tuple[str | None, str | None]  # logical names of a kernel's (d_in, d_out) dims
 
-    def __init__(self, d_in: int, d_out: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(fan_in_init(rngs.params(), (d_in, d_out), jnp.float32))
+
+class Linear(nnx.Module):
+    """y = x·W, no bias; W [d_in, d_out] ~ truncated normal with std 1/√d_in, with logical
+    axis names ``axes``. Stateless: ``train`` is accepted for the common layer interface."""
+
+    def __init__(
+        self, d_in: int, d_out: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, axes: Axes = (None, None)
+    ):
+        kernel_IO = fan_in_init(rngs.params(), (d_in, d_out), jnp.float32)
+        self.kernel = nnx.Param(kernel_IO, logical_axes=axes)
         self.dtype = dtype
 
     def __call__(self, x_MD: jax.Array, *, train: bool = True) -> jax.Array:
@@ -67,11 +77,18 @@ class ReparamLinear(nnx.Module):
     """
 
     def __init__(
-        self, d_in: int, d_out: int, *, dtype: jnp.dtype, gamma_init: GammaInit, rngs: nnx.Rngs
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        dtype: jnp.dtype,
+        gamma_init: GammaInit,
+        rngs: nnx.Rngs,
+        axes: Axes = (None, None),
     ):
         kernel_IO = fan_in_init(rngs.params(), (d_in, d_out), jnp.float32)
         _, s_K, vh_KO = jnp.linalg.svd(kernel_IO, full_matrices=False)
-        self.kernel = nnx.Param(kernel_IO)
+        self.kernel = nnx.Param(kernel_IO, logical_axes=axes)
         self.u = RunningStat(vh_KO[0])
         self.gamma = nnx.Param(s_K[0] if gamma_init == "sigma" else jnp.float32(1.0))
         self.dtype = dtype
@@ -210,11 +227,16 @@ class PowerNorm(nnx.Module):
 
 
 LINEARS: dict[str, Callable[..., nnx.Module]] = {
-    "plain": lambda cfg, d_in, d_out, rngs: Linear(
-        d_in, d_out, dtype=jnp.dtype(cfg.dtype), rngs=rngs
+    "plain": lambda cfg, d_in, d_out, axes, rngs: Linear(
+        d_in, d_out, dtype=jnp.dtype(cfg.dtype), axes=axes, rngs=rngs
     ),
-    "sigma_reparam": lambda cfg, d_in, d_out, rngs: ReparamLinear(
-        d_in, d_out, dtype=jnp.dtype(cfg.dtype), gamma_init=cfg.sigma_reparam_gamma_init, rngs=rngs
+    "sigma_reparam": lambda cfg, d_in, d_out, axes, rngs: ReparamLinear(
+        d_in,
+        d_out,
+        dtype=jnp.dtype(cfg.dtype),
+        gamma_init=cfg.sigma_reparam_gamma_init,
+        axes=axes,
+        rngs=rngs,
     ),
 }
 
@@ -226,10 +248,17 @@ NORMS: dict[str, Callable[[ModelConfig, int], nnx.Module]] = {
 
 
 def make_linear(
-    cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, kind: LinearKind | None = None
+    cfg: ModelConfig,
+    d_in: int,
+    d_out: int,
+    *,
+    axes: Axes,
+    rngs: nnx.Rngs,
+    kind: LinearKind | None = None,
 ) -> nnx.Module:
-    """A bias-free linear layer of kind ``kind`` (default ``cfg.linear``)."""
-    return LINEARS[kind or cfg.linear](cfg, d_in, d_out, rngs)
+    """A bias-free linear layer of kind ``kind`` (default ``cfg.linear``) whose kernel's dims
+    have the logical names ``axes``."""
+    return LINEARS[kind or cfg.linear](cfg, d_in, d_out, axes, rngs)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nnx.Module:

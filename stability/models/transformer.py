@@ -5,6 +5,14 @@ init normal(1/√d), other weights truncated normal with std 1/√fan_in. Every 
 ``ModelConfig`` field acting where it is read: ``linear`` and ``norm`` choose drop-in layers
 (``layers.py``); attention score kind, local heads and logit cap act in ``attention.py``;
 output-logit cap and the sink decorrelation loss act here.
+
+``remat`` (``train.remat``) trades compute for activation memory in the backward pass:
+"none" saves what autodiff needs; "block" recomputes each block from its input except the
+outputs of its weight matmuls (q, k, v, o, fc1, fc2: ``dots_with_no_batch_dims_saveable``):
+norms, RoPE, the [B, N, T, S] attention weights and gelu are recomputed; "full" saves nothing
+inside a block but its input (``nothing_saveable``). The activations are constrained to
+their logical shardings (``stability.sharding.constrain``): the residual stream and logits
+split over the batch, heads, MLP hidden width and vocabulary over the model axis.
 """
 
 from __future__ import annotations
@@ -13,20 +21,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stability.config import ModelConfig
+from stability.config import ModelConfig, Remat
 from stability.kernels.reference import apply_softcap
 from stability.models.attention import Attention, rope_tables
 from stability.models.layers import make_linear, make_norm
+from stability.sharding import constrain
+
+REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 class Mlp(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         hidden = cfg.mlp_ratio * cfg.d_model
-        self.fc1 = make_linear(cfg, cfg.d_model, hidden, rngs=rngs)
-        self.fc2 = make_linear(cfg, hidden, cfg.d_model, rngs=rngs)
+        self.fc1 = make_linear(cfg, cfg.d_model, hidden, axes=("embed", "mlp"), rngs=rngs)
+        self.fc2 = make_linear(cfg, hidden, cfg.d_model, axes=("mlp", "embed"), rngs=rngs)
 
     def __call__(self, x_MD: jax.Array, *, train: bool = True) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x_MD, train=train)), train=train)
+        h_MF = constrain(self.fc1(x_MD, train=train), ("batch", "mlp"))
+        return self.fc2(jax.nn.gelu(h_MF), train=train)
 
 
 class Block(nnx.Module):
@@ -77,15 +92,16 @@ class Transformer(nnx.Module):
     mean over sequences and positions s >= 1 of cos²(h_0, h_s).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: Remat = "none"):
+        self.cfg, self.remat = cfg, remat
         D, V = cfg.d_model, cfg.vocab_size
-        self.embed = nnx.Param(jax.random.normal(rngs.params(), (V, D), jnp.float32) * D**-0.5)
+        embed_VD = jax.random.normal(rngs.params(), (V, D), jnp.float32) * D**-0.5
+        self.embed = nnx.Param(embed_VD, logical_axes=("vocab", "embed"))
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = make_norm(cfg, D)
         if not cfg.tie_embeddings:
             head_kind = "sigma_reparam" if cfg.sigma_reparam_head else "plain"
-            self.head = make_linear(cfg, D, V, rngs=rngs, kind=head_kind)
+            self.head = make_linear(cfg, D, V, axes=("embed", "vocab"), rngs=rngs, kind=head_kind)
 
     def __call__(
         self, tokens_BT: jax.Array, *, train: bool = True
@@ -102,9 +118,17 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         rope = rope_tables(T, cfg.d_model // cfg.n_heads, cfg.rope_base)
         x_MD = jnp.take(self.embed[...], tokens_BT.reshape(-1), axis=0).astype(dtype)
+        x_MD = constrain(x_MD, ("batch", None))
+
+        def run_block(block: Block, x_MD: jax.Array, rope) -> tuple[jax.Array, dict]:
+            x_MD, stats = block(x_MD, B, T, rope, train=train)
+            return constrain(x_MD, ("batch", None)), stats
+
+        if self.remat != "none":
+            run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat])
         layer_stats, resid_BTD = [], []
         for block in self.blocks:
-            x_MD, stats = block(x_MD, B, T, rope, train=train)
+            x_MD, stats = run_block(block, x_MD, rope)
             layer_stats.append(stats)
             resid_BTD.append(x_MD.reshape(B, T, -1))
         x_MD = self.final_norm(x_MD, train=train)
@@ -112,7 +136,7 @@ class Transformer(nnx.Module):
             logits_MV = jnp.dot(x_MD, self.embed[...].astype(dtype).T)
         else:
             logits_MV = self.head(x_MD, train=train)
-        logits_MV = logits_MV.astype(jnp.float32)
+        logits_MV = constrain(logits_MV.astype(jnp.float32), ("batch", "vocab"))
         if cfg.logit_multiplier != 1.0:  # μParam (full): base_d/d
             logits_MV = logits_MV * cfg.logit_multiplier
         logits_MV = apply_softcap(logits_MV, cfg.logit_softcap or None)
