@@ -12,6 +12,8 @@ LR multiplier m (per leaf; 1 for "standard") → decay and LR:
 
   independent (Wortsman et al. 2023): θ ← θ − η_t·m·Δ − (η_t/η_max)·λ·θ
   coupled (Loshchilov & Hutter):      θ ← θ − η_t·(m·Δ + λ·θ)
+  coupled, spam (its reference's order, decaying the stepped params):
+                                      θ ← (θ − η_t·m·Δ)·(1 − η_t·λ)
 
 Weight decay applies to matrices and embeddings (ndim ≥ 2), not to norm scales.
 
@@ -42,7 +44,7 @@ import optax
 
 from stability.config import ConfigError, OptimConfig
 from stability.metrics import path_str, rms_by_path
-from stability.optim.spam import scale_by_spam, spam_diagnostics
+from stability.optim.spam import decay_stepped_params, scale_by_spam, spam_diagnostics
 
 ADAFACTOR_EPS = 1e-30  # ε1 of Adafactor, added to g² (squared-gradient units)
 ADAM_FAMILY = ("adamw", "spam")
@@ -152,7 +154,11 @@ def make_optimizer(cfg: OptimConfig, *, d_model: int | None = None) -> optax.Gra
         parts.append(direction(cfg))
         if mup:
             parts.append(scale_by_mup(cfg.mup_base_d_model, d_model))
-        if cfg.weight_decay_mode == "coupled":
+        if cfg.weight_decay_mode == "coupled" and cfg.name == "spam":
+            parts.append(optax.scale_by_learning_rate(learning_rate))
+            decay = decay_stepped_params(weight_decay, learning_rate)
+            parts.append(optax.masked(decay, decay_mask))
+        elif cfg.weight_decay_mode == "coupled":
             parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
             parts.append(optax.scale_by_learning_rate(learning_rate))
         else:

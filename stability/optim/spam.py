@@ -13,7 +13,8 @@ an optax transformation. For the update with 1-based index t (never reset), c = 
    a reset (0.01 on the reset update itself), and 1 otherwise and before the first reset.
 
 ``scale_by_spam`` yields step 4 without the learning rate, like ``optax.scale_by_adam``; chain it
-with ``optax.scale_by_learning_rate`` (``spam`` does, with weight decay).
+with ``optax.scale_by_learning_rate`` (``spam`` does, then the reference's weight decay of the
+stepped params, ``decay_stepped_params``).
 """
 
 from __future__ import annotations
@@ -164,6 +165,30 @@ def scale_by_spam(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def decay_stepped_params(
+    weight_decay: float | jax.Array, learning_rate: optax.ScalarOrSchedule
+) -> optax.GradientTransformation:
+    """SPAM's weight decay as the reference applies it, after the step: p ← (p + u)·(1 − η·λ)
+    for the LR-scaled update u, i.e. u ← u − η·λ·(p + u). Chain it after
+    ``optax.scale_by_learning_rate``; ``learning_rate`` may be a schedule (counted from 0, as
+    ``scale_by_learning_rate`` counts)."""
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params):
+        if params is None:
+            raise ValueError("decay_stepped_params needs the params: pass them to update()")
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        updates = jax.tree.map(
+            lambda u, p: (u - lr * weight_decay * (p + u)).astype(u.dtype), updates, params
+        )
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def spam(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -177,18 +202,19 @@ def spam(
     weight_decay: float = 0.0,
     weight_decay_mask=None,
 ) -> optax.GradientTransformation:
-    """SPAM with learning rate and decoupled weight decay: p ← p − lr·(SPAM(g) + wd·p).
+    """SPAM with learning rate and weight decay as in the reference:
+    p ← (p − η·SPAM(g))·(1 − η·λ) (``decay_stepped_params``).
 
-    Decay uses the params before the step, as ``optax.adamw`` does; the reference decays the
-    params after the step, p ← p − lr·wd·p, which differs by lr²·wd·SPAM(g) per step. (The
-    reference's sparse variant never decays, a bug: it updates a copy; we decay.)
-    ``weight_decay_mask`` is ``optax.add_decayed_weights``'s ``mask``. Other arguments as in
-    ``scale_by_spam``; ``learning_rate`` may be a schedule.
+    The reference's sparse variant never decays (it updates a copy, a bug); we decay.
+    ``weight_decay_mask``: a pytree of bools (or a function of the params returning one), True
+    where params decay, as ``optax.masked`` takes it; None decays every param. Other arguments
+    as in ``scale_by_spam``; ``learning_rate`` may be a schedule.
     """
+    decay = decay_stepped_params(weight_decay, learning_rate)
     return optax.chain(
         scale_by_spam(b1, b2, eps, threshold, reset_interval, reset_warmup_steps, density, seed),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
+        decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask),
     )
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import optax
 import pytest
 
+from stability.config import OptimConfig
+from stability.optim.build import make_optimizer, set_hyperparams
 from stability.optim.spam import ScaleBySpamState, scale_by_spam, spam, spam_diagnostics
 
 B1, B2 = 0.9, 0.999
@@ -21,15 +23,13 @@ def x64():
         yield
 
 
-def reference_spam(
-    p0, grads, masks=None, *, lr, wd=0.0, theta=5000.0, eps=1e-6, decay_after_step=True
-):
+def reference_spam(p0, grads, masks=None, *, lr, wd=0.0, theta=5000.0, eps=1e-6):
     """The reference ``AdamW.step`` for one tensor, in NumPy float64.
 
     p0: [*S] initial param; grads: [K, *S]; masks: None (dense) or [K, *S] bool, the sparse mask
     in effect at each step (the reference stores moments compressed to the mask and remaps them
-    when the mask changes). decay_after_step=False decays the pre-step params instead, as
-    ``optax.adamw`` does. Returns params, m, v (scattered to [*S]) and clipped flags, each [K, *S].
+    when the mask changes). Weight decay acts on the stepped params, p ← p − lr·wd·p, as in
+    the reference. Returns params, m, v (scattered to [*S]) and clipped flags, each [K, *S].
     """
     p = p0.copy()
     total_step, current_step = 0, N_WARM + 1
@@ -67,10 +67,9 @@ def reference_spam(
         v = B2 * v + (1 - B2) * g * g
         norm_grad = m / (np.sqrt(v) + eps)
         step_size = lr * np.sqrt(1 - B2**step) / (1 - B1**step)
-        p_before = p
         p = p - step_size * scale_factor * scatter(norm_grad)
         if wd > 0 and mask is None:  # the reference's sparse branch decays a copy: a no-op
-            p = p - lr * wd * (p if decay_after_step else p_before)
+            p = p - lr * wd * p
         total_step += 1
         current_step += 1
         out["p"].append(p)
@@ -147,8 +146,8 @@ def test_matches_reference(x64, form):
     in_delay = (t % DELTA_T < 20)[:, None]  # steps whose spikes must pass unclipped
     n_clipped = 0
     for name in SHAPES:
-        ref = reference_spam(p0[name], grads[name], lr=lr, wd=wd, decay_after_step=form != "spam")
-        np.testing.assert_allclose(ps[name], ref["p"], rtol=1e-6, atol=1e-12)
+        ref = reference_spam(p0[name], grads[name], lr=lr, wd=wd)
+        np.testing.assert_allclose(ps[name], ref["p"], rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(st.mu[name], ref["m"], rtol=1e-9, atol=1e-15)
         np.testing.assert_allclose(st.nu[name], ref["v"], rtol=1e-9, atol=1e-15)
         clipped = clipped_from_moments(grads[name], st.mu[name], st.steps_since_reset)
@@ -160,6 +159,40 @@ def test_matches_reference(x64, form):
     assert n_clipped.sum() > 50
     size = sum(np.prod(s) for s in SHAPES.values())
     np.testing.assert_allclose(st.clipped_fraction, n_clipped / size, rtol=1e-6)
+
+
+def test_coupled_decay_in_make_optimizer_is_the_reference_order(x64):
+    """optim.name='spam', weight_decay_mode='coupled': per-run λ and η injected by the train
+    step, matrices decayed after the step as the reference does, vectors never."""
+    steps, lr, wd = 1000, 1e-2, 0.1
+    p0, grads, _ = make_stream(steps, seed=4)
+    cfg = OptimConfig(
+        name="spam",
+        b2=B2,
+        eps=1e-6,
+        grad_clip=0.0,
+        weight_decay_mode="coupled",
+        spam_reset_interval=DELTA_T,
+        spam_reset_warmup=N_WARM,
+        lr=1.0,
+        weight_decay=0.0,
+    )
+    tx = make_optimizer(cfg)
+
+    def step(carry, g):
+        p, st = carry
+        st = set_hyperparams(st, learning_rate=lr, weight_decay=wd, peak_learning_rate=lr)
+        u, st = tx.update(g, st, p)
+        p = optax.apply_updates(p, u)
+        return (p, st), p
+
+    p = jax.tree.map(jnp.asarray, p0)
+    _, ps = jax.lax.scan(step, (p, tx.init(p)), grads)
+    for name, decays in (("w", True), ("b", False)):
+        ref = reference_spam(p0[name], grads[name], lr=lr, wd=wd if decays else 0.0)
+        np.testing.assert_allclose(ps[name], ref["p"], rtol=1e-12, atol=1e-12)
+    no_decay = reference_spam(p0["w"], grads["w"], lr=lr)["p"][-1]
+    assert np.abs(ps["w"][-1] - no_decay).max() > 1e-4  # the decay acted
 
 
 def test_reset_zeroes_moments_and_keeps_bias_correction_count(x64):
