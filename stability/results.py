@@ -1,11 +1,17 @@
-"""Sweep results as pandas tables, from sweep workdirs or from W&B (for the notebook).
+"""Sweep results as pandas tables, from workdirs or from W&B (for the notebook).
 
-Two shapes, whatever the source:
+A workdir is a sweep's (``stability sweep``: results.jsonl, runs/<run_id>/) or a single run's
+(``stability train``: config.json, metrics.jsonl). Two shapes, whatever the source:
 
   runs table   one row per run: ``RUN_COLUMNS``. ``status`` is "finished", "diverged" or
                "unfinished" (a run with a history but no results record: an interrupted
-               sweep). ``label`` is the setting, prefixed by the source's name when several
-               sources are read at once; the figures group by it.
+               sweep, or a single run short of its last step). ``label`` is the setting,
+               prefixed by the sweep workdir's name when several sources are read at once;
+               the figures group by it. Single runs read together are pooled: their setting
+               is what their configs differ in besides the LR and seed (so runs at several LRs
+               form one LR curve), or the workdir's name for a lone run; a single run's loss
+               at init is unknown (NaN). ``seed`` is the run's train.seed: the runs of one
+               label and LR are the seeds of that point (``seed_spread``).
   histories    long form, one row per (run, logged step, metric): ``HISTORY_COLUMNS``.
                ``value`` is a float (booleans become 0/1; null, NaN and ±inf become NaN).
 
@@ -40,6 +46,7 @@ RUN_COLUMNS = (
     "label",  # the setting, prefixed by the source's name when several are read
     "setting",  # what differs from the other runs besides the LR, "leaf=value,..."
     "lr",  # peak learning rate
+    "seed",  # train.seed (the seeds of one label and LR are one point's repeats)
     "status",  # finished | diverged | unfinished
     "final_loss",  # final eval loss (nats); NaN if diverged or unfinished
     "loss_at_init",  # eval loss at initialisation (nats); NaN if unknown
@@ -50,24 +57,25 @@ RUN_COLUMNS = (
     "steps",  # last logged step
     "wall_seconds",
     "config",  # the run's full config (dict), when known
+    "metrics_path",  # the run's metrics.jsonl; None for W&B
 )
-HISTORY_COLUMNS = ("workdir", "run_id", "label", "setting", "lr", "step", "key", "value")
+HISTORY_COLUMNS = ("workdir", "run_id", "label", "setting", "lr", "seed", "step", "key", "value")
 Curve = tuple[np.ndarray, np.ndarray]
 
-_RUN_ID = re.compile(r"^(?P<slug>.*)-lr(?P<lr>[0-9.]+(?:e[-+]?\d+)?)-[0-9a-f]{8}$")
+_RUN_ID = re.compile(
+    r"^(?P<slug>.*)-lr(?P<lr>[0-9.]+(?:e[-+]?\d+)?)(?:-s(?P<seed>\d+))?-[0-9a-f]{8}$"
+)
+_PER_RUN = ("optim.lr", "train.seed")  # leaves that never make a setting
 
 
 # ---------------------------------------------------------------------------------------
-# Sweep workdirs.
+# Workdirs.
 
 
 def runs_table(workdirs: str | Path | Sequence[str | Path]) -> pd.DataFrame:
-    """One row per run of one or several sweep workdirs (``RUN_COLUMNS``), sorted by
-    workdir, setting and LR."""
-    dirs = _as_dirs(workdirs)
-    prefixes = _prefixes(dirs)
-    rows = [row for d, p in zip(dirs, prefixes, strict=True) for row in _workdir_runs(d, p)]
-    return _runs_frame(rows)
+    """One row per run of one or several sweep or single-run workdirs (``RUN_COLUMNS``),
+    sorted by workdir, setting, LR and seed."""
+    return _runs_frame(_rows(_as_dirs(workdirs)))
 
 
 def histories(
@@ -84,49 +92,101 @@ def histories(
     wanted = None if run_ids is None else set(run_ids)
     match = _key_matcher(keys)
     frames = []
-    dirs = _as_dirs(workdirs)
-    for d, prefix in zip(dirs, _prefixes(dirs), strict=True):
-        for run in _workdir_runs(d, prefix):
-            if wanted is not None and run["run_id"] not in wanted:
-                continue
-            path = d / "runs" / run["run_id"] / "metrics.jsonl"
-            recs, bad = read_jsonl(path)
-            _warn_bad(path, bad)
-            frames.append(_long(run, recs, "step", match))
+    for run in _rows(_as_dirs(workdirs), warn=False):
+        if wanted is not None and run["run_id"] not in wanted:
+            continue
+        path = Path(run["metrics_path"])
+        recs, bad = read_jsonl(path)
+        _warn_bad(path, bad)
+        frames.append(_long(run, recs, "step", match))
     return _history_frame(frames)
 
 
 def _as_dirs(workdirs) -> list[Path]:
     dirs = [Path(workdirs)] if isinstance(workdirs, (str, Path)) else [Path(w) for w in workdirs]
     if not dirs:
-        raise ValueError("no sweep workdir given")
+        raise ValueError("no workdir given")
     for d in dirs:
         if not d.is_dir():
-            raise FileNotFoundError(f"sweep workdir {str(d)!r} does not exist")
-        if not (d / "results.jsonl").exists() and not (d / "runs").is_dir():
+            raise FileNotFoundError(f"workdir {str(d)!r} does not exist")
+        if plots.workdir_kind(d) is None:
             raise FileNotFoundError(
-                f"sweep workdir {str(d)!r} holds neither results.jsonl nor runs/: "
-                "not a sweep workdir (run `stability sweep --workdir=...` first)"
+                f"workdir {str(d)!r} holds neither results.jsonl nor runs/ (a sweep's) nor "
+                "config.json and metrics.jsonl (a single run's): run `stability sweep` or "
+                "`stability train` with --workdir first"
             )
     return dirs
 
 
-def _prefixes(dirs: list[Path]) -> list[str | None]:
-    """Label prefixes: none for one workdir, else each workdir's name (its path if two
-    names clash)."""
-    if len(dirs) == 1:
-        return [None]
+def _rows(dirs: list[Path], warn: bool = True) -> list[dict[str, Any]]:
+    """RUN_COLUMNS dicts of every run of ``dirs``: sweep workdirs' runs labelled by setting
+    (prefixed by the workdir's name when there are several), then the pooled single runs."""
+    sweeps = [d for d in dirs if plots.workdir_kind(d) == "sweep"]
+    singles = [d for d in dirs if plots.workdir_kind(d) == "run"]
+    prefixes = _prefixes(sweeps) if len(dirs) > 1 else [None] * len(sweeps)
+    rows = []
+    for d, prefix in zip(sweeps, prefixes, strict=True):
+        rows += _workdir_runs(d, prefix, warn)
+    return rows + _single_runs(singles, warn)
+
+
+def _prefixes(dirs: list[Path]) -> list[str]:
+    """Label prefixes: each workdir's name (its path if two names clash)."""
     names = [d.name for d in dirs]
     return names if len(set(names)) == len(names) else [str(d) for d in dirs]
 
 
-def _workdir_runs(workdir: Path, prefix: str | None) -> list[dict[str, Any]]:
-    """Runs of one workdir as RUN_COLUMNS dicts: results records, then unfinished runs."""
+def _single_runs(dirs: list[Path], warn: bool) -> list[dict[str, Any]]:
+    """Rows of single-run workdirs; setting = the config leaves they differ in besides LR,
+    seed and W&B naming ("leaf=value,..."), "default" if none, the workdir's name if alone."""
+    runs = []
+    for d in dirs:
+        rec, bad = plots.run_record(d)
+        if warn:
+            _warn_bad(d / "metrics.jsonl", bad)
+        runs.append(rec)
+    leaves = [_leaves(r["config"]) for r in runs]
+    keys = sorted({k for lv in leaves for k in lv})
+    varying = [
+        k
+        for k in keys
+        if k not in _PER_RUN
+        and not k.startswith("wandb.")
+        and len({repr(lv.get(k)) for lv in leaves}) > 1
+    ]
+    for r, lv in zip(runs, leaves, strict=True):
+        setting = ",".join(f"{k.split('.')[-1]}={_fmt_value(lv.get(k))}" for k in varying)
+        r["setting"] = setting or (r["run_id"] if len(runs) == 1 else "default")
+        r["workdir"] = str(Path(r["metrics_path"]).parent)
+        r["label"] = r["setting"]
+        r["loss_at_init"] = math.nan
+        for k in ("final_loss", "max_attn_logit", "min_attn_entropy", "wall_seconds"):
+            r[k] = _float(r[k])
+    return runs
+
+
+def _leaves(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _fmt_value(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _workdir_runs(workdir: Path, prefix: str | None, warn: bool) -> list[dict[str, Any]]:
+    """Runs of one sweep workdir as RUN_COLUMNS dicts: results records, then unfinished runs."""
     path = workdir / "results.jsonl"
     recs, bad = read_jsonl(path)
-    _warn_bad(path, bad)
+    if warn:
+        _warn_bad(path, bad)
     good = [r for r in recs if {"run_id", "setting", "lr"} <= r.keys()]
-    if len(good) < len(recs):
+    if warn and len(good) < len(recs):
         warnings.warn(
             f"{path}: skipped {len(recs) - len(good)} record(s) without run_id, setting, lr",
             stacklevel=3,
@@ -138,11 +198,20 @@ def _workdir_runs(workdir: Path, prefix: str | None) -> list[dict[str, Any]]:
     started = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
     for run_dir in started:
         if run_dir.name not in latest:
-            rows.append(_unfinished_row(run_dir, slug_setting))
+            rows.append(_unfinished_row(run_dir, slug_setting, warn))
     for row in rows:
         row["workdir"] = str(workdir)
         row["label"] = row["setting"] if prefix is None else f"{prefix}: {row['setting']}"
+        row["metrics_path"] = str(runs_dir / row["run_id"] / "metrics.jsonl")
     return rows
+
+
+def _seed(config: dict | None, run_id: str) -> int:
+    """train.seed from the config, else from the run id's ``-s{seed}``, else 0."""
+    seed = ((config or {}).get("train") or {}).get("seed")
+    if seed is None and (m := _RUN_ID.match(run_id)) and m["seed"]:
+        seed = m["seed"]
+    return int(seed or 0)
 
 
 def _result_row(r: dict) -> dict[str, Any]:
@@ -151,6 +220,7 @@ def _result_row(r: dict) -> dict[str, Any]:
         "run_id": r["run_id"],
         "setting": r["setting"],
         "lr": float(r["lr"]),
+        "seed": _seed(r.get("config"), r["run_id"]),
         "status": "diverged" if diverged else "finished",
         "final_loss": _float(r.get("final_loss")),
         "loss_at_init": _float(r.get("loss_at_init")),
@@ -164,7 +234,7 @@ def _result_row(r: dict) -> dict[str, Any]:
     }
 
 
-def _unfinished_row(run_dir: Path, slug_setting: dict[str, str]) -> dict[str, Any]:
+def _unfinished_row(run_dir: Path, slug_setting: dict[str, str], warn: bool) -> dict[str, Any]:
     """A started run without a results record: setting from a finished run with the same
     run-id prefix (else that prefix), LR from its config.json (else its run id)."""
     m = _RUN_ID.match(run_dir.name)
@@ -173,13 +243,15 @@ def _unfinished_row(run_dir: Path, slug_setting: dict[str, str]) -> dict[str, An
     lr = (config or {}).get("optim", {}).get("lr", float(m["lr"]) if m else math.nan)
     path = run_dir / "metrics.jsonl"
     hist, bad = read_jsonl(path)
-    _warn_bad(path, bad)
+    if warn:
+        _warn_bad(path, bad)
     last = hist[-1] if hist else {}
     diverged = last.get("alive") is False
     return {
         "run_id": run_dir.name,
         "setting": slug_setting.get(m["slug"], m["slug"]) if m else run_dir.name,
         "lr": float(lr),
+        "seed": _seed(config, run_dir.name),
         "status": "unfinished",
         "final_loss": math.nan,
         "loss_at_init": math.nan,
@@ -238,6 +310,7 @@ def from_wandb(
             "run_id": cfg.get("run_id") or run.name,
             "setting": cfg.get("setting", "default"),
             "lr": float(cfg.get("lr", (cfg.get("optim") or {}).get("lr", math.nan))),
+            "seed": _seed(cfg, cfg.get("run_id") or run.name),
             "status": status,
             "final_loss": _float(summary.get("eval/loss")) if status == "finished" else math.nan,
             "loss_at_init": _float(summary.get("loss_at_init")),
@@ -248,6 +321,7 @@ def from_wandb(
             "steps": summary.get("_step"),
             "wall_seconds": _float(summary.get("_runtime")),
             "config": cfg,
+            "metrics_path": None,
         }
         row["label"] = row["setting"]
         rows.append(row)
@@ -291,30 +365,30 @@ def _long(run: dict, recs: Iterable[dict], step_key: str, match) -> pd.DataFrame
                 steps.append(int(step))
                 keys.append(k)
                 values.append(_float(v))
-    meta = {c: run[c] for c in ("workdir", "run_id", "label", "setting", "lr")}
+    meta = {c: run[c] for c in ("workdir", "run_id", "label", "setting", "lr", "seed")}
     return pd.DataFrame({**meta, "step": steps, "key": keys, "value": values})
 
 
 def _runs_frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     df = df.astype({"lr": float, "final_loss": float, "loss_at_init": float, "diverged": bool})
-    df = df.astype({"diverged_step": "Int64", "steps": "Int64"})
-    return df.sort_values(["workdir", "setting", "lr"], ignore_index=True)
+    df = df.astype({"seed": int, "diverged_step": "Int64", "steps": "Int64"})
+    return df.sort_values(["workdir", "setting", "lr", "seed"], ignore_index=True)
 
 
 def _history_frame(frames: list[pd.DataFrame]) -> pd.DataFrame:
     frames = [f for f in frames if len(f)]
     if not frames:
         empty = pd.DataFrame(columns=list(HISTORY_COLUMNS))
-        return empty.astype({"lr": float, "step": int, "value": float})
+        return empty.astype({"lr": float, "seed": int, "step": int, "value": float})
     df = pd.concat(frames, ignore_index=True)
     return df.sort_values(["workdir", "run_id", "key", "step"], ignore_index=True)
 
 
 def records(table: pd.DataFrame) -> list[dict[str, Any]]:
-    """The finished and diverged runs with a known loss at init, as the record dicts that
-    ``stability.plots`` takes (``setting`` is the table's ``label``)."""
-    done = table[(table["status"] != "unfinished") & table["loss_at_init"].notna()]
+    """The finished and diverged runs as the record dicts that ``stability.plots`` takes
+    (``setting`` is the table's ``label``; loss_at_init None where unknown)."""
+    done = table[table["status"] != "unfinished"]
     several = table["workdir"].nunique() > 1
     out = []
     for r in done.itertuples():
@@ -323,15 +397,34 @@ def records(table: pd.DataFrame) -> list[dict[str, Any]]:
                 "run_id": f"{r.workdir}/{r.run_id}" if several else r.run_id,
                 "setting": r.label,
                 "lr": r.lr,
+                "seed": int(r.seed),
                 "final_loss": None if math.isnan(r.final_loss) else r.final_loss,
-                "loss_at_init": r.loss_at_init,
+                "loss_at_init": None if math.isnan(r.loss_at_init) else r.loss_at_init,
                 "diverged": bool(r.diverged),
                 "diverged_step": None if pd.isna(r.diverged_step) else int(r.diverged_step),
                 "max_attn_logit": None if math.isnan(r.max_attn_logit) else r.max_attn_logit,
                 "min_attn_entropy": None if math.isnan(r.min_attn_entropy) else r.min_attn_entropy,
+                "metrics_path": r.metrics_path,
             }
         )
     return out
+
+
+SPREAD_COLUMNS = ("label", "lr", "seeds", "diverged", "mean", "std", "spread", "disagree")
+
+
+def seed_spread(table: pd.DataFrame, tolerance: float = plots.SEED_TOLERANCE) -> pd.DataFrame:
+    """Per label and LR, over the seeds of the finished and diverged runs (``SPREAD_COLUMNS``):
+    how many seeds and how many diverged; mean, sample std and max − min of the final loss
+    counted as in the LR sensitivity (min(loss, ℓ0), ℓ0 for a diverged seed); ``disagree``:
+    some seeds diverged and others not, or max − min > ``tolerance`` nats
+    (``plots.lr_points``)."""
+    rows = [
+        (label, p.lr, len(p.runs), p.n_diverged, p.mean, p.std, p.spread, p.disagree)
+        for label, runs in plots.by_setting(records(table)).items()
+        for p in plots.lr_points(runs, tolerance)
+    ]
+    return pd.DataFrame(rows, columns=list(SPREAD_COLUMNS))
 
 
 def nearest_lr(table: pd.DataFrame, lr: float) -> float:
@@ -347,7 +440,7 @@ def over_layers(hist: pd.DataFrame, name: str, how: Literal["min", "max"]) -> pd
     (``plots.min_over_layers`` / ``max_over_layers``; NaN values are ignored)."""
     reduce = {"min": plots.min_over_layers, "max": plots.max_over_layers}[how]
     sub = hist[hist["key"].str.startswith(f"{name}/layer_") & hist["value"].notna()]
-    ids = ["workdir", "run_id", "label", "setting", "lr", "step"]
+    ids = ["workdir", "run_id", "label", "setting", "lr", "seed", "step"]
     rows = [
         (*group, reduce(dict(zip(g["key"], g["value"], strict=True)), name))
         for group, g in sub.groupby(ids, sort=False)

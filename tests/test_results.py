@@ -14,8 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_config, write_config_file
 from stability import plots, results
+from stability.cli import main
+from stability.config import ConfigError
+from stability.sweep import build_runs, chunks_of
 from stability.tracking import Tracker, to_jsonable
 
 # The hand-written workdirs hold torn lines on purpose; tests that check the warning use
@@ -201,8 +204,193 @@ def test_errors_name_the_bad_workdir(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         results.runs_table(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither results.jsonl nor runs/"):
+    with pytest.raises(
+        FileNotFoundError, match="neither results.jsonl nor runs/.* nor config.json"
+    ):
         results.histories(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------
+# Seeds.
+
+# Final losses of write_seed_sweep, per LR and seed (None: diverged); ℓ0 = 4.2.
+SEED_LOSSES = {0.01: (3.20, 3.22, 3.24), 0.1: (3.00, 3.10, 3.30), 1.0: (3.50, None, 3.60)}
+
+
+def seed_run_id(setting: str, lr: float, seed: int) -> str:
+    head, digest = run_id(setting, lr).rsplit("-", 1)
+    return f"{head}-s{seed}-{digest}"
+
+
+def write_seed_sweep(root: Path, setting: str = "qk_norm=False") -> Path:
+    """A finished 3-seed sweep workdir of one setting: at LR 0.01 the seeds agree (span 0.04
+    nats), at 0.1 they span 0.3, at 1.0 seed 1 diverged (at step 6) and the others did not."""
+    recs = []
+    for lr, losses in SEED_LOSSES.items():
+        for seed, loss in enumerate(losses):
+            rid = seed_run_id(setting, lr, seed)
+            hist = history(lr * (1 + seed), diverge_at=6 if loss is None else None)
+            write_jsonl(root / "runs" / rid / "metrics.jsonl", hist)
+            config = {"optim": {"lr": lr}, "train": {"seed": seed}}
+            (root / "runs" / rid / "config.json").write_text(json.dumps(config))
+            recs.append(
+                {
+                    "run_id": rid,
+                    "setting": setting,
+                    "lr": lr,
+                    "final_loss": loss,
+                    "loss_at_init": 4.2,
+                    "diverged": loss is None,
+                    "diverged_step": 6 if loss is None else None,
+                    "max_attn_logit": plots.max_over_layers(hist[-1], "attn/max_logit"),
+                    "min_attn_entropy": plots.min_over_layers(hist[-1], "attn/entropy_min"),
+                    "steps": hist[-1]["step"],
+                    "wall_seconds": 1.0,
+                    "config": config,
+                }
+            )
+    write_jsonl(root / "results.jsonl", recs)
+    return root
+
+
+def test_seeds_expand_every_point_into_runs_of_one_program(tmp_path):
+    cfg = tiny_config()
+    config_py = write_config_file(tmp_path / "c.py", cfg)
+    points = [{"model.qk_norm": qk, "optim.lr": lr} for qk in (False, True) for lr in (0.01, 0.1)]
+    one = build_runs(points, config_py, [])
+    assert [r.run_id for r in one] == [r.run_id for r in build_runs(points, config_py, [], 1)]
+    assert all("-s" not in r.run_id.split("-lr")[1] for r in one)  # one seed: ids as before
+    runs = build_runs(points, config_py, [], 3)
+    assert [r.run_id for r in runs] == [r.run_id for r in build_runs(points, config_py, [], 3)]
+    assert len({r.run_id for r in runs}) == 12
+    for i, r in enumerate(runs):
+        point, seed = one[i // 3], i % 3
+        assert r.setting == point.setting and r.config.optim.lr == point.config.optim.lr
+        assert r.config.train.seed == seed and r.config.data.seed == cfg.data.seed
+        assert r.run_id.startswith(f"{point.run_id.rsplit('-', 1)[0]}-s{seed}-")
+    # seed 0 of a point is the one-seed run: same config
+    assert [r.config for r in runs[::3]] == [r.config for r in one]
+    # the seeds of a setting train in one vmapped program (one chunk per static config)
+    chunks = chunks_of(runs, "vmap", 16)
+    assert [[r.run_id for r in c] for c in chunks] == [
+        [r.run_id for r in runs[:6]],
+        [r.run_id for r in runs[6:]],
+    ]
+    assert len(chunks_of(runs, "sequential", 16)) == 12
+    with pytest.raises(ConfigError, match="--seeds=0 must be >= 1"):
+        build_runs(points, config_py, [], 0)
+    with pytest.raises(ConfigError, match="--seeds=2 sets train.seed"):
+        build_runs(points, config_py, [("train.seed", "3")], 2)
+
+
+def test_sweep_check_with_seeds_counts_every_seed(tmp_path, capsys):
+    config_py = write_config_file(tmp_path / "c.py", tiny_config())
+    sweep_py = tmp_path / "s.py"
+    sweep_py.write_text(
+        "def get_sweep(arg=''):\n    return [{'optim.lr': 0.01}, {'optim.lr': 0.1}]\n"
+    )
+    args = ["sweep", f"--sweep={sweep_py}", f"--config={config_py}", "--workdir", str(tmp_path)]
+    assert main([*args, "--seeds=3", "--check"]) == 0
+    assert "sweep OK: 6 runs" in capsys.readouterr().out
+    assert main([*args, "--seeds=0", "--check"]) == 2
+    assert "--seeds=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_seed_spread_and_report_mark_where_seeds_disagree(tmp_path):
+    d = write_seed_sweep(tmp_path / "seeds")
+    table = results.runs_table(d)
+    assert list(table["seed"]) == [0, 1, 2] * 3 and set(table["label"]) == {"qk_norm=False"}
+    spread = results.seed_spread(table)
+    assert list(spread.columns) == list(results.SPREAD_COLUMNS)
+    spread = spread.set_index("lr")
+    counted = {lr: [4.2 if v is None else v for v in vs] for lr, vs in SEED_LOSSES.items()}
+    for lr, vals in counted.items():
+        row = spread.loc[lr]
+        assert row["seeds"] == 3 and row["diverged"] == (1 if lr == 1.0 else 0)
+        assert row["mean"] == pytest.approx(np.mean(vals))
+        assert row["std"] == pytest.approx(np.std(vals, ddof=1))
+        assert row["spread"] == pytest.approx(max(vals) - min(vals))
+    assert list(spread["disagree"]) == [False, True, True]
+    # LR sensitivity per seed, then mean ± sample std over seeds
+    per_seed = [np.mean(c) - min(c) for c in zip(*counted.values(), strict=True)]
+    mean, std, n = plots.sensitivity_over_seeds(results.records(table))
+    assert (mean, std, n) == (
+        pytest.approx(np.mean(per_seed)),
+        pytest.approx(np.std(per_seed, ddof=1)),
+        3,
+    )
+    table_md = plots.summary_table(results.records(table))
+    cells = table_md.splitlines()[2].split(" | ")
+    assert cells[1] == f"{np.mean(counted[0.01]):.3f} ± {np.std(counted[0.01], ddof=1):.3f}"
+    assert cells[2].endswith(" †") and cells[3].endswith("(1/3 div) †")
+    assert cells[4] == f"{np.mean(per_seed):.3f} ± {np.std(per_seed, ddof=1):.3f}"
+    assert cells[5] == "1 |"
+    report = plots.write_report(d).read_text()
+    assert "Up to 3 seeds per LR" in report and table_md in report
+    assert "| setting | lr | seed | max attn logit |" in report
+    assert (d / "lr_sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------
+# Single-run workdirs (`stability train --workdir=...`).
+
+
+def write_single_run(root: Path, lr: float, *, qk_norm=True, diverge_at=None, last=8) -> Path:
+    """A single run's workdir as the train loop leaves it (8 steps; no checkpoints needed)."""
+    cfg = tiny_config(model={"qk_norm": qk_norm}, optim={"lr": lr}, train={"steps": 8})
+    write_jsonl(root / "metrics.jsonl", history(lr, diverge_at=diverge_at, last=last))
+    (root / "config.json").write_text(json.dumps(to_jsonable(cfg.to_dict())))
+    return root
+
+
+def test_single_runs_are_pooled_into_settings(tmp_path):
+    a = write_single_run(tmp_path / "a", 0.01)
+    b = write_single_run(tmp_path / "b", 1.0, diverge_at=6)
+    c = write_single_run(tmp_path / "c", 0.01, qk_norm=False)
+    cut = write_single_run(tmp_path / "cut", 0.1, last=4)
+    sweep = write_sweep_dir(tmp_path / "sweep")
+    table = results.runs_table([a, b, c, cut, sweep]).set_index("run_id")
+    assert list(table.loc[["a", "b", "c", "cut"], "label"]) == [
+        "qk_norm=True",
+        "qk_norm=True",
+        "qk_norm=False",
+        "qk_norm=True",
+    ]
+    assert list(table.loc[["a", "b", "c", "cut"], "status"]) == [
+        "finished",
+        "diverged",
+        "finished",
+        "unfinished",
+    ]
+    assert (
+        table.loc["a", "final_loss"] == pytest.approx(3.2) and table.loc["b", "diverged_step"] == 6
+    )
+    assert table.loc[["a", "b"], "loss_at_init"].isna().all()
+    assert table.loc[run_id("qk_norm=True", 0.01), "label"] == "sweep: qk_norm=True"
+    recs = [r for r in results.records(table.reset_index()) if "/sweep/" not in r["run_id"]]
+    assert len(recs) == 3
+    md = plots.summary_table(recs)
+    assert "| qk_norm=False | 3.200 |  | 0.000 | - |" in md  # one LR: sensitivity 0
+    assert "| qk_norm=True | 3.200 | div | n/a | 1 |" in md  # diverged, ℓ0 unknown
+    hist = results.histories([a, b], keys=["train/loss"])
+    assert set(hist["run_id"]) == {"a", "b"} and len(hist) == 4 + 3
+    alone = results.runs_table(a)
+    assert list(alone["label"]) == ["a"] and list(alone["status"]) == ["finished"]
+
+
+def test_report_of_a_single_run(tmp_path, capsys):
+    a = write_single_run(tmp_path / "base", 0.01)
+    assert main(["report", str(a)]) == 0
+    report = (a / "report.md").read_text()
+    assert report.startswith("# Run report: base") and "| base | 3.200 | 0.000 | - |" in report
+    for name in ("lr_sensitivity.png", "max_attn_logit.png", "attn_entropy.png"):
+        assert (a / name).read_bytes()[:4] == b"\x89PNG", name
+    cut = write_single_run(tmp_path / "cut", 0.1, last=4)
+    assert main(["report", str(cut)]) == 2
+    assert "the run is unfinished (last logged step 4 of 8)" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "neither a sweep workdir" in capsys.readouterr().err
 
 
 def test_import_does_not_touch_wandb():
@@ -365,4 +553,5 @@ def test_offline_wandb_run_holds_the_sweep_conventions_and_reads_back(tmp_path, 
     local = results.histories(tmp_path, keys=["train/loss", "attn/*"])
     cols = ["step", "key", "value"]
     assert hist[hist["run_id"] == rid][cols].reset_index(drop=True).equals(local[cols])
-    assert len(results.records(table)) == 1  # only the run with a loss at init
+    recs = {r["run_id"]: r for r in results.records(table)}  # the running run is left out
+    assert recs.keys() == {rid, "d"} and recs["d"]["loss_at_init"] is None
