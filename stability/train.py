@@ -26,13 +26,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from stability import metrics as M
 from stability.checkpoint import Checkpointer
+from stability.compilation import Program, setup_compilation_cache
 from stability.config import Config, ConfigError
-from stability.data import make_source
+from stability.data import feed, make_source
 from stability.models import Transformer
 from stability.models.layers import GradStat
 from stability.optim.build import make_optimizer, optimizer_metrics, set_hyperparams
@@ -230,6 +234,76 @@ def make_evaluate(cfg: Config, graphdef):
 
 
 # ---------------------------------------------------------------------------------------
+# K updates per device call.
+
+
+def make_call(step_fn, k_max: int):
+    """``call(state, hp, batches, n) -> (state, metrics)``: ``n`` updates (1 <= n <= k_max)
+    with ``batches[:n]`` (every leaf has a leading axis of k_max; the rest is padding), and
+    the metrics of the n-th update only. The first n-1 updates run in a loop whose metrics
+    nobody returns, so XLA removes them: only the call's last update pays for metrics."""
+
+    def call(state, hp, batches, n):
+        if k_max > 1:
+            body = lambda i, st: step_fn(st, hp, jax.tree.map(lambda b: b[i], batches))[0]
+            state = jax.lax.fori_loop(0, n - 1, body, state)
+        last = jax.tree.map(lambda b: jax.lax.dynamic_index_in_dim(b, n - 1, 0, False), batches)
+        return step_fn(state, hp, last)
+
+    return call
+
+
+def steps_per_call_max(t) -> int:
+    """Updates the call program is built for (its batch axis): the longest stretch without a
+    log, eval or checkpoint step (capped by ``train.steps_per_call`` when that is set)."""
+    gap = min(t.log_every, t.eval_every, t.checkpoint_every, t.steps)
+    return min(gap, t.steps_per_call) if t.steps_per_call else gap
+
+
+def call_ends(start: int, steps: int, is_boundary, k_max: int) -> list[int]:
+    """The last step of each call from ``start`` to ``steps``: a call ends on the next
+    boundary step (``is_boundary``) or after ``k_max`` updates, whichever comes first."""
+    ends, s = [], start
+    while s < steps:
+        e = s + 1
+        while e < steps and e - s < k_max and not is_boundary(e):
+            e += 1
+        ends.append(e)
+        s = e
+    return ends
+
+
+def replicated(x, sharding) -> jax.Array:
+    """A global array of host value ``x`` (identical on every process) with ``sharding``."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+class Feed:
+    """Batches of one training stream as global arrays ``[k_max, B, T+1]`` on ``sharding``
+    (batch rows on axis 1), this process reading only the rows its devices hold."""
+
+    def __init__(self, source, seed: int, cfg: Config, sharding, k_max: int):
+        self.k_max, self.sharding = k_max, sharding
+        self.global_rows = (k_max, cfg.data.batch_size)
+        self.rows = feed.process_rows(sharding, self.global_rows, 1)
+        self.stream = source.train_stream(seed, self.rows)
+
+    def prepare(self, host: dict) -> dict:
+        return {
+            k: feed.place(v, self.rows, self.sharding, (*self.global_rows, *v.shape[2:]), 1)
+            for k, v in host.items()
+        }
+
+    def single(self, host: dict, i: int) -> dict:
+        """Batch ``i`` of a prepared ``host`` stack alone, at position 0 (for a replay)."""
+        return self.prepare(feed.stack_padded([{k: v[i] for k, v in host.items()}], self.k_max))
+
+    def prefetch(self, sizes: list[int]) -> feed.Prefetcher:
+        return feed.Prefetcher(self.stream, sizes, self.k_max, self.prepare)
+
+
+# ---------------------------------------------------------------------------------------
 # Guards: memory, preemption.
 
 
@@ -278,24 +352,31 @@ def check_memory(cfg: Config, runs_per_device: int = 1, data_shards: int = 1) ->
 
 
 class Preemption:
-    """While active, SIGTERM (a preemption notice) only sets ``requested``: the training loops
-    then checkpoint, flush their records and return, and the process exits 0."""
+    """While active, SIGTERM (a preemption notice) and a first Ctrl-C (SIGINT) only set
+    ``requested``: the training loops then checkpoint at the next call boundary, flush their
+    records and return, and the process exits 0. A second Ctrl-C exits at once (status 130)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self._old: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            sys.stderr.write("interrupted again: exiting without a checkpoint\n")
+            sys.stderr.flush()
+            os._exit(130)
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 # ---------------------------------------------------------------------------------------
@@ -412,40 +493,80 @@ def train(
     return result
 
 
+@functools.lru_cache(maxsize=32)
+def train_programs(static: Config, k_max: int, mesh) -> tuple[Program, Program, Program]:
+    """(init, call, evaluate) of one run on ``mesh``: the state replicated, batches split
+    over its "data" axis (``make_call`` with ``k_max`` updates per call)."""
+    graphdef, tx, _, _, _ = compiled_fns(static)
+    repl = NamedSharding(mesh, P())
+    init = jax.jit(lambda seed: init_state(static, seed, tx), out_shardings=repl)
+    call = jax.jit(
+        make_call(make_train_step(static, graphdef, tx), k_max),
+        donate_argnums=0,
+        out_shardings=repl,
+    )
+    evaluate = jax.jit(make_evaluate(static, graphdef), out_shardings=repl)
+    return (
+        Program("init", init),
+        Program(f"train step (up to {k_max} per call)", call),
+        Program("eval", evaluate),
+    )
+
+
 def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preemption) -> RunResult:
+    from stability.sweep import sweep_mesh
+
     workdir = Path(workdir)
     check_memory(cfg)
     source = make_source(cfg.data, cfg.model.vocab_size)  # validates data before any write
-    resume = prepare_workdir(cfg, workdir, overwrite)
+    is_main = jax.process_index() == 0
+    resume = prepare_workdir(cfg, workdir, overwrite) if is_main else False
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    _, _, init_fn, step_fn, eval_fn = compiled_fns(static_config(cfg))
-    state = init_fn(cfg.train.seed)
-    hp = hyperparams(cfg)
-    stream = source.train_stream(cfg.data.seed)
-    eval_batches = source.eval_batches(cfg.train.eval_batches)
-    decay_end_steps = decay_ends(cfg.optim, cfg.train.steps)
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.train.max_to_keep, keep_steps=decay_end_steps)
+        resume = bool(multihost_utils.broadcast_one_to_all(np.int32(resume)))
+    setup_compilation_cache()
+
+    t = cfg.train
+    k_max = steps_per_call_max(t)
+    mesh = sweep_mesh(1, cfg.data.batch_size)
+    repl = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P(None, "data"))
+    init_fn, call_fn, eval_fn = train_programs(static_config(cfg), k_max, mesh)
+    state = init_fn(replicated(np.int32(t.seed), repl))
+    hp = {k: replicated(v, repl) for k, v in hyperparams(cfg).items()}
+    train_feed = Feed(source, cfg.data.seed, cfg, batch_sharding, k_max)
+    eval_sharding = NamedSharding(mesh, P("data"))
+    eval_batches = [
+        {k: replicated(v, eval_sharding) for k, v in b.items()}
+        for b in source.eval_batches(t.eval_batches)
+    ]
+    ends = set(decay_ends(cfg.optim, t.steps))  # WSD-S: decayed checkpoints, kept and marked
+    ckpt = Checkpointer(workdir / "checkpoints", t.max_to_keep, keep_steps=sorted(ends))
 
     start = 0
     restored = ckpt.restore_latest(state) if resume else None
     if restored is not None:
         start, state, meta = restored
-        stream.restore(meta["stream"])
-        truncate_metrics(workdir / "metrics.jsonl", start)
+        train_feed.stream.restore(meta["stream"])
+        if is_main:
+            truncate_metrics(workdir / "metrics.jsonl", start)
         if meta.get("diverged"):
             ckpt.close()
             raise Diverged(f"this run already diverged at update {meta['diverged_step']}")
         print(f"resuming {workdir} from step {start}", file=sys.stderr)
-    elif resume:
+    elif resume and is_main:
         truncate_metrics(workdir / "metrics.jsonl", 0)
 
     run_config = {**to_jsonable(cfg.to_dict()), "data_description": source.description}
-    tracker = Tracker(
-        workdir, cfg.wandb, run_config, name=cfg.wandb.name or workdir.name, resume=start > 0
-    )
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    if start >= cfg.train.steps:
-        tracker.close()
+    tracker = None
+    if is_main:
+        tracker = Tracker(
+            workdir, cfg.wandb, run_config, name=cfg.wandb.name or workdir.name, resume=start > 0
+        )
+    if start >= t.steps:
+        if tracker:
+            tracker.close()
         ckpt.close()
         done = [r for r in read_metrics(workdir) if "eval/loss" in r]
         final = float(done[-1]["eval/loss"]) if done else float("nan")
@@ -453,87 +574,84 @@ def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preempti
         return RunResult(start, final, False, None)
     from tqdm import tqdm
 
-    t = cfg.train
     floor = source.loss_floor
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    is_eval = lambda s: s % t.eval_every == 0 or s == t.steps or s in ends
+    is_log = lambda s: s % t.log_every == 0 or is_eval(s)
+    is_ckpt = lambda s: s % t.checkpoint_every == 0 or s == t.steps or s in ends
+    plan = call_ends(start, t.steps, lambda s: is_log(s) or is_ckpt(s), k_max)
+    sizes = [e - s for s, e in zip([start, *plan[:-1]], plan, strict=True)]
     bar = tqdm(
         total=t.steps,
         initial=start,
-        disable=not progress,
+        disable=not progress or not is_main,
         dynamic_ncols=True,
         desc=workdir.name,
         file=sys.stderr,
+        unit="step",
     )
-    pending = None  # (step, metrics on device): fetched one step late
-    last_time, last_step = time.time(), start
 
-    def flush(pending):
-        nonlocal last_time, last_step
-        step, out = pending
-        now = time.time()
-        rec = {"step": step, **jax.device_get(out)}
-        rec["perf/tokens_per_sec"] = (
-            tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
-        )
-        last_time, last_step = now, step
+    def record(step: int, out, tokens_per_sec: float) -> dict:
+        rec = {"step": step, **jax.device_get(out), "perf/tokens_per_sec": tokens_per_sec}
         if floor is not None:
             rec["train/loss_floor"] = floor
+        if tracker:
+            tracker.log(rec)
         return rec
 
-    ends = set(decay_ends(cfg.optim, t.steps))  # WSD-S: decayed checkpoints, kept and marked
-
-    def save(step_count: int, st: TrainState, diverged: bool = False):
+    def save(step_count: int, st: TrainState, stream_state, diverged: bool = False):
         meta = {
-            "stream": stream.state(),
+            "stream": feed.gather_stream_state(stream_state),
             "diverged": diverged,
             "diverged_step": int(st.diverged_step) if diverged else None,
             "decay_end": step_count in ends,
         }
         ckpt.save(step_count, st, meta)
 
-    def is_log_step(s: int) -> bool:
-        return s % t.log_every == 0 or s % t.eval_every == 0 or s == t.steps or s in ends
-
+    prefetch = train_feed.prefetch(sizes)
+    rec, last_time = None, time.time()
     try:
-        for i in range(start, t.steps):
-            batch = stream.next()
-            state, out = step_fn(state, hp, batch)
-            s = i + 1  # updates done (the record's "step")
-            if pending is not None:
-                prev_step, prev_out = pending
-                if is_log_step(prev_step) or not bool(prev_out["alive"]):
-                    rec = flush(pending)
-                    tracker.log(rec)
-                    bar.set_postfix(
-                        loss=f"{rec['train/loss']:.4f}", tok_s=f"{rec['perf/tokens_per_sec']:.0f}"
-                    )
-                    if not rec["alive"]:
-                        break
-            if s % t.eval_every == 0 or s == t.steps or s in ends:
+        for end, n in zip(plan, sizes, strict=True):
+            batches, host, stream_state = prefetch.next()
+            state, out = call_fn(state, hp, batches, replicated(np.int32(n), repl))
+            if is_eval(end):
                 out["eval/loss"] = eval_fn(state, eval_batches)
-            pending = (s, out)
-            if s % t.checkpoint_every == 0 or s == t.steps or s in ends or preemption.requested:
-                save(s, state)
-            bar.update(1)
-            if preemption.requested and s < t.steps:
-                if is_log_step(s):
-                    tracker.log(flush(pending))
-                print(
-                    f"SIGTERM: checkpointed {workdir} at step {s}; rerun to continue",
-                    file=sys.stderr,
-                )
-                return RunResult(s, float("nan"), False, None, preempted=True)
-        else:  # the last record (no break: the run did not diverge before it)
-            rec = flush(pending)
-            tracker.log(rec)
-        if not rec["alive"]:
-            save(int(state.step), state, diverged=True)
-            return RunResult(int(state.step), float("nan"), True, int(state.diverged_step))
+            alive = bool(out["alive"])  # the host waits for the device here, once per call
+            now = time.time()
+            tokens_per_sec = tokens_per_step * n / max(now - last_time, 1e-9)
+            last_time = now
+            if not alive:  # died inside this call: its record is the failing update's
+                died = int(state.diverged_step)
+                if died != end:  # replay that update on the frozen state: the same record
+                    replay = call_fn(
+                        jax.tree.map(jnp.copy, state),
+                        hp,
+                        train_feed.single(host, n - (end - died) - 1),
+                        replicated(np.int32(1), repl),
+                    )[1]
+                    out = replay
+                record(died, out, tokens_per_sec)
+                save(int(state.step), state, stream_state, diverged=True)
+                return RunResult(int(state.step), float("nan"), True, died)
+            if is_log(end):
+                rec = record(end, out, tokens_per_sec)
+                bar.set_postfix(loss=f"{rec['train/loss']:.4f}", tok_s=f"{tokens_per_sec:.0f}")
+            else:
+                bar.set_postfix(tok_s=f"{tokens_per_sec:.0f}")
+            if is_ckpt(end) or preemption.requested:
+                save(end, state, stream_state)
+            bar.update(n)
+            if preemption.requested and end < t.steps:
+                return RunResult(end, float("nan"), False, None, preempted=True)
         final = float(rec["eval/loss"])
-        tracker.summary({"final_eval_loss": final})
+        if tracker:
+            tracker.summary({"final_eval_loss": final})
         return RunResult(t.steps, final, False, None)
     finally:
+        prefetch.close()
         bar.close()
-        tracker.close()
+        if tracker:
+            tracker.close()
         ckpt.close()
 
 

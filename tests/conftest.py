@@ -11,6 +11,8 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     ).strip()
 os.environ.setdefault("WANDB_SILENT", "true")
+# Never write the user's persistent compilation cache (tests that need one pass a tmp dir).
+os.environ.setdefault("STABILITY_COMPILATION_CACHE", "off")
 
 from stability.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, validate  # noqa: E402
 

@@ -5,10 +5,15 @@ targets ``tokens[:, 1:]``); a source may add boolean masks ``[B, T]`` over targe
 (e.g. ``mask_icl``/``mask_markov`` for bigram-backcopy), which the train step turns into
 separate losses. A stream's position is a small JSON-able ``state()`` that the checkpoint
 stores, so a resumed run sees exactly the batches an uninterrupted run would.
+
+The global batch is a function of (seed, step) only, never of how many JAX processes share it:
+a stream built for some ``rows`` of the global batch (the rows this process's devices hold)
+yields exactly those rows of it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -17,7 +22,7 @@ from stability.config import ConfigError, DataConfig
 
 
 class Stream(Protocol):
-    """A deterministic, resumable stream of training batches."""
+    """A deterministic, resumable stream of (some rows of) the global training batches."""
 
     def next(self) -> dict[str, np.ndarray]: ...
 
@@ -32,21 +37,26 @@ class Source(Protocol):
     loss_floor: float | None  # known entropy rate (nats/token) when the source has one
     description: dict[str, Any]  # recorded with the run (e.g. corpus size, Python version)
 
-    def train_stream(self, seed: int) -> Stream: ...
+    def train_stream(self, seed: int, rows: Sequence[int] | None = None) -> Stream:
+        """Rows ``rows`` (all by default) of the global batches of run seed ``seed``."""
 
     def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]: ...
 
 
 class IndexedStream:
-    """A stream whose batch at step s is ``batch_fn(seed, s)``: resuming is setting s."""
+    """A stream whose global batch at step s is ``batch_fn(seed, s)``: resuming is setting s.
+    Every process computes the whole batch and keeps its ``rows``."""
 
-    def __init__(self, batch_fn, seed: int):
+    def __init__(self, batch_fn, seed: int, rows: Sequence[int] | None = None):
         self._batch_fn, self._seed, self._step = batch_fn, seed, 0
+        self._rows = None if rows is None else np.asarray(rows)
 
     def next(self) -> dict[str, np.ndarray]:
         batch = self._batch_fn(self._seed, self._step)
         self._step += 1
-        return batch
+        if self._rows is None:
+            return batch
+        return {k: v[self._rows] for k, v in batch.items()}
 
     def state(self) -> dict[str, Any]:
         return {"step": self._step}

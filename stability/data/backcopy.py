@@ -155,8 +155,8 @@ class BigramBackcopySource:
         mask_icl[:, 1:] = self._is_trigger[x[:, 1:T]]
         return {"tokens": x, "mask_icl": mask_icl, "mask_markov": ~mask_icl}
 
-    def train_stream(self, seed: int) -> IndexedStream:
-        return IndexedStream(self._batch, seed)
+    def train_stream(self, seed: int, rows=None) -> IndexedStream:
+        return IndexedStream(self._batch, seed, rows)
 
     def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
         # A seed no training stream uses (training seeds are non-negative), as in synthetic.py.

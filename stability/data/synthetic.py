@@ -75,8 +75,8 @@ class ZipfMarkovSource:
         rng = np.random.default_rng((seed, step))
         return {"tokens": sample_chain(self._P, self._pi, rng, (cfg.batch_size, cfg.seq_len + 1))}
 
-    def train_stream(self, seed: int) -> IndexedStream:
-        return IndexedStream(self._batch, seed)
+    def train_stream(self, seed: int, rows=None) -> IndexedStream:
+        return IndexedStream(self._batch, seed, rows)
 
     def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
         # A seed no training stream uses (training seeds are non-negative).

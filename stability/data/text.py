@@ -101,8 +101,8 @@ class ByteTextSource:
         idx = starts[:, None] + np.arange(cfg.seq_len + 1)[None, :]
         return {"tokens": self._train[idx].astype(np.int32)}
 
-    def train_stream(self, seed: int) -> IndexedStream:
-        return IndexedStream(self._batch, seed)
+    def train_stream(self, seed: int, rows=None) -> IndexedStream:
+        return IndexedStream(self._batch, seed, rows)
 
     def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
         """``n`` batches of consecutive, non-overlapping windows of the held-out tail."""
