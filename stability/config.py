@@ -201,8 +201,9 @@ class TrainConfig:
     # fsdp: also shard parameters, gradients and optimizer state over "data" (ZeRO-3/FSDP).
     fsdp: bool = False
     tensor_parallel: int = 1  # size of the "model" axis: heads and MLP hidden split over it
-    # Activation rematerialisation: none; block = recompute each block in the backward pass;
-    # full = also recompute inside the attention and MLP (nothing saved but block inputs).
+    # Activation rematerialisation in the backward pass (models/transformer.py): none; block =
+    # recompute each block but keep its weight-matmul outputs (norms, attention weights, gelu
+    # recomputed); full = keep nothing inside a block but its input.
     remat: Remat = "none"
 
 
@@ -229,7 +230,7 @@ SIZES: dict[str, dict[str, int]] = {
     **{f"c{d}": dict(d_model=d, n_layers=2, n_heads=d // 16) for d in (16, 32, 48, 64, 96)},
     **{
         f"w{d}": dict(d_model=d, n_layers=6, n_heads=d // 64)
-        for d in (256, 512, 768, 1024, 1536, 2048, 3072, 4096)
+        for d in (256, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192)
     },
 }
 
@@ -468,6 +469,13 @@ def validate(cfg: Config) -> None:
     for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "max_to_keep"):
         _positive(f"config.train.{name}", getattr(t, name))
     _positive("config.train.divergence_loss", t.divergence_loss)
+    _positive("config.train.tensor_parallel", t.tensor_parallel)
+    for name, width in (("n_heads", m.n_heads), ("mlp_ratio*d_model", m.mlp_ratio * m.d_model)):
+        if width % t.tensor_parallel:
+            raise ConfigError(
+                f"config.train.tensor_parallel={t.tensor_parallel} must divide "
+                f"config.model.{name}={width} (heads and MLP hidden units are split over it)"
+            )
     _positive("config.data.seq_len", d.seq_len)
     _positive("config.data.batch_size", d.batch_size)
     if not 0 < d.eval_fraction < 1:
