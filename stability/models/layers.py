@@ -73,7 +73,8 @@ class ReparamLinear(nnx.Module):
     vector (SVD), so σ is exact from the first step. The learned scalar γ starts at σ(W₀)
     (``gamma_init="sigma"``: Ŵ = W at init, as the PyTorch reference) or 1 (``"one"``, as the
     JAX reference). Each call sows σ and γ (no gradient) as ``nnx.Intermediate`` values
-    ``sigma`` and ``gamma``, which the model reports as ``reparam/{sigma,gamma}/{layer}``.
+    ``reparam_sigma`` and ``reparam_gamma``, which the model reports as
+    ``reparam/{sigma,gamma}/{layer}``.
     """
 
     def __init__(
@@ -93,7 +94,7 @@ class ReparamLinear(nnx.Module):
         self.gamma = nnx.Param(s_K[0] if gamma_init == "sigma" else jnp.float32(1.0))
         self.dtype = dtype
 
-    def sigma(self, *, train: bool) -> jax.Array:
+    def spectral_norm(self, *, train: bool) -> jax.Array:
         """σ(W) after one power-iteration step from the stored u (stored back if ``train``)."""
         w_IO = self.kernel[...]
         w_sg = jax.lax.stop_gradient(w_IO)
@@ -104,10 +105,10 @@ class ReparamLinear(nnx.Module):
         return v_I @ w_IO @ u_O
 
     def __call__(self, x_MD: jax.Array, *, train: bool = True) -> jax.Array:
-        sigma = self.sigma(train=train)
+        sigma = self.spectral_norm(train=train)
         gamma = self.gamma[...]
-        self.sow(nnx.Intermediate, "sigma", jax.lax.stop_gradient(sigma))
-        self.sow(nnx.Intermediate, "gamma", jax.lax.stop_gradient(gamma))
+        self.sow(nnx.Intermediate, "reparam_sigma", jax.lax.stop_gradient(sigma))
+        self.sow(nnx.Intermediate, "reparam_gamma", jax.lax.stop_gradient(gamma))
         w_IO = (gamma / sigma) * self.kernel[...]
         return jnp.dot(x_MD.astype(self.dtype), w_IO.astype(self.dtype))
 

@@ -109,7 +109,8 @@ class Transformer(nnx.Module):
         (logits_BTV, aux), sown = nnx.capture(self._forward, nnx.Intermediate)(tokens_BT, train)
         for path, values in nnx.to_flat_state(sown):
             layer = ".".join(map(str, path[:-1]))
-            aux[f"reparam/{path[-1]}/{layer}"] = values.get_value()[-1]
+            name = path[-1].removeprefix("reparam_")  # ReparamLinear sows reparam_{sigma,gamma}
+            aux[f"reparam/{name}/{layer}"] = values.get_value()[-1]
         return logits_BTV, aux
 
     def _forward(self, tokens_BT: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:

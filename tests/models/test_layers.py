@@ -24,12 +24,12 @@ def ill_conditioned(rng, d_in, d_out, cond=1e6):
 
 def test_sigma_from_svd_init_is_exact_after_one_step():
     layer = ReparamLinear(48, 24, dtype=jnp.float32, gamma_init="sigma", rngs=nnx.Rngs(0))
-    sigma = layer.sigma(train=True)
+    sigma = layer.spectral_norm(train=True)
     np.testing.assert_allclose(sigma, top_singular_value(layer.kernel[...]), rtol=1e-3)
     np.testing.assert_allclose(layer.gamma[...], sigma, rtol=1e-5)
     # u, v carry no gradient: dσ/dW = v·uᵀ, the top singular pair's outer product.
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-    grad = jax.grad(lambda p: nnx.merge(graphdef, p, rest).sigma(train=False))(params)
+    grad = jax.grad(lambda p: nnx.merge(graphdef, p, rest).spectral_norm(train=False))(params)
     u, _, vh = np.linalg.svd(np.asarray(layer.kernel[...], np.float64))
     np.testing.assert_allclose(grad["kernel"][...], np.outer(u[:, 0], vh[0]), atol=1e-4)
 
@@ -42,10 +42,10 @@ def test_sigma_power_iteration_converges_to_top_singular_value(kind):
     layer.kernel[...] = jnp.asarray(w, jnp.float32)
     # From the SVD of this matrix, one step already gives σ.
     layer.u[...] = jnp.asarray(np.linalg.svd(w)[2][0], jnp.float32)
-    np.testing.assert_allclose(layer.sigma(train=True), top_singular_value(w), rtol=1e-3)
+    np.testing.assert_allclose(layer.spectral_norm(train=True), top_singular_value(w), rtol=1e-3)
     # From an arbitrary start, repeated train-mode steps converge.
     layer.u[...] = jnp.asarray(rng.normal(size=32) / 32**0.5, jnp.float32)
-    step = nnx.jit(lambda m: m.sigma(train=True))
+    step = nnx.jit(lambda m: m.spectral_norm(train=True))
     for _ in range(300):
         sigma = step(layer)
     np.testing.assert_allclose(sigma, top_singular_value(w), rtol=1e-3)
@@ -56,12 +56,27 @@ def test_reparam_forward_equals_plain_at_init_and_sows_sigma_gamma():
     x = jax.random.normal(jax.random.key(1), (5, 16))
     y, sown = nnx.capture(layer, nnx.Intermediate)(x, train=True)
     np.testing.assert_allclose(y, x @ layer.kernel[...], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(sown["sigma"][0], top_singular_value(layer.kernel[...]), rtol=1e-3)
-    np.testing.assert_allclose(sown["gamma"][0], layer.gamma[...])
+    np.testing.assert_allclose(
+        sown["reparam_sigma"][0], top_singular_value(layer.kernel[...]), rtol=1e-3
+    )
+    np.testing.assert_allclose(sown["reparam_gamma"][0], layer.gamma[...])
     one = ReparamLinear(16, 8, dtype=jnp.float32, gamma_init="one", rngs=nnx.Rngs(0))
     assert float(one.gamma[...]) == 1.0
     y1, _ = nnx.capture(one, nnx.Intermediate)(x, train=False)
     np.testing.assert_allclose(y1, y / layer.gamma[...], rtol=1e-4, atol=1e-6)
+
+
+def test_reparam_layer_alone_sows_into_itself():
+    """Outside any capture the layer stores its sown σ, γ as attributes, one per call."""
+    layer = ReparamLinear(16, 8, dtype=jnp.float32, gamma_init="sigma", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (5, 16))
+    np.testing.assert_allclose(layer(x), x @ layer.kernel[...], rtol=1e-5, atol=1e-6)
+    layer(x, train=False)
+    assert len(layer.reparam_sigma.get_value()) == 2
+    np.testing.assert_allclose(
+        layer.reparam_sigma.get_value()[-1], layer.spectral_norm(train=False)
+    )
+    np.testing.assert_allclose(layer.reparam_gamma.get_value()[-1], layer.gamma[...])
 
 
 # ---------------------------------------------------------------------------------------
