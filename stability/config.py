@@ -336,14 +336,26 @@ def _positive(path: str, value: float) -> None:
 
 
 def validate(cfg: Config) -> None:
-    m, o, d, t = cfg.model, cfg.optim, cfg.data, cfg.train
-    # No numeric field means anything when negative, whether or not its feature is switched on.
+    """Every check, section by section; raises ConfigError naming the first invalid field."""
+    _validate_signs(cfg)
+    _validate_model(cfg.model, cfg.optim)
+    _validate_train(cfg.train, cfg.model)
+    _validate_optim(cfg.optim, cfg.train)
+    _validate_data(cfg.data, cfg.model)
+    _refuse_unused(cfg)
+
+
+def _validate_signs(cfg: Config) -> None:
+    """No numeric field means anything when negative, whether or not its feature is on."""
     for section in ("model", "optim", "data", "train"):
         group = getattr(cfg, section)
         for f in dataclasses.fields(group):
             v = getattr(group, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
                 raise ConfigError(f"config.{section}.{f.name}={v!r} must be >= 0")
+
+
+def _validate_model(m: ModelConfig, o: OptimConfig) -> None:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio"):
         _positive(f"config.model.{name}", getattr(m, name))
     if m.d_model % m.n_heads:
@@ -402,6 +414,9 @@ def validate(cfg: Config) -> None:
             f"config.model.sink_decorrelation={m.sink_decorrelation!r} needs "
             f"config.model.n_layers >= 2 (it acts between blocks), got {m.n_layers}"
         )
+
+
+def _validate_optim(o: OptimConfig, t: TrainConfig) -> None:
     _positive("config.optim.lr", o.lr)
     _positive("config.optim.eps", o.eps)
     for name in ("b1", "b2"):
@@ -410,7 +425,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config.optim.{name}={v!r} must be in [0, 1)")
     if o.min_lr > o.lr:
         raise ConfigError(f"config.optim.min_lr={o.min_lr!r} must be <= config.optim.lr={o.lr!r}")
-    _positive("config.train.steps", t.steps)
     if o.warmup_steps > t.steps:
         raise ConfigError(
             f"config.optim.warmup_steps={o.warmup_steps} is longer than "
@@ -466,16 +480,22 @@ def validate(cfg: Config) -> None:
             f"config.optim.warmup_steps={o.warmup_steps} must be shorter than the first "
             f"WSD cycle ({first_end} updates; config.optim.wsd_cycles / wsd_decay_ends)"
         )
+
+
+def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
+    _positive("config.train.steps", t.steps)
     for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "max_to_keep"):
         _positive(f"config.train.{name}", getattr(t, name))
     _positive("config.train.divergence_loss", t.divergence_loss)
     _positive("config.train.tensor_parallel", t.tensor_parallel)
-    for name, width in (("n_heads", m.n_heads), ("mlp_ratio*d_model", m.mlp_ratio * m.d_model)):
-        if width % t.tensor_parallel:
-            raise ConfigError(
-                f"config.train.tensor_parallel={t.tensor_parallel} must divide "
-                f"config.model.{name}={width} (heads and MLP hidden units are split over it)"
-            )
+    if m.n_heads % t.tensor_parallel:  # then it divides d_model and the MLP width too
+        raise ConfigError(
+            f"config.train.tensor_parallel={t.tensor_parallel} must divide "
+            f"config.model.n_heads={m.n_heads} (heads and MLP hidden units are split over it)"
+        )
+
+
+def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     _positive("config.data.seq_len", d.seq_len)
     _positive("config.data.batch_size", d.batch_size)
     if not 0 < d.eval_fraction < 1:
@@ -499,3 +519,76 @@ def validate(cfg: Config) -> None:
             f"config.model.vocab_size={m.vocab_size} is smaller than 256, the byte vocabulary "
             f"of data.source={d.source!r}"
         )
+
+
+def _unused_fields(cfg: Config) -> list[tuple[str, str, bool]]:
+    """(field, the setting it needs, whether that setting is on) for every field that acts only
+    under another setting."""
+    m, o, d = cfg.model, cfg.optim, cfg.data
+    reparam = (m.linear == "sigma_reparam", "model.linear='sigma_reparam'")
+    optim = lambda names: (o.name in names, f"optim.name in {names}")
+    wsd = (o.schedule in ("wsd", "wsd_s"), "optim.schedule='wsd' or 'wsd_s'")
+    source = lambda name: (d.source == name, f"data.source={name!r}")
+    needs = {
+        "model.powernorm_warmup": (m.norm == "powernorm", "model.norm='powernorm'"),
+        "model.sigma_reparam_head": reparam,
+        "model.sigma_reparam_gamma_init": reparam,
+        "model.softplus_reweight": (
+            m.attention_score == "softplus",
+            "model.attention_score='softplus'",
+        ),
+        "model.softplus_reweight_power": (m.softplus_reweight, "model.softplus_reweight=True"),
+        "model.local_window": (m.n_local_heads > 0, "model.n_local_heads > 0"),
+        "model.norm_eps": (
+            m.norm != "powernorm" or m.qk_norm,
+            "model.norm='layernorm' or 'rmsnorm', or model.qk_norm=True",
+        ),
+        "optim.b1": optim(("adamw", "spam", "lion", "adafactor")),
+        "optim.b2": optim(("adamw", "spam", "lion")),
+        "optim.eps": optim(("adamw", "spam")),
+        "optim.momentum": optim(("sgd",)),
+        **{
+            f"optim.spam_{x}": optim(("spam",))
+            for x in ("threshold", "reset_interval", "reset_warmup", "density")
+        },
+        **{
+            f"optim.adafactor_{x}": optim(("adafactor",))
+            for x in ("decay_rate", "clip", "min_dim_to_factor")
+        },
+        "optim.mup_base_d_model": (
+            o.parametrization != "standard",
+            "optim.parametrization='mup_simple' or 'mup_full'",
+        ),
+        "optim.min_lr": (o.schedule != "constant", "optim.schedule other than 'constant'"),
+        "optim.decay_shape": wsd,
+        "optim.decay_fraction": wsd,
+        "data.paths": source("text_files"),
+        "data.include": source("text_files"),
+        "data.eval_fraction": (
+            d.source in ("stdlib", "text_files"),
+            "data.source='stdlib' or 'text_files'",
+        ),
+        **{f"data.markov_{x}": source("synthetic_markov") for x in ("vocab", "zipf", "branching")},
+        **{f"data.backcopy_{x}": source("bigram_backcopy") for x in ("vocab", "triggers")},
+        **{
+            f"data.tfds_{x}": source("tfds")
+            for x in ("name", "data_dir", "split", "eval_split", "text_feature")
+        },
+        "data.tokenizer": source("tfds"),
+        "data.tokenizer_path": (d.tokenizer == "sentencepiece", "data.tokenizer='sentencepiece'"),
+    }
+    return [(key, setting, on) for key, (on, setting) in needs.items()]
+
+
+def _refuse_unused(cfg: Config) -> None:
+    """A field set away from its default that does nothing without another setting is refused
+    (it would be silently ignored), naming both."""
+    default = Config()
+    for key, setting, on in _unused_fields(cfg):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not on and value != getattr(getattr(default, section), name):
+            raise ConfigError(
+                f"config.{key}={value!r} has no effect without config.{setting}; "
+                "set that too, or leave the field at its default"
+            )
