@@ -1,8 +1,9 @@
 """Override presets shared by the sweep files (``sweeps/*.py``).
 
-``ACCELERATOR`` is the paper's setting (C4 with the T5 SentencePiece vocabulary, batch 256 ×
-512 tokens, 1e5 steps, warmup 5e3, bf16); it needs ``data.tfds_data_dir`` and
-``data.tokenizer_path`` on the command line. ``CPU`` is laptop-sized on the embedded stdlib text.
+Every shipped sweep takes ARG ``PRESET[,steps=N]`` (``parse_arg``). ``ACCELERATOR`` is the
+paper's setting (C4 with the T5 SentencePiece vocabulary, batch 256 × 512 tokens, 1e5 steps,
+warmup 5e3, bf16); it needs ``data.tfds_data_dir`` and ``data.tokenizer_path`` on the command
+line. ``CPU`` is laptop-sized on the embedded stdlib text.
 """
 
 from stability.config import ConfigError
@@ -39,12 +40,46 @@ CPU = {
 }
 
 
-def common(arg: str, sweep: str) -> dict:
-    """The preset named by a sweep file's ARG: "" (accelerator) or "cpu"."""
-    if arg == "":
-        return dict(ACCELERATOR)
-    if arg == "cpu":
-        return dict(CPU)
-    raise ConfigError(
-        f"--sweep=sweeps/{sweep}.py:{arg}: unknown ARG; valid: '' (accelerator) or 'cpu'"
-    )
+PRESETS = {"accelerator": ACCELERATOR, "cpu": CPU}
+
+
+def parse_arg(
+    arg: str, sweep: str, default: str = "accelerator", presets: dict | None = None
+) -> tuple[str, dict]:
+    """The ARG of every shipped sweep file, ``PRESET[,steps=N]``: (preset name, its overrides).
+
+    PRESET is "cpu" or "accelerator" (``default`` when ARG is empty), looked up in ``presets``
+    (default ``PRESETS``, the same names; a sweep may adjust them); ``steps=N`` sets
+    train.steps to N and scales the preset's warmup, eval and checkpoint intervals with it.
+    Anything else is a ConfigError of one line naming the sweep file and the valid ARGs.
+    """
+    presets = presets or PRESETS
+    valid = f"valid: PRESET[,steps=N] with PRESET {' or '.join(presets)} (default {default})"
+    preset, *extras = arg.split(",") if arg else [default]
+    preset = preset or default
+    if preset not in presets:
+        raise ConfigError(f"--sweep=sweeps/{sweep}.py:{arg}: unknown preset {preset!r}; {valid}")
+    out = dict(presets[preset])
+    for extra in extras:
+        key, eq, value = extra.partition("=")
+        if key != "steps" or not eq or not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"--sweep=sweeps/{sweep}.py:{arg}: bad ARG part {extra!r}; {valid}")
+        out = with_steps(out, int(value))
+    return preset, out
+
+
+def with_steps(overrides: dict, steps: int) -> dict:
+    """``overrides`` with train.steps = ``steps`` and the warmup, eval and checkpoint intervals
+    scaled by steps / the old train.steps (at least 1; warmup may be 0)."""
+    scale = steps / overrides["train.steps"]
+    out = {**overrides, "train.steps": steps}
+    out["optim.warmup_steps"] = int(overrides["optim.warmup_steps"] * scale)
+    for key in ("train.eval_every", "train.checkpoint_every"):
+        out[key] = max(1, round(overrides[key] * scale))
+    out["train.log_every"] = min(overrides["train.log_every"], steps)
+    return out
+
+
+def common(arg: str, sweep: str, default: str = "accelerator") -> dict:
+    """The overrides named by a sweep file's ARG (``parse_arg``)."""
+    return parse_arg(arg, sweep, default)[1]

@@ -1,18 +1,19 @@
 """Wortsman et al. 2023, Figure 1: qk-layernorm on/off × model sizes × the paper's LR grid.
 
-ARG: "" (accelerator: the width-scaling family w256…w1024 at 6 layers, head dim 64, on C4) or
-"cpu" (sizes xs, s, m on the stdlib bytes, 500 steps).
+ARG: PRESET[,steps=N] (``presets.parse_arg``): "accelerator" (default; the width-scaling
+family w256…w1024 at 6 layers, head dim 64, on C4) or "cpu" (sizes xs, s, m on the stdlib
+bytes, 500 steps).
 """
 
 from stability.config import size_preset
-from stability.presets import PAPER_LRS, common
+from stability.presets import PAPER_LRS, parse_arg
 
 NAME = "qk_norm"
 
 
 def get_sweep(arg: str = ""):
-    base = common(arg, NAME)
-    sizes = ("xs", "s", "m") if arg == "cpu" else ("w256", "w512", "w768", "w1024")
+    preset, base = parse_arg(arg, NAME)
+    sizes = ("xs", "s", "m") if preset == "cpu" else ("w256", "w512", "w768", "w1024")
     return [
         {
             **base,

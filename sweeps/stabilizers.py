@@ -1,7 +1,8 @@
 """Every stabilizer alone, against the baseline without qk-layernorm, × the LR grid.
 
 All settings start from the paper's recipe with qk-layernorm off (the unstable baseline), so
-each row shows what one intervention buys on its own. ARG: "" (accelerator) or "cpu".
+each row shows what one intervention buys on its own. ARG: PRESET[,steps=N]
+(``presets.parse_arg``), PRESET "accelerator" (default) or "cpu".
 """
 
 from stability.presets import PAPER_LRS, common

@@ -24,7 +24,7 @@ MAYBE_BAD = ["0", "1e15", "3.5", "True", "", "'layernorm'", "(1, 2)"]
 
 def run_cli(tmp_path, capsys, *overrides, command="train", check=False):
     workdir = tmp_path / "w"
-    extra = ["--sweep", "sweeps/demo.py:10"] if command == "sweep" else []
+    extra = ["--sweep", "sweeps/demo.py:cpu,steps=10"] if command == "sweep" else []
     code = main([command, *extra, "--workdir", str(workdir), *(["--check"] if check else []),
                  *overrides])
     captured = capsys.readouterr()
