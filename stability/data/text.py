@@ -41,11 +41,17 @@ def find_files(paths: tuple[str, ...], include: tuple[str, ...]) -> list[Path]:
         if p.is_file():
             found.append(p)
         elif p.is_dir():
-            found += sorted(
-                f
-                for f in p.rglob("*")
-                if f.is_file() and any(fnmatch.fnmatch(f.name, g) for g in include)
-            )
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            matched = [f for f in files if any(fnmatch.fnmatch(f.name, g) for g in include)]
+            if not matched:
+                held = ", ".join(str(f.relative_to(p)) for f in files[:5])
+                more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+                raise ConfigError(
+                    f"config.data.paths: no file in {raw!r} matches config.data.include="
+                    f"{list(include)!r}; it holds {len(files)} files"
+                    + (f" ({held}{more})" if files else "")
+                )
+            found += matched
         else:
             raise ConfigError(f"config.data.paths: {raw!r} does not exist")
     return found
