@@ -10,12 +10,14 @@ documents are concatenated and cut into consecutive windows of ``seq_len + 1`` t
 padding, every token used exactly once per epoch, and a window may span documents (EOS, then
 the next document's BOS).
 
-Order: JAX process p of P reads documents p, p+P, p+2P, ... of the split (disjoint shards that
-cover it), reshuffled by grain every epoch from the run seed, and yields local batches of
-``batch_size / P`` rows. A stream's position is (number of the document at its head in that
-endless shuffled order, tokens of that document already used), so ``state()`` is two integers
-and ``restore`` re-reads one document. Eval batches come from the unshuffled held-out split,
-cycled when ``n`` batches need more tokens than it holds.
+Order: the global batch is a pure function of (seed, step), whatever the number of JAX
+processes. Row r of the batch packs its own document stream: documents r, r+B, r+2B, ... of
+the split (B the batch size; the rows' shares are disjoint and cover it), reshuffled every
+epoch from (seed, r, epoch). A process reads only the rows its devices hold. A row's position
+is (number of the document at its head in its endless shuffled order, tokens of that document
+already used), so ``state()`` is three integers per row (row, document, offset) and
+``restore`` re-reads one document per row. Eval batches come from the unshuffled held-out
+split, cycled when ``n`` batches need more tokens than it holds.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -132,7 +133,7 @@ def open_split(name: str, split: str, data_dir: str, field: str) -> Sequence[dic
 
 
 class PackedStream:
-    """Consecutive windows of ``window`` tokens cut from the concatenated ``documents``.
+    """(The eval batches.) Consecutive windows of ``window`` tokens cut from the concatenated ``documents``.
 
     ``documents[i]`` is the i-th document (int32 ids with BOS/EOS) of an endless sequence.
     Batches are ``{"tokens": int32[rows, window]}``. ``state()`` is ``{"document": i,
@@ -166,33 +167,89 @@ class PackedStream:
         self._doc = next(self._iter)
 
 
+class RowStreams:
+    """Rows ``rows`` of the global batches ``{"tokens": int32[B, window]}`` (module
+    docstring): each row packs its own shuffled share of ``records``."""
+
+    def __init__(self, records, tokens_of, seed: int, rows, batch_size: int, window: int):
+        self._records, self._tokens_of, self._seed = records, tokens_of, seed
+        self._rows, self._batch_size, self._window = list(rows), batch_size, window
+        self._perm: dict[tuple[int, int], np.ndarray] = {}
+        self.restore({"batch_size": batch_size, "rows": [[r, 0, 0] for r in self._rows]})
+
+    def _document(self, row: int, position: int) -> int:
+        """The split index of document ``position`` of ``row``'s endless shuffled order."""
+        n = len(range(row, len(self._records), self._batch_size))
+        epoch, j = divmod(position, n)
+        perm = self._perm.get((row, epoch))
+        if perm is None:
+            perm = np.random.default_rng((self._seed, row, epoch)).permutation(n)
+            self._perm = {k: v for k, v in self._perm.items() if k[0] != row}
+            self._perm[(row, epoch)] = perm
+        return row + self._batch_size * int(perm[j])
+
+    def _load(self, ks: list[int]) -> None:
+        """Read and tokenize the head documents of local rows ``ks``."""
+        docs = [self._document(self._rows[k], self._position[k]) for k in ks]
+        read = getattr(self._records, "__getitems__", None)  # one batched read when supported
+        examples = read(docs) if read else [self._records[i] for i in docs]
+        for k, example in zip(ks, examples, strict=True):
+            self._tokens[k] = self._tokens_of(example)
+
+    def next(self) -> dict[str, np.ndarray]:
+        out = np.empty((len(self._rows), self._window), np.int32)
+        filled = np.zeros(len(self._rows), np.int64)
+        while True:
+            need = [k for k in range(len(self._rows)) if filled[k] < self._window]
+            if not need:
+                return {"tokens": out}
+            spent = [k for k in need if self._offset[k] == len(self._tokens[k])]
+            for k in spent:
+                self._position[k] += 1
+                self._offset[k] = 0
+            if spent:
+                self._load(spent)
+            for k in need:
+                take = min(self._window - filled[k], len(self._tokens[k]) - self._offset[k])
+                out[k, filled[k] : filled[k] + take] = self._tokens[k][
+                    self._offset[k] : self._offset[k] + take
+                ]
+                filled[k] += take
+                self._offset[k] += take
+
+    def state(self) -> dict[str, Any]:
+        rows = [
+            [int(r), int(p), int(o)]
+            for r, p, o in zip(self._rows, self._position, self._offset, strict=True)
+        ]
+        return {"batch_size": self._batch_size, "rows": rows}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        saved = {int(r): (int(p), int(o)) for r, p, o in state["rows"]}
+        missing = [r for r in self._rows if r not in saved]
+        if int(state["batch_size"]) != self._batch_size or missing:
+            raise ValueError(
+                f"stream state of batch size {state['batch_size']} lacks rows {missing[:5]} of "
+                f"this batch size {self._batch_size}"
+            )
+        self._position = [saved[r][0] for r in self._rows]
+        self._offset = [saved[r][1] for r in self._rows]
+        self._tokens: list[np.ndarray] = [np.zeros(0, np.int32)] * len(self._rows)
+        self._load(list(range(len(self._rows))))
+
+
 class TfdsSource:
     """Packed windows of a tfds text dataset (module docstring: order, sharding, state).
 
     ``cfg`` is a DataConfig (fields ``tfds_name``, ``tfds_data_dir``, ``tfds_split``,
     ``tfds_eval_split``, ``tfds_text_feature``, ``tokenizer``, ``tokenizer_path``, ``seq_len``,
-    ``batch_size``); ``vocab_size`` is the model's. ``process_index``/``process_count`` default
-    to this JAX process's.
+    ``batch_size``); ``vocab_size`` is the model's.
     """
 
     loss_floor = None
 
-    def __init__(
-        self,
-        cfg: Any,
-        vocab_size: int,
-        process_index: int | None = None,
-        process_count: int | None = None,
-    ):
-        self._process = jax.process_index() if process_index is None else process_index
-        self._processes = jax.process_count() if process_count is None else process_count
-        if cfg.batch_size % self._processes:
-            raise ConfigError(
-                f"config.data.batch_size={cfg.batch_size} is not divisible by the "
-                f"{self._processes} JAX processes that share each batch"
-            )
+    def __init__(self, cfg: Any, vocab_size: int):
         self._cfg = cfg
-        self._rows = cfg.batch_size // self._processes
         self.tokenizer = make_tokenizer(cfg, vocab_size)
         self._train = self._open(cfg.tfds_split, "config.data.tfds_split")
         self._eval = self._open(cfg.tfds_eval_split, "config.data.tfds_eval_split")
@@ -210,19 +267,19 @@ class TfdsSource:
             "tokenizer_vocab_size": self.tokenizer.vocab_size,
             "bos_id": self.tokenizer.bos_id,
             "eos_id": self.tokenizer.eos_id,
-            "process_index": self._process,
-            "process_count": self._processes,
             "eval_bytes_per_token": self.eval_bytes_per_token,
         }
 
     def _open(self, split: str, field: str) -> Sequence[dict[str, Any]]:
         cfg = self._cfg
         records = open_split(cfg.tfds_name, split, cfg.tfds_data_dir, field)
-        if len(records) < self._processes:
+        if field == "config.data.tfds_split" and len(records) < cfg.batch_size:
             raise ConfigError(
                 f"{field}={split!r} of {cfg.tfds_name} yields {len(records)} documents; need at "
-                f"least one per JAX process ({self._processes})"
+                f"least one per batch row (config.data.batch_size={cfg.batch_size})"
             )
+        if not len(records):
+            raise ConfigError(f"{field}={split!r} of {cfg.tfds_name} yields no documents")
         try:
             example = records[0]
         except (OSError, RuntimeError) as err:  # e.g. a shard file missing
@@ -252,17 +309,15 @@ class TfdsSource:
             n_tokens += len(self._document_tokens(records[i]))
         return n_bytes / n_tokens
 
-    def _documents(self, records: Sequence[dict[str, Any]], seed: int | None) -> grain.MapDataset:
-        """This process's shard, tokenized, endlessly repeated; reshuffled each epoch if seeded."""
-        shard = grain.MapDataset.source(records)[self._process :: self._processes]
-        if seed is not None:
-            shard = shard.shuffle(seed=seed)
-        return shard.repeat().map(self._document_tokens)
-
-    def train_stream(self, seed: int) -> PackedStream:
-        return PackedStream(self._documents(self._train, seed), self._rows, self._cfg.seq_len + 1)
+    def train_stream(self, seed: int, rows=None) -> RowStreams:
+        cfg = self._cfg
+        rows = range(cfg.batch_size) if rows is None else rows
+        return RowStreams(
+            self._train, self._document_tokens, seed, rows, cfg.batch_size, cfg.seq_len + 1
+        )
 
     def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
-        """The first ``n`` local batches of the held-out split, in its stored order."""
-        stream = PackedStream(self._documents(self._eval, None), self._rows, self._cfg.seq_len + 1)
+        """The first ``n`` global batches of the held-out split, in its stored order."""
+        documents = grain.MapDataset.source(self._eval).repeat().map(self._document_tokens)
+        stream = PackedStream(documents, self._cfg.batch_size, self._cfg.seq_len + 1)
         return [stream.next() for _ in range(n)]

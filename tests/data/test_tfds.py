@@ -92,59 +92,71 @@ def documents(flat: np.ndarray, tok=BYTES) -> list[str]:
     return out
 
 
-def epoch_documents(stream, n_docs, rows, window, tok=BYTES) -> list[str]:
-    """The first ``n_docs`` documents of a train ``stream`` of ``rows x window`` batches."""
-    epochs = math.ceil(n_docs / len(TRAIN_DOCS))
-    n_tokens = epochs * sum(doc_tokens(d, tok) for d in TRAIN_DOCS)
-    flat = np.concatenate([b.ravel() for b in take(stream, n_tokens // (rows * window) + 1)])
-    docs = documents(flat, tok)[:n_docs]
-    assert len(docs) == n_docs
-    return docs
+def row_documents(source, seed, row, n_docs, window, tok=BYTES) -> list[str]:
+    """The first ``n_docs`` documents of row ``row`` of the train batches."""
+    stream = source.train_stream(seed, rows=[row])
+    flat, docs = [], []
+    while len(docs) < n_docs:
+        flat.append(stream.next()["tokens"].ravel())
+        docs = documents(np.concatenate(flat), tok)
+    return docs[:n_docs]
 
 
-def test_batches_and_epoch(data_dir):
-    source = TfdsSource(make_config(data_dir), vocab_size=258, process_index=0, process_count=1)
+def test_batches_and_epochs_per_row(data_dir):
+    source = TfdsSource(make_config(data_dir), vocab_size=258)
     batch = source.train_stream(0).next()
     assert batch["tokens"].shape == (4, 16) and batch["tokens"].dtype == np.int32
-    assert batch["tokens"][0, 0] == BYTES.bos_id
-    # One epoch: every document exactly once, in a shuffled order; the next epoch reshuffles.
-    order = epoch_documents(source.train_stream(0), 2 * len(TRAIN_DOCS), 4, 16)
-    first, second = order[: len(TRAIN_DOCS)], order[len(TRAIN_DOCS) :]
-    assert sorted(first) == sorted(TRAIN_DOCS) == sorted(second)
-    assert first != second
-    other_seed = epoch_documents(source.train_stream(1), len(TRAIN_DOCS), 4, 16)
-    assert first != other_seed
-    assert epoch_documents(source.train_stream(0), len(TRAIN_DOCS), 4, 16) == first
+    assert (batch["tokens"][:, 0] == BYTES.bos_id).all()
+    # Row r reads documents r, r+4, r+8, ... of the split (in its stored order): each once
+    # per epoch, reshuffled every epoch.
+    stored = stored_texts(data_dir, "train")
+    shares = []
+    for row in range(4):
+        share = stored[row::4]
+        order = row_documents(source, 0, row, 2 * len(share), 16)
+        first, second = order[: len(share)], order[len(share) :]
+        assert sorted(first) == sorted(share) == sorted(second) and first != second
+        assert row_documents(source, 1, row, len(share), 16) != first
+        shares.append(set(first))
+    assert set().union(*shares) == set(TRAIN_DOCS)
+    assert row_documents(source, 0, 2, 5, 16) == row_documents(source, 0, 2, 5, 16)
 
 
-def test_stream_is_exactly_the_concatenated_documents(data_dir):
-    """No token is lost or repeated between windows: the flat stream is the packed docs."""
-    source = TfdsSource(make_config(data_dir, seq_len=6), vocab_size=258, process_count=1)
-    flat = np.concatenate([b.ravel() for b in take(source.train_stream(5), 40)])
+def test_row_is_exactly_its_concatenated_documents(data_dir):
+    """No token is lost or repeated between windows: a row's flat stream is its packed docs."""
+    source = TfdsSource(make_config(data_dir, seq_len=6), vocab_size=258)
+    flat = np.concatenate([b["tokens"][1] for b in take_batches(source.train_stream(5), 40)])
     packed = np.concatenate(
         [[BYTES.bos_id, *BYTES.encode(d), BYTES.eos_id] for d in documents(flat)]
     )
     np.testing.assert_array_equal(flat[: len(packed)], packed)
 
 
-def test_process_shards_are_disjoint_and_cover(data_dir):
-    cfg = make_config(data_dir)
-    shards = []
-    for p in range(2):
-        source = TfdsSource(cfg, vocab_size=258, process_index=p, process_count=2)
-        stream = source.train_stream(0)
-        assert stream.next()["tokens"].shape == (2, 16)  # local batch = batch_size / 2
-        n_docs = len(range(p, len(TRAIN_DOCS), 2))
-        docs = epoch_documents(source.train_stream(0), n_docs, 2, 16)
-        assert len(set(docs)) == n_docs
-        shards.append(set(docs))
-    assert not shards[0] & shards[1]
-    assert shards[0] | shards[1] == set(TRAIN_DOCS)
+def stored_texts(data_dir, split: str) -> list[str]:
+    records = tfds.data_source("stability_test_text", split=split, data_dir=str(data_dir))
+    return [r["text"].decode() for r in records]
+
+
+def take_batches(stream, n):
+    return [stream.next() for _ in range(n)]
+
+
+def test_some_rows_are_those_rows_of_the_global_batch(data_dir):
+    """What a process holding rows 1 and 3 reads, fresh and resumed from the gathered state."""
+    source = TfdsSource(make_config(data_dir), vocab_size=258)
+    full, part = source.train_stream(3), source.train_stream(3, rows=[1, 3])
+    for _ in range(6):
+        np.testing.assert_array_equal(part.next()["tokens"], full.next()["tokens"][[1, 3]])
+    state = json.loads(json.dumps(full.state()))
+    resumed = source.train_stream(3, rows=[3, 1])
+    resumed.restore(state)
+    for _ in range(6):
+        np.testing.assert_array_equal(resumed.next()["tokens"], full.next()["tokens"][[3, 1]])
 
 
 @pytest.mark.parametrize("done", [0, 1, 3, 12])
 def test_restore_continues_exactly(data_dir, done):
-    source = TfdsSource(make_config(data_dir), vocab_size=258, process_count=1)
+    source = TfdsSource(make_config(data_dir), vocab_size=258)
     stream = source.train_stream(2)
     take(stream, done)
     state = json.loads(json.dumps(stream.state()))
@@ -160,7 +172,7 @@ def test_restore_continues_exactly(data_dir, done):
 
 
 def test_eval_batches_and_bits_per_byte(data_dir):
-    source = TfdsSource(make_config(data_dir), vocab_size=258, process_count=1)
+    source = TfdsSource(make_config(data_dir), vocab_size=258)
     evals = source.eval_batches(80)  # more tokens than the split holds: it cycles
     assert len(evals) == 80 and all(b["tokens"].shape == (4, 16) for b in evals)
     flat = np.concatenate([b["tokens"].ravel() for b in evals])
@@ -176,30 +188,32 @@ def test_eval_batches_and_bits_per_byte(data_dir):
 
 def test_sentencepiece_documents(data_dir, sp_model):
     cfg = make_config(data_dir, tokenizer="sentencepiece", tokenizer_path=sp_model)
-    source = TfdsSource(cfg, vocab_size=96, process_count=1)
+    source = TfdsSource(cfg, vocab_size=96)
     tok = source.tokenizer
     batch = source.train_stream(0).next()["tokens"]
     assert ((batch >= 0) & (batch < 96)).all()
-    docs = epoch_documents(source.train_stream(0), len(TRAIN_DOCS), 4, 16, tok)
-    assert sorted(docs) == sorted(TRAIN_DOCS)  # SentencePiece round-trips every document
+    share = stored_texts(data_dir, "train")[1::4]
+    docs = row_documents(source, 0, 1, len(share), 16, tok)
+    assert sorted(docs) == sorted(share)  # SentencePiece round-trips every document
 
 
 def test_sentencepiece_without_bos(data_dir, tmp_path):
     path = train_sentencepiece(tmp_path, TRAIN_DOCS + EVAL_DOCS, bos_id=-1)
     cfg = make_config(data_dir, tokenizer="sentencepiece", tokenizer_path=path)
-    source = TfdsSource(cfg, vocab_size=96, process_count=1)
+    source = TfdsSource(cfg, vocab_size=96)
     assert source.tokenizer.bos_id is None  # documents are separated by EOS alone
-    docs = epoch_documents(source.train_stream(0), len(TRAIN_DOCS), 4, 16, source.tokenizer)
-    assert sorted(docs) == sorted(TRAIN_DOCS)
+    share = stored_texts(data_dir, "train")[2::4]
+    docs = row_documents(source, 0, 2, len(share), 16, source.tokenizer)
+    assert sorted(docs) == sorted(share)
 
 
 def test_mock_data(tmp_path):
     cfg = make_config(tmp_path, tfds_name="lm1b", tfds_eval_split="test")
     with tfds.testing.mock_data(num_examples=9):
-        source = TfdsSource(cfg, vocab_size=258, process_count=1)
-        flat = np.concatenate([b.ravel() for b in take(source.train_stream(0), 30)])
+        source = TfdsSource(cfg, vocab_size=258)
+        flat = np.concatenate([b[0] for b in take(source.train_stream(0), 30)])
         evals = source.eval_batches(2)
-    assert flat[0] == BYTES.bos_id and len(documents(flat)) >= 9
+    assert flat[0] == BYTES.bos_id and len(documents(flat)) >= 9 // 4
     assert evals[0]["tokens"].shape == (4, 16)
 
 
@@ -241,16 +255,12 @@ def test_bad_inputs(data_dir, sp_model, tmp_path):
             dict(vocab_size=64),
             "config.model.vocab_size=64 .* 96 tokens",
         ),
-        # A shard that yields no documents: 16 processes, 12 eval documents.
-        (
-            dict(batch_size=16),
-            dict(process_index=15, process_count=16),
-            "config.data.tfds_eval_split='validation' .* yields 12 documents",
-        ),
-        (dict(batch_size=3), dict(process_count=2), "config.data.batch_size=3"),
+        # A batch row without a document of its own: 41 train documents, 64 rows.
+        (dict(batch_size=64), {}, "config.data.tfds_split='train' .* yields 41 documents"),
+        (dict(tfds_eval_split="validation[:0]"), {}, "tfds_eval_split='validation\\[:0\\]'"),
     ]
     for overrides, kwargs, message in cases:
-        kwargs = dict(vocab_size=258, process_count=1) | kwargs
+        kwargs = dict(vocab_size=258) | kwargs
         with pytest.raises(ConfigError, match=message) as err:
             TfdsSource(make_config(data_dir, **overrides), **kwargs)
         assert "\n" not in str(err.value), str(err.value)
