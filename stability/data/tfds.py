@@ -191,9 +191,8 @@ class RowStreams:
     def _load(self, ks: list[int]) -> None:
         """Read and tokenize the head documents of local rows ``ks``."""
         docs = [self._document(self._rows[k], self._position[k]) for k in ks]
-        read = getattr(self._records, "__getitems__", None)  # one batched read when supported
-        examples = read(docs) if read else [self._records[i] for i in docs]
-        for k, example in zip(ks, examples, strict=True):
+        for k, doc in zip(ks, docs, strict=True):
+            example = self._records[doc]
             self._tokens[k] = self._tokens_of(example)
 
     def next(self) -> dict[str, np.ndarray]:
