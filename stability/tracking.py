@@ -2,7 +2,13 @@
 
 ``<dir>/metrics.jsonl`` holds one JSON object per logged step. It is the source of truth:
 W&B has no offline reader, and a W&B failure (no network, a dead service process) only
-disables W&B for the rest of the run, with one warning.
+disables W&B for the rest of the run, with one warning. ``<dir>/versions.json`` records the
+Python and package versions of the last start (also in the W&B config as ``versions``).
+
+W&B files go to ``$WANDB_DIR/wandb`` when WANDB_DIR is set, else to ``<dir>/wandb``. The W&B run
+id is kept in ``<dir>/wandb_id``: a resumed run continues the same W&B run. Offline, each start
+writes its own ``offline-run-<time>-<id>`` directory; ``wandb sync <dir>/wandb/offline-run-*``
+uploads them, in order of start time, into that one run.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import uuid
 import warnings
 from pathlib import Path
@@ -97,6 +104,52 @@ def truncate_metrics(path: str | Path, max_step: int) -> None:
     os.replace(tmp, path)
 
 
+VERSIONED = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "numpy",
+    "ml-collections",
+    "wandb",
+)
+
+
+def package_versions() -> dict[str, str]:
+    """Python's and the main packages' versions ("not installed" for a missing one)."""
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {"python": platform.python_version(), **{name: version(name) for name in VERSIONED}}
+
+
+def record_versions(directory: Path) -> dict[str, str]:
+    """Write ``versions.json`` in ``directory`` (warning when a previous start of the same run
+    used other versions) and return the versions."""
+    path = directory / "versions.json"
+    now = package_versions()
+    if path.exists():
+        try:
+            before = json.loads(path.read_text())
+        except ValueError:
+            before = {}
+        changed = [f"{k} {before.get(k)} -> {v}" for k, v in now.items() if before.get(k) != v]
+        if before and changed:
+            warnings.warn(
+                f"{directory}: package versions differ from the previous start: "
+                f"{', '.join(changed)}",
+                stacklevel=3,
+            )
+    write_json_atomic(path, now)
+    return now
+
+
 def _finite_or_none(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
@@ -119,7 +172,9 @@ class Tracker:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "metrics.jsonl"
         self._wandb = None
+        versions = record_versions(self.directory)
         if wandb_cfg.mode != "disabled":
+            run_config = {**run_config, "versions": versions}
             self._start_wandb(wandb_cfg, run_config, name, group, tags, resume)
 
     def _start_wandb(self, cfg, run_config, name, group, tags, resume):
@@ -128,8 +183,9 @@ class Tracker:
         try:
             import wandb
 
-            id_file = self.directory / "wandb_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+            id_file = self.directory / "wandb_id"  # a rerun continues the same W&B run
+            known = id_file.exists()
+            run_id = id_file.read_text().strip() if known else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self._wandb = wandb.init(
                 project=cfg.project,
@@ -137,8 +193,8 @@ class Tracker:
                 tags=list(tags or cfg.tags) or None,
                 name=name,
                 id=run_id,
-                resume="allow" if resume else None,
-                dir=str(self.directory),
+                resume="allow" if resume or known else None,
+                dir=os.environ.get("WANDB_DIR") or str(self.directory),
                 config=run_config,
                 mode=mode,
                 reinit="create_new",

@@ -116,6 +116,7 @@ class FakeWandb(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self.history: list[dict] = []
+        self.runs: list[str] = []  # run ids named by upsertBucket
         self.file_stream: list[dict] = []
 
 
@@ -126,6 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/graphql":
             query, var = (q := json.loads(body))["query"], q.get("variables") or {}
             if "upsertBucket" in query:
+                self.server.runs.append(var.get("name"))
                 project = {"id": "p", "name": "stability", "entity": {"id": "e", "name": "ent"}}
                 out = {"data": {"upsertBucket": {"inserted": True, "bucket": {
                     "id": "b", "name": var.get("name") or "run", "displayName": "run",
@@ -249,3 +251,33 @@ def test_service_death_first_seen_by_finish(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == "killed 1", out.stderr[-3000:]
     assert out.stderr.count(WARNING) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
+
+
+SEGMENT = """
+import sys
+from stability.config import WandbConfig
+from stability.tracking import Tracker
+tracker = Tracker(sys.argv[1], WandbConfig(), {}, name="r", resume=sys.argv[2] == "1")
+for step in map(int, sys.argv[3].split(",")):
+    tracker.log({"step": step, "train/loss": 1.0 / step})
+tracker.close()
+"""
+
+
+def test_rerun_segments_sync_into_one_run(tmp_path, fake_wandb):
+    """Each (re)start of a run writes its own offline-run-* directory with the run's one W&B id;
+    the documented `wandb sync <workdir>/wandb/offline-run-*` uploads them into that one run."""
+    run_dir = tmp_path / "run"
+    for resume, steps in (("0", "1,2,3"), ("1", "4,5,6")):
+        subprocess.run([sys.executable, "-c", SEGMENT, str(run_dir), resume, steps],
+                       env=wandb_env(tmp_path), check=True, timeout=300)
+    run_id = (run_dir / "wandb_id").read_text()
+    dirs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(dirs) == 2 and all(d.name.endswith(f"-{run_id}") for d in dirs)
+    env = wandb_env(tmp_path, WANDB_MODE="online", WANDB_BASE_URL=fake_wandb.url,
+                    WANDB_API_KEY="x" * 40, NETRC=str(tmp_path / "netrc"))
+    out = subprocess.run([sys.executable, "-m", "wandb", "sync", *map(str, dirs)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and "ERROR" not in out.stderr, out.stderr[-3000:]
+    assert set(fake_wandb.runs) == {run_id}
+    assert [h["_step"] for h in fake_wandb.history] == [1, 2, 3, 4, 5, 6]
