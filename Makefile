@@ -1,16 +1,31 @@
-# `make demo` and `make test` bootstrap .venv themselves (python3 -m venv + pip install -e .[test])
-# whenever it is missing or older than pyproject.toml.
+# `make demo` and `make test` bootstrap .venv themselves (python3 -m venv + pip install -e .[test]
+# constrained to the tested versions in requirements/lock.txt) whenever it is missing or older
+# than pyproject.toml or the lock. `make lock` upgrades every package within pyproject.toml's
+# ranges and rewrites the lock (then run `make test` and commit the lock if it passes).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
 
-.PHONY: demo test test-fast bench lint clean
+.PHONY: demo test test-fast bench lint lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[test]"
+	touch $(STAMP)
+
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	mkdir -p $(dir $(LOCK))
+	{ echo "# Constraints of the tested environment (Python $$($(BIN)/python -c 'import platform; print(platform.python_version())'), $$(uname -sm))."; \
+	  echo "# \`make demo\` / \`make test\` install with \`pip install -c $(LOCK) -e .[test]\`;"; \
+	  echo "# \`make lock\` upgrades every package within pyproject.toml's ranges and rewrites this file."; \
+	  $(BIN)/python -m pip freeze --exclude-editable; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
 	touch $(STAMP)
 
 demo: $(STAMP)
