@@ -14,9 +14,10 @@
 # %% [markdown]
 # # Comparing stabilizers
 #
-# Reads one or more LR sweeps (`stability sweep --workdir=...`, or their W&B group) and sets
-# the stabilizer settings side by side on the instability signals of Wortsman et al. 2023
-# (*Small-scale proxies for large-scale Transformer training instabilities*):
+# Reads one or more LR sweeps (`stability sweep --workdir=...`, or their W&B group) or single
+# runs (`stability train --workdir=...`) and sets the stabilizer settings side by side on the
+# instability signals of Wortsman et al. 2023 (*Small-scale proxies for large-scale
+# Transformer training instabilities*):
 #
 # 1. LR sensitivity: final loss vs learning rate;
 # 2. attention-entropy collapse over training;
@@ -27,7 +28,8 @@
 #
 # Set the cell tagged `parameters` (below the imports; papermill overrides it too), then run
 # all cells. Relative workdirs are read from the current folder, else from the repository
-# root (the notebook's parent folder).
+# root (the notebook's parent folder). Sweeps run with `--seeds=N` show each LR's spread over
+# seeds in section 1; the per-run panels of the other sections show one seed.
 
 # %%
 import io
@@ -66,9 +68,10 @@ def workdir(path: str) -> Path:
 
 
 # %% tags=["parameters"]
-WORKDIRS = ["runs/demo"]  # sweep workdirs to compare (their settings are labelled by name)
+WORKDIRS = ["runs/demo"]  # sweep or single-run workdirs (sweeps' settings get their name)
 LR = 0.1  # learning rate of the per-run panels (the sweep's nearest LR is used)
-EARLY_STEP = 2000  # step of the early-warning max attention logit (the paper's choice)
+EARLY_STEP = 2000  # step of the early-warning max attention logit (the paper's choice; runs
+# that end earlier are read at their last logged step, which the figure's title then says)
 PARAM = "blocks/0/mlp/fc1/kernel"  # parameter whose update and gradient RMS §5 plots
 WANDB_PROJECT = ""  # set with WANDB_GROUP to read runs from W&B instead (needs network)
 WANDB_GROUP = ""  # a sweep's W&B group is its name, e.g. "demo"
@@ -91,9 +94,14 @@ else:
     dirs = [workdir(w) for w in WORKDIRS]
     table, hist = results.runs_table(dirs), results.histories(dirs, keys=KEYS)
 lr = results.nearest_lr(table, LR)
-at_lr = hist[np.isclose(hist["lr"], lr)]
-display(table.drop(columns=["workdir", "run_id", "setting", "config", "diverged"]))
+display(table.drop(columns=["workdir", "run_id", "setting", "config", "diverged", "metrics_path"]))
 print(f"{len(table)} runs, {table['label'].nunique()} setting(s); per-run panels at lr={lr:g}")
+n_seeds = int(table.groupby(["label", "lr"])["seed"].nunique().max())
+if n_seeds > 1:
+    seed = int(table["seed"].min())
+    hist = hist[hist["seed"] == seed]
+    print(f"Up to {n_seeds} seeds per LR: section 1 uses all; the other panels show seed {seed}.")
+at_lr = hist[np.isclose(hist["lr"], lr)]
 unfinished = table[table["status"] == "unfinished"]
 if len(unfinished):
     print(f"Unfinished (no results record yet): {', '.join(unfinished['run_id'])}")
@@ -106,21 +114,20 @@ recs = results.records(table)
 if recs:
     show(plots.plot_lr_sensitivity(recs))
     display(Markdown(plots.summary_table(recs)))
+    no_l0 = sorted({r["setting"] for r in recs if r["loss_at_init"] is None and r["diverged"]})
+    if no_l0:
+        print(f"No loss at init (single runs) for {', '.join(no_l0)}: LR sensitivity n/a.")
 else:
-    done = table[table["status"] == "finished"]
-    print("No finished run yet." if done.empty else "No loss at init: no LR sensitivity.")
-    if len(done):
-        final = results.curves(done.assign(value=done["final_loss"]), "label", x="lr")
-        show(
-            plots.plot_curves(
-                final,
-                xlabel="learning rate",
-                ylabel="final eval loss",
-                logx=True,
-                marker="o",
-                title="Final loss (finished runs)",
-            )
-        )
+    print("No finished run yet.")
+if recs and n_seeds > 1:
+    spread = results.seed_spread(table)
+    display(spread)
+    split = spread[spread["disagree"]]
+    print(
+        "Seeds disagree at: "
+        + (", ".join(f"{r.label} lr={r.lr:g}" for r in split.itertuples()) or "no LR")
+        + f" (tolerance {plots.SEED_TOLERANCE:g} nats)"
+    )
 
 # %% [markdown]
 # **Reading.** One curve per setting: final eval loss against the peak LR; a cross marks a
@@ -129,6 +136,13 @@ else:
 # from the best LR. A stabilizer that works keeps the right end of its curve low where the
 # baseline climbs back to ℓ0, and has the lower sensitivity. Compare settings on the same grid
 # only; shift the grid if the optimum sits at its edge.
+#
+# With several seeds a point is the mean over seeds (bar: ± sample std), the sensitivity is
+# computed per seed (legend and table: mean ± std), and the spread table lists each LR's
+# seeds. A ring (table: †) marks an LR where the seeds disagree: some diverged and others did
+# not, or their losses span more than the tolerance. At unstable LRs training is chaotic: tiny
+# differences (a seed, float rounding that differs between vmap and sequential, or between
+# hardware) grow into different outcomes, so a claim about such an LR needs several seeds.
 
 # %% [markdown]
 # ## 2. Attention-entropy collapse
@@ -163,10 +177,17 @@ show_panels(
 )
 early = results.value_at_step(max_logit, "attn/max_logit", EARLY_STEP)
 if len(early):
+    read = sorted(set(early["step"]))
+    title = f"Max attention logit at step {EARLY_STEP}"
+    if read != [EARLY_STEP]:
+        last = int(table["steps"].max())
+        why = f"the runs end at step {last}" if last < EARLY_STEP else "last logged step before"
+        title += f"\nread at step {', '.join(map(str, read))} ({why})"
+        print(f"EARLY_STEP={EARLY_STEP}: read at step {', '.join(map(str, read))} ({why}).")
     show(
         plots.plot_curves(
             results.curves(early, "label", x="lr"),
-            title=f"Max attention logit at step {EARLY_STEP} (or the last logged step before)",
+            title=title,
             xlabel="learning rate",
             ylabel="max attention logit",
             logx=True,
@@ -180,10 +201,10 @@ if len(early):
 # %% [markdown]
 # **Reading.** Top: the largest pre-softmax attention logit over training, one curve per LR.
 # Without qk-layernorm it grows with the LR (through the norms of q and k); in the paper every
-# run whose max logit passed 1e4 diverged. Bottom: its value at step 2,000 (the table gives
-# the step actually read for shorter runs) against the LR: the paper's early-warning signal,
-# which grows long before the loss shows anything. Flat, low curves mean the stabilizer holds
-# the logits in check.
+# run whose max logit passed 1e4 diverged. Bottom: its value at step `EARLY_STEP` (2,000; the
+# title and the table give the step actually read for shorter runs) against the LR: the
+# paper's early-warning signal, which grows long before the loss shows anything. Flat, low
+# curves mean the stabilizer holds the logits in check.
 
 # %% [markdown]
 # ## 4. Output-logit divergence

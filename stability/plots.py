@@ -480,6 +480,15 @@ def plot_curves(
     return _save(fig, path)
 
 
+def _label_key(label: str) -> tuple:
+    """Legend order: "lr=0.01" < "lr=0.1" < "lr=1" (numeric values), else alphabetical."""
+    name, _, value = label.partition("=")
+    try:
+        return (name, float(value), "")
+    except ValueError:
+        return (name, math.inf, label)
+
+
 def plot_panels(
     panels: dict[str, dict[str, tuple]],
     *,
@@ -504,7 +513,9 @@ def plot_panels(
         squeeze=False,
         layout="constrained",
     )
-    labels = list(dict.fromkeys(label for curves in panels.values() for label in curves))
+    labels = sorted(
+        dict.fromkeys(label for curves in panels.values() for label in curves), key=_label_key
+    )
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
     handles = {}
@@ -533,4 +544,92 @@ def plot_panels(
         )
     if suptitle:
         fig.suptitle(suptitle)
+    return _save(fig, path)
+
+
+def plot_forecast(fc: dict, path: Path | None = None):
+    """The figure of ``stability forecast`` (``stability.forecast.forecast``'s dict): per
+    setting, measured max attention logit vs non-embedding parameters (one colour per LR),
+    the quadratic fits extrapolated (dashed) to the target with the prediction interval, the
+    threshold; then gradient RMS / ε (§3.4) and LR sensitivity / optimal LR vs size."""
+    import numpy as np
+
+    settings = fc["settings"]
+    grad = fc["grad_rms_over_eps"]["series"]
+    ncols = len(settings) + (1 if grad else 0) + 2
+    fig, axes = plt.subplots(1, ncols, figsize=(4.3 * ncols, 3.8), squeeze=False)
+    axes = list(axes.flat)
+    target = fc["target_params"]
+    lrs = sorted({e["lr"] for e in fc["max_attn_logit"]})
+    colour = {lr: plt.cm.viridis(i / max(len(lrs) - 1, 1)) for i, lr in enumerate(lrs)}
+
+    def draw(ax, e, target_mark: bool):
+        c = colour.get(e["lr"], "k")
+        pts = [(p["params"], p["value"]) for p in e["points"] if p["value"] is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o", color=c, markersize=4, label=f"lr={e['lr']:g}")
+        bad = [p["params"] for p in e["points"] if p["value"] is None]
+        if bad:
+            ymin = min((v for _, v in pts), default=1.0)
+            ax.plot(bad, [ymin] * len(bad), "x", color=c, markersize=6)
+        if e["fit"] is None:
+            return
+        c0, c1, c2 = e["fit"]["coef"]
+        lo, hi = math.log10(min(e["sizes_used"])), math.log10(max(e["sizes_used"]))
+        for a, b, style in ((lo, hi, "-"), (hi, max(hi, math.log10(target)), "--")):
+            xs = np.linspace(a, b, 40)
+            ax.plot(10**xs, 10 ** (c0 + c1 * xs + c2 * xs**2), style, color=c, linewidth=1)
+        p = e["prediction"]
+        if target_mark and p["lo"] is not None:
+            ax.errorbar(
+                [target],
+                [p["value"]],
+                yerr=[[p["value"] - p["lo"]], [p["hi"] - p["value"]]],
+                fmt="s",
+                color=c,
+                markersize=4,
+                capsize=3,
+            )
+        elif target_mark:
+            ax.plot([target], [p["value"]], "s", color=c, markersize=4)
+
+    for ax, setting in zip(axes, settings, strict=False):
+        for e in fc["max_attn_logit"]:
+            if e["setting"] == setting:
+                draw(ax, e, True)
+        ax.axhline(fc["threshold"], color="red", linestyle=":", linewidth=1)
+        ax.axvline(target, color="gray", linestyle=":", linewidth=1)
+        ax.set_title(f"max attn logit @ step {fc['step']}: {setting}", fontsize=8)
+        ax.set_ylabel("max attention logit")
+    if grad:
+        ax = axes[len(settings)]
+        for e in grad:
+            draw(ax, e, True)
+        ax.axhline(1.0, color="red", linestyle=":", linewidth=1)
+        ax.axvline(target, color="gray", linestyle=":", linewidth=1)
+        ax.set_title(f"grad RMS / ε: {fc['grad_rms_over_eps']['param']}", fontsize=8)
+        ax.set_ylabel("gradient RMS / ε")
+    ax_sens, ax_opt = axes[-2], axes[-1]
+    for tr in fc["lr_trends"]:
+        rows = tr["by_size"]
+        ax_sens.plot(
+            [r["params"] for r in rows],
+            [r["lr_sensitivity"] for r in rows],
+            "o-",
+            label=tr["setting"],
+        )
+        opt = [(r["params"], r["optimal_lr"]) for r in rows if r["optimal_lr"]]
+        if opt:
+            ax_opt.plot(*zip(*opt, strict=True), "o-", label=tr["setting"])
+    ax_sens.set_title("LR sensitivity vs size", fontsize=8)
+    ax_opt.set_title("optimal LR vs size", fontsize=8)
+    ax_opt.set_yscale("log")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("non-embedding parameters")
+        if ax not in (ax_sens, ax_opt):
+            ax.set_yscale("log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
     return _save(fig, path)

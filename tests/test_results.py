@@ -222,14 +222,15 @@ def seed_run_id(setting: str, lr: float, seed: int) -> str:
     return f"{head}-s{seed}-{digest}"
 
 
-def write_seed_sweep(root: Path, setting: str = "qk_norm=False") -> Path:
+def write_seed_sweep(root: Path, setting: str = "qk_norm=False", **hist_kwargs) -> Path:
     """A finished 3-seed sweep workdir of one setting: at LR 0.01 the seeds agree (span 0.04
-    nats), at 0.1 they span 0.3, at 1.0 seed 1 diverged (at step 6) and the others did not."""
+    nats), at 0.1 they span 0.3, at 1.0 seed 1 diverged (at step 6) and the others did not.
+    hist_kwargs: passed to ``history``."""
     recs = []
     for lr, losses in SEED_LOSSES.items():
         for seed, loss in enumerate(losses):
             rid = seed_run_id(setting, lr, seed)
-            hist = history(lr * (1 + seed), diverge_at=6 if loss is None else None)
+            hist = history(lr * (1 + seed), diverge_at=6 if loss is None else None, **hist_kwargs)
             write_jsonl(root / "runs" / rid / "metrics.jsonl", hist)
             config = {"optim": {"lr": lr}, "train": {"seed": seed}}
             (root / "runs" / rid / "config.json").write_text(json.dumps(config))
@@ -335,10 +336,11 @@ def test_seed_spread_and_report_mark_where_seeds_disagree(tmp_path):
 # Single-run workdirs (`stability train --workdir=...`).
 
 
-def write_single_run(root: Path, lr: float, *, qk_norm=True, diverge_at=None, last=8) -> Path:
-    """A single run's workdir as the train loop leaves it (8 steps; no checkpoints needed)."""
+def write_single_run(root: Path, lr: float, *, qk_norm=True, **hist_kwargs) -> Path:
+    """A single run's workdir as the train loop leaves it (8 steps; no checkpoints needed).
+    hist_kwargs: passed to ``history``."""
     cfg = tiny_config(model={"qk_norm": qk_norm}, optim={"lr": lr}, train={"steps": 8})
-    write_jsonl(root / "metrics.jsonl", history(lr, diverge_at=diverge_at, last=last))
+    write_jsonl(root / "metrics.jsonl", history(lr, **hist_kwargs))
     (root / "config.json").write_text(json.dumps(to_jsonable(cfg.to_dict())))
     return root
 
@@ -479,7 +481,8 @@ def fake_run_from_offline(path: str, timeout: float = 30.0) -> FakeRun:
 
 def test_offline_wandb_run_holds_the_sweep_conventions_and_reads_back(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")  # never the network
-    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # the run's files go under its directory
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
     cfg = tiny_config(model={"qk_norm": True})
     rid = run_id("qk_norm=True", cfg.optim.lr)
