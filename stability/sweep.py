@@ -30,15 +30,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from stability import train as T
 from stability.checkpoint import Checkpointer
+from stability.compilation import Program, setup_compilation_cache
 from stability.config import Config, ConfigError, from_config_dict
 from stability.configfiles import apply_override, load_config_dict, load_sweep, parse_value
-from stability.data import make_source
+from stability.data import feed, make_source
 from stability.tracking import (
     Tracker,
     append_jsonl,
@@ -239,20 +241,25 @@ class ChunkRunner:
         self.k_pad = -(-self.k // n_run) * n_run
         self.run_sharding = NamedSharding(self.mesh, P("run"))
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.stopped_at = 0  # the step checkpointed when preempted
 
     def _padded(self, values: list) -> np.ndarray:
         return np.asarray(values + [values[-1]] * (self.k_pad - self.k))
 
     def run(self, preemption: T.Preemption) -> dict[str, dict[str, Any]] | None:
-        """Train the chunk; result records by run_id, or None if preempted (SIGTERM)."""
+        """Train the chunk; result records by run_id, or None if preempted (SIGTERM, Ctrl-C;
+        ``self.stopped_at`` is then the step checkpointed)."""
         cfg, static, t = self.cfg, self.static, self.cfg.train
         source = make_source(cfg.data, cfg.model.vocab_size)
-        stream = source.train_stream(cfg.data.seed)
+        k_max = T.steps_per_call_max(t)
+        train_feed = T.Feed(
+            source, cfg.data.seed, cfg, NamedSharding(self.mesh, P(None, "data")), k_max
+        )
         eval_batches = [
             jax.tree.map(lambda x: _global(x, self.batch_sharding), b)
             for b in source.eval_batches(t.eval_batches)
         ]
-        fns = _vmapped_fns(static, self.run_sharding)
+        fns = _vmapped_fns(static, self.run_sharding, k_max)
         seeds = _global(
             self._padded([r.config.train.seed for r in self.runs]).astype(np.int32),
             self.run_sharding,
@@ -272,7 +279,7 @@ class ChunkRunner:
         restored = ckpt.restore_latest(state)
         if restored is not None:
             start, state, meta = restored
-            stream.restore(meta["stream"])
+            train_feed.stream.restore(meta["stream"])
             init_loss = np.asarray(meta["loss_at_init"])
         is_main = jax.process_index() == 0
         trackers = []
@@ -303,7 +310,16 @@ class ChunkRunner:
         last = {}
         try:
             last = self._loop(
-                state, hp, stream, eval_batches, fns, ckpt, trackers, start, init_loss, preemption
+                state,
+                hp,
+                train_feed,
+                eval_batches,
+                fns,
+                ckpt,
+                trackers,
+                start,
+                init_loss,
+                preemption,
             )
             if last is not None:
                 for i, tracker in enumerate(trackers):  # ℓ0 for LR sensitivity read from W&B
@@ -325,9 +341,11 @@ class ChunkRunner:
         return finals
 
     def _loop(
-        self, state, hp, stream, eval_batches, fns, ckpt, trackers, start, init_loss, preemption
+        self, state, hp, train_feed, eval_batches, fns, ckpt, trackers, start, init_loss, preemption
     ):
-        """Train to the end; returns the last record of each run, or None if preempted."""
+        """Train to the end, K updates per device call (``T.make_call``); returns the last
+        record of each run, or None if preempted. A run that died inside a call gets the
+        record of its failing update (replayed on its frozen state), and no record after it."""
         from tqdm import tqdm
 
         t = self.cfg.train
@@ -335,73 +353,82 @@ class ChunkRunner:
         bar = tqdm(
             total=t.steps,
             initial=start,
-            disable=not self.progress,
+            disable=not self.progress or jax.process_index() != 0,
             dynamic_ncols=True,
             desc=f"{self.runs[0].setting} x{self.k}",
             file=sys.stderr,
+            unit="step",
         )
-        pending = None
-        last_time, last_step = time.time(), start
+        repl = NamedSharding(self.mesh, P())
         last_records: dict[int, dict] = {}
-        logged_dead: set[int] = set()
+        # Runs dead at a resumed checkpoint logged their last record before it was written.
+        logged_dead = {i for i, a in enumerate(_fetch(state.alive)[: self.k]) if not a}
 
-        def flush(step, out):
-            nonlocal last_time, last_step
-            host = _fetch(out)
-            now = time.time()
-            tps = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
-            last_time, last_step = now, step
-            for i in range(self.k):
-                alive = bool(host["alive"][i])
-                if not alive and i in logged_dead:
-                    continue  # a frozen run: its record at the diverging step is its last
-                rec = {
-                    "step": step,
-                    **{k: v[i] for k, v in host.items()},
-                    "perf/tokens_per_sec": tps / self.k,
-                }
-                if not alive:
-                    logged_dead.add(i)
-                if trackers:
-                    trackers[i].log(rec)
-                last_records[i] = to_jsonable(rec)
-            bar.set_postfix(
-                loss=f"{np.nanmin(host['train/loss'][: self.k]):.3f}",
-                alive=int(host["alive"][: self.k].sum()),
-            )
+        def log(i: int, step: int, host: dict, tokens_per_sec: float) -> None:
+            rec = {
+                "step": step,
+                **{k: v[i] for k, v in host.items()},
+                "perf/tokens_per_sec": tokens_per_sec / self.k,
+            }
+            if trackers:
+                trackers[i].log(rec)
+            last_records[i] = to_jsonable(rec)
 
-        def save(step):
-            ckpt.save(
-                step,
-                state,
-                {"stream": stream.state(), "loss_at_init": [float(x) for x in init_loss]},
-            )
-
-        is_log = lambda s: s % t.log_every == 0 or s % t.eval_every == 0 or s == t.steps
-        for i in range(start, t.steps):
-            batch = jax.tree.map(lambda x: _global(x, self.batch_sharding), stream.next())
-            state, out = fns.step(state, hp, batch)
-            s = i + 1
-            if pending is not None:
-                prev_step, prev_out = pending
-                alive = _fetch(prev_out["alive"])[: self.k]
-                newly_dead = any(not a and i not in logged_dead for i, a in enumerate(alive))
-                if is_log(prev_step) or newly_dead:
-                    flush(prev_step, prev_out)
-            if s % t.eval_every == 0 or s == t.steps:
-                out["eval/loss"] = fns.evaluate(state, eval_batches)
-            pending = (s, out)
-            if s % t.checkpoint_every == 0 or s == t.steps or preemption.requested:
-                save(s)
-            bar.update(1)
-            if preemption.requested and s < t.steps:
-                if is_log(s):
-                    flush(s, out)
-                bar.close()
-                return None
-        if pending is not None:
-            flush(*pending)
-        bar.close()
+        is_eval = lambda s: s % t.eval_every == 0 or s == t.steps
+        is_log = lambda s: s % t.log_every == 0 or is_eval(s)
+        is_ckpt = lambda s: s % t.checkpoint_every == 0 or s == t.steps
+        plan = T.call_ends(start, t.steps, lambda s: is_log(s) or is_ckpt(s), train_feed.k_max)
+        sizes = [e - s for s, e in zip([start, *plan[:-1]], plan, strict=True)]
+        prefetch = train_feed.prefetch(sizes)
+        last_time = time.time()
+        try:
+            for end, n in zip(plan, sizes, strict=True):
+                batches, host, stream_state = prefetch.next()
+                state, out = fns.call(state, hp, batches, _global(np.int32(n), repl))
+                if is_eval(end):
+                    out["eval/loss"] = fns.evaluate(state, eval_batches)
+                alive = _fetch(out["alive"])[: self.k]  # the host waits here, once per call
+                now = time.time()
+                tps = tokens_per_step * n / max(now - last_time, 1e-9)
+                last_time = now
+                host_out = _fetch(out) if is_log(end) or not alive.all() else None
+                newly_dead = [i for i in range(self.k) if not alive[i] and i not in logged_dead]
+                if newly_dead:
+                    died = _fetch(state.diverged_step)
+                    for d in sorted({int(died[i]) for i in newly_dead}):
+                        replay = host_out
+                        if d != end:  # the failing update again, on the frozen states
+                            copy = jax.tree.map(jnp.copy, state)
+                            one = train_feed.single(host, n - (end - d) - 1)
+                            replay = _fetch(fns.call(copy, hp, one, _global(np.int32(1), repl))[1])
+                        for i in newly_dead:
+                            if died[i] == d:
+                                log(i, d, replay, tps)
+                                logged_dead.add(i)
+                if is_log(end):
+                    for i in range(self.k):
+                        if i not in logged_dead:
+                            log(i, end, host_out, tps)
+                bar.set_postfix(
+                    loss=f"{np.nanmin(host_out['train/loss'][: self.k]):.3f}"
+                    if host_out is not None
+                    else "…",
+                    alive=int(alive.sum()),
+                    tok_s=f"{tps:.0f}",
+                )
+                if is_ckpt(end) or preemption.requested:
+                    meta = {
+                        "stream": feed.gather_stream_state(stream_state),
+                        "loss_at_init": [float(x) for x in init_loss],
+                    }
+                    ckpt.save(end, state, meta)
+                bar.update(n)
+                if preemption.requested and end < t.steps:
+                    self.stopped_at = end
+                    return None
+        finally:
+            prefetch.close()
+            bar.close()
         return last_records
 
 
@@ -457,31 +484,34 @@ def _result_record(run: Run, rec: dict, loss_at_init: float, wall: float) -> dic
 
 @dataclass
 class _Fns:
-    init: Any
-    step: Any
-    evaluate: Any
+    init: Program
+    call: Program
+    evaluate: Program
 
 
 _FNS_CACHE: dict = {}
 
 
-def _vmapped_fns(static: Config, run_sharding) -> _Fns:
-    key = (static, run_sharding)
+def _vmapped_fns(static: Config, run_sharding, k_max: int) -> _Fns:
+    """The chunk's programs: init, ``T.make_call`` of the vmapped train step (up to ``k_max``
+    updates per call), evaluate; all runs see the same batches."""
+    key = (static, run_sharding, k_max)
     if key not in _FNS_CACHE:
         graphdef, tx, _, _, _ = T.compiled_fns(static)
         init = jax.jit(
             jax.vmap(lambda seed: T.init_state(static, seed, tx)), out_shardings=run_sharding
         )
-        step = jax.jit(
-            jax.vmap(T.make_train_step(static, graphdef, tx), in_axes=(0, 0, None)),
-            donate_argnums=0,
-            out_shardings=run_sharding,
-        )
+        step = jax.vmap(T.make_train_step(static, graphdef, tx), in_axes=(0, 0, None))
+        call = jax.jit(T.make_call(step, k_max), donate_argnums=0, out_shardings=run_sharding)
         evaluate = jax.jit(
             jax.vmap(T.make_evaluate(static, graphdef), in_axes=(0, None)),
             out_shardings=run_sharding,
         )
-        _FNS_CACHE[key] = _Fns(init, step, evaluate)
+        _FNS_CACHE[key] = _Fns(
+            Program("init (vmapped)", init),
+            Program(f"train step (vmapped, up to {k_max} per call)", call),
+            Program("eval (vmapped)", evaluate),
+        )
     return _FNS_CACHE[key]
 
 
@@ -505,11 +535,6 @@ def _plan(sweep_spec, config_spec, overrides, strategy, max_runs_per_program, se
         n_run, n_data = mesh_shape(jax.device_count(), len(chunk), chunk[0].config.data.batch_size)
         T.check_memory(chunk[0].config, runs_per_device=-(-len(chunk) // n_run), data_shards=n_data)
     for r in runs:  # validate every data source before anything is written
-        if jax.process_count() > 1 and r.config.data.source == "tfds":
-            raise ConfigError(
-                "config.data.source='tfds' is not supported by multi-process sweeps: every "
-                "process must feed identical batches, and the tfds source shards by process"
-            )
         make_source(r.config.data, r.config.model.vocab_size)
     return name, runs, strat
 
@@ -538,6 +563,7 @@ def run_sweep(
         check_manifest(workdir, runs, sweep_spec)
         if check_only:
             return runs
+        setup_compilation_cache()
         manifest = {"sweep": name, "spec": sweep_spec, "run_ids": [r.run_id for r in runs]}
         manifest_path = workdir / "sweep.json"
         is_main = jax.process_index() == 0
@@ -578,7 +604,10 @@ def run_sweep(
             )
             finals = None if preemption.requested else runner.run(preemption)
             if finals is None:
-                print("SIGTERM: checkpointed; rerun the same command to continue", file=sys.stderr)
+                print(
+                    f"interrupted at step {runner.stopped_at}; rerun the same command to continue",
+                    file=sys.stderr,
+                )
                 return read_results(workdir)[0]
             if is_main:
                 for r in chunk:

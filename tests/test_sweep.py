@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from stability import plots
 from stability import train as T
 from stability.cli import main
 from stability.data import make_source
-from stability.sweep import mesh_shape, run_sweep
+from stability.sweep import mesh_shape, read_results, run_sweep
+from stability.tracking import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 LRS = (1e-3, 1e-2, 1e-1)
@@ -231,3 +233,36 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_records(tmp_path):
         b = [json.loads(x) for x in (tmp_path / "killed" / "runs" / rid / "metrics.jsonl").open()]
         strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs]
         assert strip(a) == strip(b)
+
+
+def test_many_steps_per_call_equal_one_with_a_run_dying_mid_call(tmp_path):
+    """K updates per device call give K=1's histories, results and checkpoints exactly, with a
+    run that diverges inside a call, and after resuming from a mid-sweep checkpoint."""
+    train = {"steps": 24, "log_every": 8, "eval_every": 12, "checkpoint_every": 12,
+             "divergence_loss": 5.6}
+    sweep_py = tmp_path / "sweep.py"
+    sweep_py.write_text("def get_sweep(arg=''):\n    return [{'optim.lr': lr} for lr in (1e-3, 0.5)]\n")
+    workdirs = {}
+    for k in (1, 0):
+        cfg = tiny_config(train={**train, "steps_per_call": k}, model={"qk_norm": False},
+                          optim={"grad_clip": 0.0, "warmup_steps": 0})
+        config_py = write_config_file(tmp_path / f"config{k}.py", cfg)
+        workdirs[k] = tmp_path / f"k{k}"
+        run_sweep(str(sweep_py), workdirs[k], config_spec=config_py, strategy="vmap",
+                  progress=False, report=False)
+    # A crash after step 12 of the K=8 sweep: its last checkpoint and results are gone.
+    (chunk,) = (workdirs[0] / "chunks").iterdir()
+    shutil.rmtree(chunk / "checkpoints" / "24")
+    (workdirs[0] / "results.jsonl").unlink()
+    run_sweep(str(sweep_py), workdirs[0], config_spec=str(tmp_path / "config0.py"),
+              strategy="vmap", progress=False, report=False)
+    one, many = (by_id(read_results(workdirs[k])[0]) for k in (1, 0))
+    (dead,) = [r for r in many.values() if r["diverged"]]  # the other run lives
+    assert dead["diverged_step"] % 8 and dead["diverged_step"] < 24  # inside a call
+    drop = ("wall_seconds", "config", "run_id")
+    for (rid_a, a), (rid_b, b) in zip(sorted(one.items()), sorted(many.items()), strict=True):
+        assert {k: v for k, v in a.items() if k not in drop} == {
+            k: v for k, v in b.items() if k not in drop}
+        hist = lambda d, rid: [{k: v for k, v in r.items() if not k.startswith("perf/")}
+                               for r in read_jsonl(d / "runs" / rid / "metrics.jsonl")[0]]
+        assert hist(workdirs[1], rid_a) == hist(workdirs[0], rid_b)  # bitwise
