@@ -323,9 +323,14 @@ def _build(cls: type, data: Any, path: str):
     return cls(**kwargs)
 
 
+def typed_config(cd: ml_collections.ConfigDict | dict) -> Config:
+    """Convert, checking structure and types only (no cross-field validation)."""
+    return _build(Config, cd, "config")
+
+
 def from_config_dict(cd: ml_collections.ConfigDict | dict) -> Config:
     """Convert and validate. Raises ConfigError (one line) on the first invalid field."""
-    cfg = _build(Config, cd, "config")
+    cfg = typed_config(cd)
     validate(cfg)
     return cfg
 

@@ -19,8 +19,15 @@ from typing import Any
 
 import ml_collections
 
-from stability.config import Config, ConfigError, default_config_dict, from_config_dict
+from stability.config import (
+    Config,
+    ConfigError,
+    default_config_dict,
+    from_config_dict,
+    typed_config,
+)
 
+MAPPINGS = (Mapping, ml_collections.ConfigDict)  # a ConfigDict is not a Mapping
 DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 SWEEP_SHAPE = "a list of dicts such as [{'optim.lr': 1e-3}, {'optim.lr': 1e-2}]"
 
@@ -62,12 +69,12 @@ def call_file(spec: str, what: str) -> tuple[Any, Any]:
         raise ConfigError(f"--{what}={spec}: {call} raised {type(e).__name__}: {e}") from e
 
 
-def _check_keys(tree: Mapping, where: str) -> None:
+def _check_keys(tree: Mapping | ml_collections.ConfigDict, where: str) -> None:
     """Every key of a nested config mapping is a field name (a string without dots)."""
     for k, v in tree.items():
         if not isinstance(k, str) or not k.isidentifier():
             raise ConfigError(f"{where} has the key {k!r}; keys must be field names")
-        if isinstance(v, Mapping):
+        if isinstance(v, MAPPINGS):
             _check_keys(v, f"{where}.{k}")
 
 
@@ -76,20 +83,25 @@ def load_config_dict(spec: str | None) -> ml_collections.ConfigDict:
     if spec is None:
         return default_config_dict()
     _, cd = call_file(spec, "config")
-    if not isinstance(cd, Mapping):
+    if not isinstance(cd, MAPPINGS):
         raise ConfigError(
             f"--config={spec}: get_config returned {type(cd).__name__} {_short(cd)}; expected an "
             "ml_collections.ConfigDict (or a dict) shaped like stability.config.Config"
         )
     _check_keys(cd, f"--config={spec}: get_config's result")
-    return ml_collections.ConfigDict(cd)
+    cd = ml_collections.ConfigDict(cd)
+    try:
+        typed_config(cd)
+    except ConfigError as e:
+        raise ConfigError(f"--config={spec}: {e}") from e
+    return cd
 
 
 def load_sweep(spec: str) -> tuple[str, list[dict[str, Any]]]:
     """(sweep name, list of override dicts) of ``--sweep=PATH[:ARG]``."""
     module, points = call_file(spec, "sweep")
     where = f"--sweep={spec}: get_sweep"
-    if isinstance(points, (Mapping, str, bytes)) or not isinstance(points, Iterable):
+    if isinstance(points, (*MAPPINGS, str, bytes)) or not isinstance(points, Iterable):
         raise ConfigError(
             f"{where} returned {type(points).__name__} {_short(points)}; expected {SWEEP_SHAPE}"
         )
@@ -100,17 +112,22 @@ def load_sweep(spec: str) -> tuple[str, list[dict[str, Any]]]:
     if not points:
         raise ConfigError(f"{where} returned an empty grid; expected {SWEEP_SHAPE}")
     for i, point in enumerate(points):
-        if not isinstance(point, Mapping):
+        if not isinstance(point, MAPPINGS):
             raise ConfigError(
                 f"{where}: point {i} is {type(point).__name__} {_short(point)}, not a dict; "
                 f"expected {SWEEP_SHAPE}"
             )
-        for key in point:
+        template = default_config_dict()  # every config has these keys and types
+        for key, value in point.items():
             if not isinstance(key, str) or not DOTTED_KEY.fullmatch(key):
                 raise ConfigError(
                     f"{where}: point {i} has the key {key!r}; keys are dotted config keys "
                     "such as 'optim.lr'"
                 )
+            try:
+                apply_override(template, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: point {i}: {e}") from e
     name = getattr(module, "NAME", Path(spec.partition(":")[0]).stem)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"--sweep={spec}: NAME={name!r} must be a non-empty string")

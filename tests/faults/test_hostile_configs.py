@@ -31,16 +31,39 @@ def run_cli(tmp_path, capsys, *overrides, command="train", check=False):
     return code, captured.err, workdir
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(field=st.sampled_from(FIELDS), value=st.sampled_from(ALWAYS_BAD + MAYBE_BAD),
-       command=st.sampled_from(["train", "sweep"]), extra=st.lists(st.sampled_from(FIELDS), max_size=2))
-def test_random_overrides_are_rejected_cleanly(tmp_path_factory, capsys, field, value, command, extra):
+def typo(field: str, i: int) -> str:
+    """``field`` with character i (mod its length) dropped: often an unknown key."""
+    i %= len(field)
+    return field[:i] + field[i + 1 :]
+
+
+VALUES = st.one_of(
+    st.sampled_from(ALWAYS_BAD + MAYBE_BAD),
+    st.text(max_size=12),  # any unicode, newlines included
+    st.floats().map(repr),
+    st.integers(-(10**20), 10**20).map(str),
+)
+KEYS = st.one_of(
+    st.sampled_from(FIELDS),
+    st.builds(typo, st.sampled_from(FIELDS), st.integers(0, 40)),
+    st.sampled_from(["model", "optim.lr.x", "", "model.", ".lr", "lr", "wandb.tags.0"]),
+)
+FUZZ_EXAMPLES = 500
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(key=KEYS, value=VALUES, command=st.sampled_from(["train", "sweep"]),
+       extra=st.lists(st.sampled_from(FIELDS), max_size=2))
+def test_random_overrides_are_rejected_cleanly(tmp_path_factory, capsys, key, value, command, extra):
     tmp = tmp_path_factory.mktemp("hostile")
-    overrides = [f"--config.{field}={value}"] + [f"--config.{f}=-7" for f in extra if f in NUMERIC]
+    overrides = [f"--config.{key}={value}"] + [f"--config.{f}=-7" for f in extra if f in NUMERIC]
     code, err, workdir = run_cli(tmp, capsys, *overrides, command=command, check=True)
     assert not workdir.exists()
     assert "Traceback" not in err
-    if (field in NUMERIC or field in BOOLS) and value in ALWAYS_BAD:
+    if (key in NUMERIC or key in BOOLS) and value in ALWAYS_BAD:
+        assert code == 2, f"{overrides} accepted"
+    if key not in FIELDS or any(f in NUMERIC for f in extra):
         assert code == 2, f"{overrides} accepted"
     assert code in (0, 2), err
     if code == 2:
@@ -87,3 +110,94 @@ def test_text_file_too_short(tmp_path, capsys, text, message):
 def test_heads_not_dividing_width(tmp_path, capsys):
     code, err, workdir = run_cli(tmp_path, capsys, "--config.model.d_model=100", "--config.model.n_heads=3")
     assert code == 2 and "d_model=100" in err and "n_heads=3" in err and not workdir.exists()
+
+
+# Sweep and config files in every bad shape: exit 2, one line naming the file and the problem,
+# no traceback (a user's exception shows only its message), nothing written.
+SWEEP_BODIES = {
+    "raises": ("def get_sweep():\n    raise ValueError('boom\\nsecond line')\n", "ValueError: boom"),
+    "exits": ("def get_sweep():\n    raise SystemExit(3)\n", "raised SystemExit"),
+    "none": ("def get_sweep():\n    return None\n", "returned NoneType"),
+    "dict": ("def get_sweep():\n    return {'optim.lr': 0.1}\n", "returned dict"),
+    "number": ("def get_sweep():\n    return 3\n", "returned int"),
+    "string": ("def get_sweep():\n    return 'optim.lr=0.1'\n", "returned str"),
+    "empty": ("def get_sweep():\n    return []\n", "empty grid"),
+    "non_dicts": ("def get_sweep():\n    return [1, 2]\n", "point 0 is int"),
+    "generator_fails": (
+        "def get_sweep():\n    yield {'optim.lr': 0.1}\n    raise KeyError('k')\n", "KeyError"
+    ),
+    "not_callable": ("get_sweep = [{'optim.lr': 0.1}]\n", "not a function"),
+    "missing": ("def get_config():\n    return {}\n", "defines no get_sweep()"),
+    "undotted_key": ("def get_sweep():\n    return [{'lr': 0.1}]\n", "key 'lr'"),
+    "int_key": ("def get_sweep():\n    return [{1: 0.1}]\n", "key 1"),
+    "empty_part": ("def get_sweep():\n    return [{'optim..lr': 0.1}]\n", "key 'optim..lr'"),
+    "unknown_key": ("def get_sweep():\n    return [{'optim.lrr': 0.1}]\n", "did you mean optim.lr?"),
+    "wrong_type": ("def get_sweep():\n    return [{'optim.lr': 'fast'}]\n", "optim.lr='fast'"),
+    "bad_name": ("NAME = 3\ndef get_sweep():\n    return [{'optim.lr': 0.1}]\n", "NAME=3"),
+    "syntax": ("def get_sweep(:\n", "SyntaxError"),
+    "import_exits": ("import sys\nsys.exit(4)\n", "SystemExit"),
+    "null_bytes": ("x = 1\0\n", "failed to import"),
+}
+CONFIG_BODIES = {
+    "raises": ("def get_config():\n    raise RuntimeError('no GPU here')\n", "RuntimeError: no GPU"),
+    "none": ("def get_config():\n    return None\n", "returned NoneType"),
+    "list": ("def get_config():\n    return [{'model': {}}]\n", "returned list"),
+    "number": ("def get_config():\n    return 7\n", "returned int"),
+    "not_callable": ("get_config = {'model': {}}\n", "not a function"),
+    "missing": ("def get_sweep():\n    return []\n", "defines no get_config()"),
+    "int_key": ("def get_config():\n    return {1: 2}\n", "key 1"),
+    "dotted_key": ("def get_config():\n    return {'model.d_model': 64}\n", "key 'model.d_model'"),
+    "group_is_value": ("def get_config():\n    return {'model': 5}\n", "config.model"),
+    "unknown_field": ("def get_config():\n    return {'model': {'widht': 5}}\n", "widht"),
+}
+
+
+def write_file(tmp_path, name, body):
+    path = tmp_path / f"{name}.py"
+    path.write_bytes(body.encode())
+    return str(path)
+
+
+def assert_refused(tmp_path, capsys, argv, *needles):
+    workdir = tmp_path / "w"
+    code = main([*argv, "--workdir", str(workdir)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("shape", list(SWEEP_BODIES))
+def test_bad_sweep_files(tmp_path, capsys, shape):
+    body, message = SWEEP_BODIES[shape]
+    path = write_file(tmp_path, shape, body)
+    assert_refused(tmp_path, capsys, ["sweep", f"--sweep={path}"], path, message)
+
+
+@pytest.mark.parametrize("shape", list(CONFIG_BODIES))
+def test_bad_config_files(tmp_path, capsys, shape):
+    body, message = CONFIG_BODIES[shape]
+    path = write_file(tmp_path, shape, body)
+    for argv in (["train", f"--config={path}"],
+                 ["sweep", "--sweep=sweeps/demo.py:cpu,steps=10", f"--config={path}"]):
+        assert_refused(tmp_path, capsys, argv, path, message)
+
+
+@pytest.mark.parametrize("flag", ["--sweep", "--config"])
+@pytest.mark.parametrize("kind, message", [("dir", "a directory"), ("txt", "not a .py file"),
+                                           ("missing", "no such file")])
+def test_paths_that_are_not_python_files(tmp_path, capsys, flag, kind, message):
+    path = {"dir": tmp_path, "txt": tmp_path / "grid.txt", "missing": tmp_path / "nope.py"}[kind]
+    if kind == "txt":
+        path.write_text("def get_sweep():\n    return [{'optim.lr': 0.1}]\n")
+    argv = ["sweep", f"{flag}={path}"] + (["--sweep=sweeps/demo.py"] if flag == "--config" else [])
+    assert_refused(tmp_path / "sub", capsys, argv, str(path), message)
+
+
+@pytest.mark.parametrize("arg", ["10", "gpu", "cpu,steps=0", "cpu,steps=x", "cpu,lr=1"])
+@pytest.mark.parametrize("sweep", ["demo", "qk_norm", "mup", "warmup", "stabilizers"])
+def test_bad_sweep_args(tmp_path, capsys, sweep, arg):
+    assert_refused(tmp_path, capsys, ["sweep", f"--sweep=sweeps/{sweep}.py:{arg}"],
+                   f"sweeps/{sweep}.py:{arg}", "PRESET[,steps=N]")
