@@ -8,7 +8,6 @@ from pathlib import Path
 import jupytext
 import nbformat
 import pytest
-from nbclient import NotebookClient
 from test_results import run_id, write_seed_sweep, write_single_run, write_sweep_dir
 from test_sweep import write_files
 
@@ -39,17 +38,12 @@ def tiny_sweep(tmp_path_factory) -> Path:
 
 
 def execute(monkeypatch, cwd: Path, **params) -> nbformat.NotebookNode:
-    """The notebook with its parameters cell extended by ``params``, run in a fresh kernel."""
+    """The notebook with its parameters cell extended by ``params``, run in a fresh kernel
+    (what ``notebooks/build_ipynb.py --execute`` does)."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb = jupytext.read(SOURCE)
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    cell.source += "\n" + "\n".join(f"{k} = {v!r}" for k, v in params.items())
-    client = NotebookClient(
-        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(cwd)}}
-    )
-    client.execute()  # raises CellExecutionError naming the failing cell
-    return nb
+    lines = [f"{k} = {v!r}" for k, v in params.items()]
+    return build_ipynb.execute(build_ipynb.build(), cwd, lines, timeout=300)
 
 
 def figures_per_section(nb) -> dict[str, int]:
