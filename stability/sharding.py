@@ -19,6 +19,7 @@ divisible by its mesh axis, and every vector or scalar without names are replica
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -250,11 +251,18 @@ def graphdef_of(cfg: Config):
 
 def shard_train_fns(cfg: Config, mesh: Mesh, *, runs: int | None = None) -> ShardedFns:
     """Init, train step and evaluate of ``cfg``'s static structure (``train.static_config``),
-    jitted with the shardings of this module on ``mesh``; the step donates its state."""
+    jitted with the shardings of this module on ``mesh``; the step donates its state. Built
+    once per process for each (static config, mesh, runs)."""
+    from stability import train as T
+
+    return _shard_train_fns(T.static_config(cfg), mesh, runs)
+
+
+@functools.lru_cache(maxsize=32)
+def _shard_train_fns(static: Config, mesh: Mesh, runs: int | None) -> ShardedFns:
     from stability import train as T
     from stability.optim.build import make_optimizer
 
-    static = T.static_config(cfg)
     tx = make_optimizer(static.optim, d_model=static.model.d_model)
     graphdef = graphdef_of(static)
     stacked = runs is not None

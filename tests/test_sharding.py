@@ -1,0 +1,293 @@
+"""Mesh, rules and sharded train steps (stability/sharding.py).
+
+The multi-device checks run in child processes with 8 forced CPU devices (the pytest process
+has one): this file is also their program (``python tests/test_sharding.py eight|proc ...``).
+Every sharded run is compared, metric by metric, with the unsharded single-device run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from stability import sharding as S
+from stability import train as T
+from stability.config import ConfigError, size_preset
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 20
+RTOL, ATOL = 1e-5, 1e-6  # sharded vs single-device: reduction order only
+
+
+def small(**train):
+    """tiny_config with a batch of 8 (splittable 8 ways) and 4 heads (splittable 2 ways)."""
+    return tiny_config(
+        model={"d_model": 32, "n_heads": 4},
+        data={"batch_size": 8},
+        train={"steps": STEPS, **train},
+    )
+
+
+def batches(cfg, n: int = STEPS) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    B, T1, V = cfg.data.batch_size, cfg.data.seq_len + 1, cfg.model.vocab_size
+    return [{"tokens": rng.integers(0, V, (B, T1)).astype(np.int32)} for _ in range(n)]
+
+
+def reference(cfg) -> list[dict]:
+    """Per-step metrics of the unsharded run on one device."""
+    one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fsdp=False, tensor_parallel=1))
+    fns = S.shard_train_fns(one, S.make_mesh(one, devices=jax.devices()[:1]))
+    state, hp, out = fns.init(np.int32(cfg.train.seed)), T.hyperparams(cfg), []
+    for b in batches(cfg):
+        state, m = fns.step(state, hp, b)
+        out.append(jax.device_get(m))
+    return out
+
+
+def assert_same(got: list[dict], want: list[dict], what: str) -> None:
+    assert len(got) == len(want), what
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.keys() == w.keys(), what
+        for k in w:
+            np.testing.assert_allclose(
+                np.asarray(g[k], np.float64), np.asarray(w[k], np.float64), rtol=RTOL, atol=ATOL,
+                err_msg=f"{what}: step {i + 1} {k}",
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# Single process.
+
+
+def test_mesh_shape_keeps_the_sweep_rule_and_adds_model_and_fsdp():
+    # Without FSDP and tensor parallelism: the (run, data) rule of the sweep engine.
+    for n_dev, n_runs, batch, want in [
+        (8, 16, 16, (8, 1)),  # runs fill the devices
+        (8, 2, 16, (2, 4)),  # leftover devices split the batch
+        (8, 1, 16, (1, 8)),  # one run: data parallel
+        (8, 3, 16, (2, 4)),  # 3 runs padded to 4 on 2×4, to 8 on 8×1
+        (8, 5, 16, (8, 1)),  # 4×2 would pad 5 runs to 8 as 8×1 does: no communication
+        (8, 2, 6, (8, 1)),  # batch 6 does not split 4 ways
+    ]:
+        assert S.mesh_shape(n_dev, n_runs, batch) == (*want, 1)
+    assert S.mesh_shape(8, 2, 16, tensor_parallel=2) == (2, 2, 2)
+    assert S.mesh_shape(8, 1, 16, tensor_parallel=2, fsdp=True) == (1, 4, 2)
+    assert S.mesh_shape(8, 3, 16, fsdp=True) == (2, 4, 1)  # FSDP keeps the data split
+    assert S.mesh_shape(8, 16, 16, fsdp=True) == (8, 1, 1)
+    with pytest.raises(ConfigError, match="tensor_parallel=3 must divide the device count 8"):
+        S.mesh_shape(8, 1, 16, tensor_parallel=3)
+    with pytest.raises(ConfigError, match="data.batch_size=3"):
+        S.mesh_shape(8, 1, 3, fsdp=True)
+
+
+def test_rules_map_logical_names_with_divisibility_fallback():
+    sizes = {"run": 2, "data": 4, "model": 2}
+    fsdp, plain = S.rules(True), S.rules(False)
+    assert S.spec(("embed", "mlp"), (64, 256), sizes, fsdp) == S.P("data", "model")
+    assert S.spec(("embed", "mlp"), (64, 256), sizes, plain) == S.P(None, "model")
+    assert S.spec(("vocab", "embed"), (255, 64), sizes, fsdp) == S.P(None, "data")  # 255 % 2
+    assert S.spec(("run", "heads", "embed"), (2, 64, 64), sizes, fsdp) == S.P("run", "model", "data")
+    assert S.spec((None,), (64,), sizes, fsdp) == S.P()
+
+
+def test_tensor_parallel_must_divide_heads():
+    with pytest.raises(ConfigError, match=r"train.tensor_parallel=3 must divide config.model.n_heads=4"):
+        small(tensor_parallel=3)
+
+
+def test_remat_modes_give_identical_losses_and_gradients():
+    """none | block | full: the same loss and gradients; block and full checkpoint blocks."""
+    from flax import nnx
+
+    from stability.models import Transformer
+
+    cfg = small()
+    tokens = batches(cfg, 1)[0]["tokens"]
+    results = {}
+    for remat in ("none", "block", "full"):
+        model = Transformer(cfg.model, remat=remat, rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params, graphdef=graphdef, rest=rest):
+            logits_BTV, _ = nnx.merge(graphdef, params, rest, copy=True)(tokens[:, :-1])
+            return T.cross_entropy(logits_BTV, tokens[:, 1:])[0].mean()
+
+        grad_fn = jax.value_and_grad(loss)
+        jaxpr = str(jax.make_jaxpr(grad_fn)(params))
+        assert ("remat" in jaxpr) == (remat != "none"), remat  # jax.checkpoint's primitive
+        results[remat] = jax.device_get(jax.jit(grad_fn)(params))
+    for remat in ("block", "full"):
+        assert_tree_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        jax.tree.map(assert_tree_close, results["none"], results[remat])
+
+
+# ---------------------------------------------------------------------------------------
+# 8 forced CPU devices, one child process for all checks.
+
+
+def _child(args: list[str], n_devices: int, **kw) -> subprocess.Popen:
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + f" --xla_force_host_platform_device_count={n_devices}"}
+    return subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_eight_devices_fsdp_tensor_parallel_runs_checkpoints_and_memory():
+    proc = _child(["eight"], 8)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-4000:]
+    print(out)  # per-device memory numbers of w4096 (pytest -s shows them)
+    assert "w4096 step memory per device" in out
+
+
+def _run_sharded(cfg, mesh, state, hp, bs, start=0, runs=None):
+    fns = S.shard_train_fns(cfg, mesh, runs=runs)
+    hp = jax.device_put(hp, fns.hp)
+    out = []
+    for b in bs[start:]:
+        state, m = fns.step(state, hp, jax.device_put(b, fns.batch))
+        out.append(jax.device_get(m))
+    return state, out
+
+
+def eight_devices() -> None:
+    from stability.checkpoint import Checkpointer
+
+    assert jax.device_count() == 8
+    devs = jax.devices()
+
+    # fsdp 8, and fsdp 4 × model 2: 20 steps equal to one device; checkpoint at step 10 on
+    # the fsdp-8 mesh restored on 2 devices and on 1, continuing equal.
+    for train, shape in [({"fsdp": True}, (1, 8, 1)), ({"fsdp": True, "tensor_parallel": 2}, (1, 4, 2))]:
+        cfg = small(**train)
+        want = reference(cfg)
+        mesh = S.make_mesh(cfg)
+        assert tuple(mesh.shape.values()) == shape, mesh.shape
+        fns = S.shard_train_fns(cfg, mesh)
+        state, hp, bs = fns.init(np.int32(0)), T.hyperparams(cfg), batches(cfg)
+        if train.get("tensor_parallel", 1) == 1:
+            state, got = _run_sharded(cfg, mesh, state, hp, bs[:10])
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = Checkpointer(Path(tmp), 2)
+                ckpt.save(10, state, {})
+                ckpt.wait()
+                state, more = _run_sharded(cfg, mesh, state, hp, bs, start=10)
+                assert_same(got + more, want, f"mesh {shape}")
+                for n in (2, 1):
+                    small_mesh = S.make_mesh(cfg, devices=devs[:n])
+                    like = S.shard_train_fns(cfg, small_mesh).abstract_state
+                    restored, _ = ckpt.restore(10, like)
+                    assert {d for x in jax.tree.leaves(restored) for d in x.devices()} == set(devs[:n])
+                    _, cont = _run_sharded(cfg, small_mesh, restored, hp, bs, start=10)
+                    assert_same(cont, want[10:], f"restored on {n} device(s)")
+                ckpt.close()
+        else:
+            _, got = _run_sharded(cfg, mesh, state, hp, bs)
+            assert_same(got, want, f"mesh {shape}")
+        print(f"mesh {shape}: {STEPS} steps equal to one device", flush=True)
+
+    # run 2 × fsdp 4, vmapped: each run equals its own single-device run.
+    cfgs = [small(fsdp=True), small(fsdp=True, seed=1)]
+    cfgs[1] = dataclasses.replace(cfgs[1], optim=dataclasses.replace(cfgs[1].optim, lr=1e-2))
+    mesh = S.make_mesh(cfgs[0], n_runs=2)
+    assert tuple(mesh.shape.values()) == (2, 4, 1)
+    fns = S.shard_train_fns(cfgs[0], mesh, runs=2)
+    hps = [T.hyperparams(c) for c in cfgs]
+    hp = {k: np.stack([np.asarray(h[k]) for h in hps]) for k in hps[0]}
+    state = fns.init(jax.device_put(np.array([0, 1], np.int32), fns.hp))
+    _, got = _run_sharded(cfgs[0], mesh, state, hp, batches(cfgs[0]), runs=2)
+    for i, c in enumerate(cfgs):
+        assert_same([{k: v[i] for k, v in m.items()} for m in got], reference(c), f"run {i}")
+    print("run 2 × fsdp 4: each run equal to one device", flush=True)
+
+    # Bytes held per device: 1/8 of parameters + optimizer state (embeddings and LN vectors
+    # included), on fsdp 8 and on fsdp 4 × model 2.
+    for train in ({"fsdp": True}, {"fsdp": True, "tensor_parallel": 2}):
+        cfg = tiny_config(model={"d_model": 256, "n_heads": 4, "vocab_size": 256},
+                          data={"batch_size": 8}, train=train)
+        state = S.shard_train_fns(cfg, S.make_mesh(cfg)).init(np.int32(0))
+        tree = (state.params, state.opt_state)
+        total = sum(x.nbytes for x in jax.tree.leaves(tree))
+        per = S.per_device_bytes(tree)
+        assert len(per) == 8
+        for dev, b in per.items():
+            assert abs(b / (total / 8) - 1) < 0.1, (train, dev, b, total)
+        print(f"{train}: {max(per.values())} of {total} bytes per device", flush=True)
+
+    # XLA's memory numbers for the paper's w4096 at 256 × 512, bf16, fsdp 8, remat block:
+    # compile only; the arguments per device are 1/8 of the state (FSDP is in the program).
+    cfg = dataclasses.replace(
+        small(fsdp=True, remat="block"),
+        model=dataclasses.replace(
+            small().model, vocab_size=32128, dtype="bfloat16", **size_preset("w4096")
+        ),
+        data=dataclasses.replace(small().data, seq_len=512, batch_size=256),
+    )
+    mesh = S.make_mesh(cfg)
+    fns = S.shard_train_fns(cfg, mesh)
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(fns.abstract_state))
+    report = S.step_memory(cfg, mesh)
+    print(f"w4096 step memory per device: {report.line()}", flush=True)
+    assert abs(report.argument / (state_bytes / 8) - 1) < 0.05, (report, state_bytes)
+    try:
+        S.check_step_memory(cfg, mesh, limit=2**30)
+        raise AssertionError("a 1 GiB device was not refused")
+    except ConfigError as e:
+        assert "does not fit" in str(e) and "mesh run×data×model 1×8×1" in str(e), e
+
+
+# ---------------------------------------------------------------------------------------
+# Two processes × 4 devices, FSDP across both.
+
+
+def test_two_processes_fsdp_across_processes():
+    cfg = small(fsdp=True)
+    want = reference(cfg)
+    port = 21000 + os.getpid() % 20000
+    procs = [_child(["proc", str(i), str(port)], 4) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    for out, _ in outs:
+        got = json.loads(out.strip().splitlines()[-1])
+        assert_same(got, [{k: v for k, v in w.items()} for w in want], "2 processes × 4 devices")
+
+
+def two_processes(process_id: int, port: int) -> None:
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    assert jax.device_count() == 8 and jax.local_device_count() == 4
+    cfg = small(fsdp=True)
+    mesh = S.make_mesh(cfg)
+    assert tuple(mesh.shape.values()) == (1, 8, 1)
+    fns = S.shard_train_fns(cfg, mesh)
+    state = fns.init(np.int32(0))
+    # Each process holds 1/8 of the state on each of its 4 devices, none of the other half.
+    assert len(S.per_device_bytes(state.params)) == 4
+    hp = jax.device_put(T.hyperparams(cfg), fns.hp)
+    got = []
+    for b in batches(cfg):
+        batch = {
+            k: jax.make_array_from_callback(v.shape, fns.batch, lambda idx, v=v: v[idx])
+            for k, v in b.items()
+        }
+        state, m = fns.step(state, hp, batch)
+        got.append({k: np.asarray(v).tolist() for k, v in m.items()})
+    print(json.dumps(got))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "eight":
+        eight_devices()
+    else:
+        two_processes(int(sys.argv[2]), int(sys.argv[3]))
