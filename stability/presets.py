@@ -6,7 +6,7 @@ warmup 5e3, bf16); it needs ``data.tfds_data_dir`` and ``data.tokenizer_path`` o
 line. ``CPU`` is laptop-sized on the embedded stdlib text.
 """
 
-from stability.config import ConfigError
+from stability.config import ConfigError, size_preset
 
 PAPER_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
@@ -38,6 +38,28 @@ CPU = {
     "train.checkpoint_every": 250,
     "train.log_every": 10,
 }
+
+# Sharding of the paper's width family on accelerators (bf16 compute, float32 master weights,
+# batch 256 × 512): FSDP from w1536 on (parameters + Adam state ≥ 16 B × 0.25B params per
+# run), block remat from w3072 on, full remat for w8192. XLA's per-device numbers on 8
+# simulated devices are in the README's Sharding section; `stability train --check` measures
+# the program on the real mesh.
+WIDTH_SHARDING: dict[str, dict] = {
+    "w1536": {"train.fsdp": True},
+    "w2048": {"train.fsdp": True},
+    "w3072": {"train.fsdp": True, "train.remat": "block"},
+    "w4096": {"train.fsdp": True, "train.remat": "block"},
+    "w8192": {"train.fsdp": True, "train.remat": "full"},
+}
+
+
+def width(size: str) -> dict:
+    """Overrides of one size of the width family (``config.SIZES``): its model shape plus
+    the sharding of ``WIDTH_SHARDING``."""
+    return {
+        **{f"model.{k}": v for k, v in size_preset(size).items()},
+        **WIDTH_SHARDING.get(size, {}),
+    }
 
 
 PRESETS = {"accelerator": ACCELERATOR, "cpu": CPU}
