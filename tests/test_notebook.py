@@ -11,6 +11,7 @@ import pytest
 from test_results import run_id, write_seed_sweep, write_single_run, write_sweep_dir
 from test_sweep import write_files
 
+from stability import results
 from stability.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,10 +31,19 @@ SECTIONS = (
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory) -> Path:
-    """2 settings (qk_norm off/on) × 2 LRs, 8 steps: about a minute on a CPU."""
+    """2 settings (qk_norm off/on) × 2 LRs × 2 seeds, 8 steps, each setting one vmapped
+    program: about a minute on a CPU."""
     tmp = tmp_path_factory.mktemp("sweep")
     config_py, sweep_py = write_files(tmp, lrs=(1e-2, 1.0), steps=8)
-    run_sweep(sweep_py, tmp / "w", config_spec=config_py, progress=False, report=False)
+    run_sweep(
+        sweep_py,
+        tmp / "w",
+        config_spec=config_py,
+        strategy="vmap",
+        seeds=2,
+        progress=False,
+        report=False,
+    )
     return tmp / "w"
 
 
@@ -92,9 +102,14 @@ def test_notebook_on_a_tiny_sweep(tiny_sweep, monkeypatch, tmp_path):
     assert all(n >= 1 for n in figures.values()), figures
     assert figures[SECTIONS[2]] >= 2 and figures[SECTIONS[4]] == 2 and figures[SECTIONS[5]] == 2
     out = printed(nb)
-    assert "4 runs, 2 setting(s); per-run panels at lr=1" in out
+    assert "8 runs, 2 setting(s); per-run panels at lr=1" in out
+    assert "Up to 2 seeds per LR: section 1 uses all; the other panels show seed 0." in out
     assert "EARLY_STEP=7: read at step 6 (last logged step before)." in out
-    assert "Nothing to plot" not in out and "Unfinished" not in out and "seeds" not in out
+    assert "Nothing to plot" not in out and "Unfinished" not in out
+    # the seeds of a point trained in one program from different initialisations
+    table = results.runs_table(tiny_sweep)
+    for _, point in table.groupby(["setting", "lr"]):
+        assert list(point["seed"]) == [0, 1] and point["loss_at_init"].nunique() == 2
 
 
 def test_notebook_on_seeds_a_single_run_an_interrupted_sweep_and_missing_metrics(
