@@ -128,7 +128,49 @@ def main(argv: list[str] | None = None) -> int:
         "report", help="write report.md and figures for a sweep or single-run workdir"
     )
     p_report.add_argument("workdir")
-    for p in (p_train, p_sweep, p_report):
+    p_forecast = sub.add_parser(
+        "forecast",
+        help="fit max attention logit and grad RMS/ε vs model size; predict a target size",
+        description="Per setting and LR, a least-squares quadratic of log10(max attention "
+        "logit at --step) in log10(non-embedding parameters) over sweeps spanning >= 3 sizes, "
+        "extrapolated to --target-params with a 95%% prediction interval; the same for "
+        "gradient RMS / Adam's eps (section 3.4); optimal LR and LR sensitivity vs size. "
+        "Writes forecast.md, forecast.png, forecast.json.",
+    )
+    p_forecast.add_argument("dirs", nargs="+", metavar="DIR", help="sweep workdirs")
+    p_forecast.add_argument(
+        "--target-params", type=float, required=True, help="non-embedding parameters to predict"
+    )
+    p_forecast.add_argument(
+        "--step", type=int, default=None, help="step read (default: the shortest schedule's end)"
+    )
+    p_forecast.add_argument(
+        "--threshold", type=float, default=1e4, help="max attention logit that predicts divergence"
+    )
+    p_forecast.add_argument(
+        "--param",
+        default=None,
+        help="parameter of the grad RMS/eps fit (default blocks/0/attn/q/kernel)",
+    )
+    p_forecast.add_argument(
+        "--holdout-largest",
+        action="store_true",
+        help="also fit without the largest size and compare its prediction with the measurement",
+    )
+    p_forecast.add_argument("--out", default=None, help="output folder (default DIR/forecast)")
+    p_reproduce = sub.add_parser(
+        "reproduce",
+        help="run the sweeps behind the paper's findings; write paper_report.md with verdicts",
+        description="Runs (or resumes) the sweeps of Wortsman et al. 2023's findings under "
+        "--workdir and writes paper_report.md: per finding the claim, the measured numbers, "
+        "a verdict from a stated rule, and a figure.",
+    )
+    p_reproduce.add_argument(
+        "--preset", choices=["tiny", "cpu", "accelerator"], default="cpu", help="sweep sizes"
+    )
+    p_reproduce.add_argument("--workdir", required=True, help="one sweep workdir per finding")
+    p_reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for p in (p_train, p_sweep, p_report, p_forecast, p_reproduce):
         p.error = parser.error  # type: ignore[method-assign]
     try:
         rest, overrides = split_overrides(argv)
@@ -142,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return _sweep(args, overrides)
         if overrides:
-            raise ConfigError("`stability report` takes no --config overrides")
+            raise ConfigError(f"`stability {args.command}` takes no --config overrides")
+        if args.command == "forecast":
+            return _forecast(args)
+        if args.command == "reproduce":
+            return _reproduce(args)
         return _report(args)
     except ConfigError as e:
         print(f"stability: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -248,6 +294,37 @@ def _report(args) -> int:
     except FileNotFoundError as e:  # a sweep with no finished run yet
         raise ConfigError(str(e)) from e
     print(out.read_text())
+    return 0
+
+
+def _forecast(args) -> int:
+    from stability.forecast import forecast, write_forecast
+
+    fc = forecast(
+        args.dirs,
+        args.target_params,
+        step=args.step,
+        threshold=args.threshold,
+        param=args.param,
+        holdout_largest=args.holdout_largest,
+    )
+    out = Path(args.out) if args.out else Path(args.dirs[0]) / "forecast"
+    command = " ".join(
+        ["stability forecast", *args.dirs, f"--target-params={args.target_params:g}"]
+        + [f"--{k.replace('_', '-')}={v}" for k in ("step", "param") if (v := getattr(args, k))]
+        + [f"--threshold={args.threshold:g}"]
+        + ["--holdout-largest"] * args.holdout_largest
+    )
+    md = write_forecast(fc, out, command=command)
+    print(md.read_text())
+    return 0
+
+
+def _reproduce(args) -> int:
+    from stability.reproduce import reproduce
+
+    report = reproduce(args.preset, args.workdir, progress=not args.no_progress)
+    print(report.read_text())
     return 0
 
 

@@ -1,0 +1,631 @@
+"""Scaling forecasts across model sizes (Wortsman et al. 2023, §3.1.2 and §3.4).
+
+For each setting (what differs between runs besides size, LR and seed) and each LR, a
+least-squares quadratic of y = log10(metric at step S) in x = log10(non-embedding parameters)
+is fitted over the sizes of one or more sweeps and extrapolated to a target size:
+
+  attention   the max attention logit (max over layers) at step S; crossing ``threshold``
+              (1e4: every run of the paper whose max logit passed it diverged) predicts a
+              divergence at the target size
+  §3.4        gradient RMS / Adam's ε of one parameter at step S, and the size at which the fit
+              reaches 1 (where ε starts to shrink the update)
+
+Uncertainty is a 95% prediction interval from the residuals (Student t with n − 3 degrees
+of freedom, n = fitted points: sizes × seeds); with exactly 3 points there are no residual
+degrees of freedom and no interval. Optimal LR and LR sensitivity are also tabulated per size
+with a least-squares trend in log10(parameters).
+
+A value that is missing (the run diverged before step S) or non-finite is marked in the
+outputs and never fitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stability.config import Config, ConfigError, ModelConfig, from_config_dict
+from stability.plots import lr_sensitivity, max_over_layers
+from stability.tracking import read_jsonl
+
+LOGIT_KEY = "attn/max_logit"  # per layer: attn/max_logit/layer_i
+DEFAULT_PARAM = "blocks/0/attn/q/kernel"  # layer-0 query kernel (§3.4)
+LEVEL = 0.95  # prediction-interval coverage
+# Fields that define a run's size, LR or replicate rather than its setting. μParam (full)'s
+# logit multiplier is base width / width, so it follows the size.
+_NOT_SETTING = {
+    "model.d_model",
+    "model.n_layers",
+    "model.n_heads",
+    "model.logit_multiplier",
+    "optim.lr",
+    "train.seed",
+    "data.seed",
+}
+_IGNORED_PREFIXES = ("wandb.",)
+
+
+# ---------------------------------------------------------------------------------------
+# Parameter counts and fits.
+
+
+@functools.lru_cache(maxsize=256)
+def non_embedding_params(model: ModelConfig) -> int:
+    """Exact number of trainable parameters outside the embedding and the output head, from
+    the model's shapes (``nnx.eval_shape``: nothing is computed)."""
+    import jax
+    from flax import nnx
+
+    from stability.metrics import path_str
+    from stability.models.transformer import Transformer
+
+    abstract = nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(0)))
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(abstract, nnx.Param))[0]
+    return sum(
+        math.prod(x.shape) for p, x in leaves if path_str(p).split("/")[0] not in ("embed", "head")
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """y = c0 + c1·x + c2·x² by least squares; x = log10(params), y = log10(value)."""
+
+    coef: tuple[float, float, float]
+    n: int  # fitted points
+    rss: float  # residual sum of squares
+    xtx_inv: tuple[tuple[float, ...], ...]  # (XᵀX)⁻¹ of the design matrix [1, x, x²]
+
+    @property
+    def dof(self) -> int:
+        return self.n - 3
+
+    def __call__(self, x: float | np.ndarray) -> float | np.ndarray:
+        c0, c1, c2 = self.coef
+        return c0 + c1 * x + c2 * np.square(x)
+
+    def interval(self, x: float, level: float = LEVEL) -> tuple[float, float] | None:
+        """The prediction interval of a new point at ``x`` (log10 units), or None when there
+        are no residual degrees of freedom."""
+        if self.dof < 1:
+            return None
+        from scipy.stats import t
+
+        v = np.array([1.0, x, x * x])
+        s = math.sqrt(self.rss / self.dof)
+        half = t.ppf(0.5 + level / 2, self.dof) * s * math.sqrt(1 + v @ np.array(self.xtx_inv) @ v)
+        y = float(self(x))
+        return y - half, y + half
+
+    def root_beyond(self, x_min: float, y: float = 0.0) -> float | None:
+        """The smallest x > x_min where the fit equals ``y`` (None if it never does)."""
+        c0, c1, c2 = self.coef
+        roots = np.roots([c2, c1, c0 - y]) if c2 != 0 else np.array([(y - c0) / c1])
+        real = [
+            float(r.real) for r in np.atleast_1d(roots) if abs(r.imag) < 1e-12 and r.real > x_min
+        ]
+        return min(real) if real else None
+
+
+def fit_quadratic(x: Sequence[float], y: Sequence[float]) -> Fit:
+    """Least-squares quadratic through (x, y); needs at least 3 distinct x and finite values."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("fit_quadratic: non-finite values must be excluded before fitting")
+    if len(np.unique(x)) < 3:
+        raise ValueError(f"fit_quadratic needs 3 distinct sizes, got {len(np.unique(x))}")
+    X = np.stack([np.ones_like(x), x, x * x], axis=1)
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    resid = y - X @ coef
+    xtx_inv = np.linalg.inv(X.T @ X)
+    return Fit(
+        coef=tuple(float(c) for c in coef),
+        n=len(x),
+        rss=float(resid @ resid),
+        xtx_inv=tuple(tuple(float(v) for v in row) for row in xtx_inv),
+    )
+
+
+def linear_trend(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Least-squares slope dy/dx (None with fewer than 2 distinct x)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(np.unique(x)) < 2:
+        return None
+    return float(np.polyfit(x, y, 1)[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Reading runs.
+
+
+@dataclasses.dataclass
+class Run:
+    """One run of a sweep workdir, as the forecast sees it."""
+
+    workdir: str
+    run_id: str
+    config: Config
+    params: int  # non-embedding parameters
+    history: list[dict]
+    setting: str = ""  # filled in once all runs are known
+
+    @property
+    def lr(self) -> float:
+        return self.config.optim.lr
+
+    @property
+    def seed(self) -> str:
+        return f"{self.config.train.seed}/{self.config.data.seed}"
+
+    @property
+    def size(self) -> str:
+        m = self.config.model
+        return f"d={m.d_model},L={m.n_layers},H={m.n_heads}"
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
+    """Every run (finished or not) with a config.json under ``DIR/runs/*`` of each sweep
+    workdir; ``setting`` names the config fields that vary besides size, LR and seeds."""
+    runs = []
+    for d in map(Path, dirs):
+        if not (d / "runs").is_dir():
+            raise ConfigError(f"{d}: no runs/ folder (not a sweep workdir)")
+        for run_dir in sorted(p for p in (d / "runs").iterdir() if (p / "config.json").exists()):
+            try:
+                cfg = from_config_dict(json.loads((run_dir / "config.json").read_text()))
+            except (ConfigError, json.JSONDecodeError) as e:
+                raise ConfigError(f"{run_dir / 'config.json'}: {e}") from e
+            hist, _ = read_jsonl(run_dir / "metrics.jsonl")
+            runs.append(Run(str(d), run_dir.name, cfg, non_embedding_params(cfg.model), hist))
+    if not runs:
+        raise ConfigError(f"no runs under {', '.join(map(str, dirs))}")
+    flats = [_flat(r.config.to_dict()) for r in runs]
+    keys = sorted(
+        k
+        for k in flats[0]
+        if k not in _NOT_SETTING
+        and not k.startswith(_IGNORED_PREFIXES)
+        and len({repr(f.get(k)) for f in flats}) > 1
+    )
+    for r, f in zip(runs, flats, strict=True):
+        r.setting = ",".join(f"{k.split('.')[-1]}={_fmt(f[k])}" for k in keys) or "default"
+    return runs
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _value_at(
+    run: Run, step: int, key: str | None, reduce_layers: bool
+) -> tuple[float | None, str]:
+    """(value of ``key`` at exactly ``step``, note); the note says why a value is missing."""
+    rec = next((h for h in run.history if h.get("step") == step), None)
+    if rec is None:
+        last = run.history[-1] if run.history else {}
+        if last.get("alive") is False:
+            return None, f"diverged at step {last.get('step')}"
+        return None, f"step {step} not logged (last logged step {last.get('step', 'none')})"
+    v = max_over_layers(rec, key) if reduce_layers else rec.get(key)
+    if v is None:
+        return None, f"{key} not logged"
+    v = float(v)
+    if not math.isfinite(v) or v <= 0:
+        return None, f"non-finite or non-positive value {v!r}"
+    if rec.get("alive") is False:
+        return None, f"diverged at step {step}"
+    return v, ""
+
+
+# ---------------------------------------------------------------------------------------
+# The forecast.
+
+
+def _series(runs: list[Run], step: int, key: str, reduce_layers: bool, target: float, threshold):
+    """Per (setting, LR): points, fit, prediction at the target and (with a threshold) whether
+    it is crossed."""
+    groups: dict[tuple[str, float], list[Run]] = defaultdict(list)
+    for r in runs:
+        groups[(r.setting, r.lr)].append(r)
+    out = []
+    for (setting, lr), group in sorted(groups.items()):
+        points = []
+        for r in sorted(group, key=lambda r: (r.params, r.seed)):
+            v, note = _value_at(r, step, key, reduce_layers)
+            points.append(
+                {
+                    "run_id": r.run_id,
+                    "workdir": r.workdir,
+                    "size": r.size,
+                    "params": r.params,
+                    "seed": r.seed,
+                    "value": v,
+                    "excluded": note or None,
+                }
+            )
+        out.append(
+            {
+                "setting": setting,
+                "lr": lr,
+                "points": points,
+                **_fit_entry(points, target, threshold),
+            }
+        )
+    return out
+
+
+def _fit_entry(points: list[dict], target: float, threshold: float | None) -> dict[str, Any]:
+    used = [p for p in points if p["value"] is not None]
+    sizes = sorted({p["params"] for p in used})
+    entry: dict[str, Any] = {"sizes_used": sizes, "fit": None, "prediction": None}
+    if len(sizes) < 3:
+        entry["not_fitted"] = f"finite values at {len(sizes)} size(s); a quadratic needs 3"
+        return entry
+    x = [math.log10(p["params"]) for p in used]
+    y = [math.log10(p["value"]) for p in used]
+    fit = fit_quadratic(x, y)
+    entry["fit"] = {"coef": list(fit.coef), "n": fit.n, "dof": fit.dof, "rss": fit.rss}
+    entry["_fit"] = fit
+    entry["prediction"] = _predict(fit, target)
+    if threshold is not None:
+        entry["crosses_threshold"] = bool(entry["prediction"]["log10"] >= math.log10(threshold))
+        hi = entry["prediction"]["hi"]
+        entry["interval_reaches_threshold"] = None if hi is None else bool(hi >= threshold)
+    return entry
+
+
+def _predict(fit: Fit, params: float) -> dict[str, Any]:
+    x = math.log10(params)
+    y = float(fit(x))
+    iv = fit.interval(x)
+    return {
+        "params": params,
+        "log10": y,
+        "value": 10**y,
+        "lo": None if iv is None else 10 ** iv[0],
+        "hi": None if iv is None else 10 ** iv[1],
+    }
+
+
+def _holdout(entry: dict) -> dict[str, Any] | None:
+    """Fit without the largest size, predict it, compare with the measured values there."""
+    used = [p for p in entry["points"] if p["value"] is not None]
+    largest = max(p["params"] for p in entry["points"])
+    sizes = sorted({p["params"] for p in used if p["params"] != largest})
+    measured = [p["value"] for p in used if p["params"] == largest]
+    if len(sizes) < 3 or not measured:
+        why = (
+            "no finite value at the largest size"
+            if not measured
+            else f"finite values at {len(sizes)} smaller size(s); a quadratic needs 3"
+        )
+        return {"params": largest, "not_checked": why}
+    rest = [p for p in used if p["params"] != largest]
+    fit = fit_quadratic(
+        [math.log10(p["params"]) for p in rest], [math.log10(p["value"]) for p in rest]
+    )
+    pred = _predict(fit, largest)
+    m_log = float(np.mean([math.log10(v) for v in measured]))
+    inside = None if pred["lo"] is None else bool(pred["lo"] <= 10**m_log <= pred["hi"])
+    return {
+        "params": largest,
+        "predicted": pred["value"],
+        "lo": pred["lo"],
+        "hi": pred["hi"],
+        "measured": 10**m_log,
+        "error_log10": pred["log10"] - m_log,
+        "inside_interval": inside,
+    }
+
+
+def _lr_trends(runs: list[Run], records: list[dict]) -> list[dict[str, Any]]:
+    """Per setting and size: LR sensitivity and the optimal LR (means over seeds), with
+    least-squares trends in log10(params)."""
+    by_id = {(r["_workdir"], r["run_id"]): r for r in records}
+    groups: dict[str, dict[int, dict[str, list[dict]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for run in runs:
+        rec = by_id.get((run.workdir, run.run_id))
+        if rec is not None and rec.get("loss_at_init") is not None:
+            groups[run.setting][run.params][run.seed].append(rec)
+    out = []
+    for setting, sizes in sorted(groups.items()):
+        rows = []
+        for params, seeds in sorted(sizes.items()):
+            sens, opt = [], []
+            for recs in seeds.values():
+                sens.append(lr_sensitivity(recs))
+                done = [r for r in recs if not r.get("diverged") and _finite(r.get("final_loss"))]
+                if done:
+                    opt.append(math.log10(min(done, key=lambda r: r["final_loss"])["lr"]))
+            rows.append(
+                {
+                    "params": params,
+                    "n_lrs": len(next(iter(seeds.values()))),
+                    "lr_sensitivity": float(np.mean(sens)),
+                    "optimal_lr": 10 ** float(np.mean(opt)) if opt else None,
+                }
+            )
+        xs = [math.log10(r["params"]) for r in rows]
+        opt_rows = [(x, r) for x, r in zip(xs, rows, strict=True) if r["optimal_lr"]]
+        out.append(
+            {
+                "setting": setting,
+                "by_size": rows,
+                "sensitivity_slope_per_decade": linear_trend(
+                    xs, [r["lr_sensitivity"] for r in rows]
+                ),
+                "log10_optimal_lr_slope_per_decade": linear_trend(
+                    [x for x, _ in opt_rows], [math.log10(r["optimal_lr"]) for _, r in opt_rows]
+                ),
+            }
+        )
+    return out
+
+
+def _finite(v: Any) -> bool:
+    return v is not None and math.isfinite(float(v))
+
+
+def forecast(
+    dirs: Sequence[str | Path],
+    target_params: float,
+    *,
+    step: int | None = None,
+    threshold: float = 1e4,
+    param: str | None = None,
+    holdout_largest: bool = False,
+) -> dict[str, Any]:
+    """The forecast of sweeps ``dirs`` at ``target_params`` non-embedding parameters, as a
+    JSON-able dict (see the module docstring). ``step``: the step read (default: the last step
+    of the shortest run's schedule). ``param``: the parameter path of the §3.4 fit (default
+    the layer-0 query kernel). Raises ConfigError on what cannot be forecast."""
+    if not target_params > 0:
+        raise ConfigError(f"--target-params={target_params!r} must be > 0")
+    if not threshold > 0:
+        raise ConfigError(f"--threshold={threshold!r} must be > 0")
+    runs = load_runs(dirs)
+    sizes = sorted({r.params for r in runs})
+    if len(sizes) < 3:
+        raise ConfigError(
+            f"{len(sizes)} model size(s) in {', '.join(map(str, dirs))} "
+            f"(non-embedding params {', '.join(map(str, sizes))}); a quadratic fit needs >= 3"
+        )
+    if holdout_largest and len(sizes) < 4:
+        raise ConfigError(
+            f"--holdout-largest needs >= 4 model sizes (3 to fit, 1 to check), got {len(sizes)}"
+        )
+    schedule_end = min(r.config.train.steps for r in runs)
+    if step is None:
+        step = schedule_end
+    logged = {h.get("step") for r in runs for h in r.history}
+    if step not in logged:
+        near = sorted(s for s in logged if isinstance(s, int))
+        raise ConfigError(
+            f"--step={step} is not logged by any run; logged steps: {_ranges(near) or 'none'}"
+        )
+    explicit = param is not None
+    param = param or DEFAULT_PARAM
+    grad_key = f"grad/rms_over_eps/{param}"
+    keys = {k for r in runs for h in r.history for k in h}
+    if grad_key not in keys and explicit:
+        valid = sorted(
+            k.removeprefix("grad/rms_over_eps/") for k in keys if k.startswith("grad/rms_over_eps/")
+        )
+        raise ConfigError(
+            f"--param={param!r}: no {grad_key} in the histories; valid: {', '.join(valid) or 'none (no Adam-family optimizer)'}"
+        )
+    records = []
+    for d in map(Path, dirs):
+        recs, _ = read_jsonl(d / "results.jsonl")
+        records += [{**r, "_workdir": str(d)} for r in recs if "run_id" in r]
+    logit = _series(runs, step, LOGIT_KEY, True, target_params, threshold)
+    grad = _series(runs, step, grad_key, False, target_params, None) if grad_key in keys else []
+    for e in grad:
+        fit = e.pop("_fit", None)
+        if fit is not None:
+            x_max = math.log10(max(e["sizes_used"]))
+            root = fit.root_beyond(x_max, 0.0)
+            e["reaches_one_at_params"] = None if root is None else 10**root
+    for e in logit:
+        e.pop("_fit", None)
+        if holdout_largest:
+            e["holdout"] = _holdout(e)
+    return {
+        "dirs": [str(d) for d in dirs],
+        "step": step,
+        "threshold": threshold,
+        "target_params": target_params,
+        "interval": f"{LEVEL:.0%} residual-based prediction interval (Student t, n − 3 dof)",
+        "sizes": [
+            {"params": p, "size": next(r.size for r in runs if r.params == p)} for p in sizes
+        ],
+        "settings": sorted({r.setting for r in runs}),
+        "max_attn_logit": logit,
+        "grad_rms_over_eps": {
+            "param": param,
+            "key": grad_key,
+            "logged": grad_key in keys,
+            "series": grad,
+        },
+        "lr_trends": _lr_trends(runs, records),
+        "holdout_largest": holdout_largest,
+    }
+
+
+def _ranges(steps: list[int]) -> str:
+    if len(steps) <= 6:
+        return ", ".join(map(str, steps))
+    return f"{steps[0]}, {steps[1]}, …, {steps[-1]} ({len(steps)} steps)"
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs.
+
+
+def _g(v: float | None, fmt: str = ".3g") -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def to_markdown(fc: dict[str, Any], command: str = "") -> str:
+    """forecast.md: sizes, per setting and LR the fit and prediction, the held-out check,
+    §3.4 and the LR trends."""
+    t = fc["target_params"]
+    lines = [
+        "# Scaling forecast",
+        "",
+        *([f"Command: `{command}`", ""] if command else []),
+        f"Sweeps: {', '.join(fc['dirs'])}. Step read: {fc['step']}. Target: {t:.3g} "
+        f"non-embedding parameters. Threshold: max attention logit {fc['threshold']:g}.",
+        "",
+        "Fit: least-squares quadratic of log10(value) in log10(non-embedding parameters) per "
+        f"setting and LR. Uncertainty: {fc['interval']}; '–' where the fit has no residual "
+        "degrees of freedom (3 points). Excluded points (diverged, non-finite, not logged) are "
+        "listed below and never fitted.",
+        "",
+        "| size | non-embedding params |",
+        "|---|---|",
+        *[f"| {s['size']} | {s['params']:,} |" for s in fc["sizes"]],
+        "",
+        "## Max attention logit (max over layers)",
+        "",
+        f"| setting | lr | sizes fitted | c0, c1, c2 | predicted at {t:.3g} | 95% interval | crosses {fc['threshold']:g} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in fc["max_attn_logit"]:
+        lines.append(_fit_row(e, crosses=True))
+    crossing = [
+        f"{e['setting']} lr={e['lr']:g}" for e in fc["max_attn_logit"] if e.get("crosses_threshold")
+    ]
+    lines += ["", f"Predicted to cross {fc['threshold']:g}: {', '.join(crossing) or 'none'}."]
+    if fc["holdout_largest"]:
+        lines += [
+            "",
+            "### Held-out largest size",
+            "",
+            "Fit on every size but the largest, prediction at the largest vs the measured value "
+            "(geometric mean over seeds); error in decades (log10 predicted − log10 measured).",
+            "",
+            "| setting | lr | params | predicted | 95% interval | measured | error (log10) | inside |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for e in fc["max_attn_logit"]:
+            h = e["holdout"]
+            if "not_checked" in h:
+                lines.append(
+                    f"| {e['setting']} | {e['lr']:g} | {h['params']:,} | not checked: {h['not_checked']} ||||| "
+                )
+                continue
+            iv = "–" if h["lo"] is None else f"[{h['lo']:.3g}, {h['hi']:.3g}]"
+            inside = {None: "–", True: "yes", False: "no"}[h["inside_interval"]]
+            lines.append(
+                f"| {e['setting']} | {e['lr']:g} | {h['params']:,} | {h['predicted']:.3g} | {iv} | "
+                f"{h['measured']:.3g} | {h['error_log10']:+.2f} | {inside} |"
+            )
+    g = fc["grad_rms_over_eps"]
+    lines += ["", f"## Gradient RMS / ε of {g['param']} (§3.4)", ""]
+    if not g["logged"]:
+        lines.append(f"`{g['key']}` is not logged by these runs (an optimizer without ε?).")
+    else:
+        lines += [
+            f"| setting | lr | sizes fitted | c0, c1, c2 | predicted at {t:.3g} | 95% interval | reaches 1 at (params) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for e in g["series"]:
+            lines.append(_fit_row(e, crosses=False))
+    lines += [
+        "",
+        "## Optimal LR and LR sensitivity vs size",
+        "",
+        "LR sensitivity as in `stability report` (Wortsman et al. 2023); optimal LR = the grid LR "
+        "with the lowest final loss (geometric mean over seeds). Trends: least-squares slope "
+        "per decade of parameters.",
+        "",
+        "| setting | params | LRs | LR sensitivity | optimal LR |",
+        "|---|---|---|---|---|",
+    ]
+    for tr in fc["lr_trends"]:
+        for r in tr["by_size"]:
+            lines.append(
+                f"| {tr['setting']} | {r['params']:,} | {r['n_lrs']} | {r['lr_sensitivity']:.3f} | {_g(r['optimal_lr'])} |"
+            )
+    lines += [
+        "",
+        "| setting | LR sensitivity slope / decade | log10 optimal LR slope / decade |",
+        "|---|---|---|",
+    ]
+    for tr in fc["lr_trends"]:
+        lines.append(
+            f"| {tr['setting']} | {_g(tr['sensitivity_slope_per_decade'], '+.3f')} | "
+            f"{_g(tr['log10_optimal_lr_slope_per_decade'], '+.2f')} |"
+        )
+    excluded = [
+        (kind, e, p)
+        for kind, series in (("max logit", fc["max_attn_logit"]), ("grad/ε", g["series"]))
+        for e in series
+        for p in e["points"]
+        if p["excluded"]
+    ]
+    if excluded:
+        lines += [
+            "",
+            "## Excluded points",
+            "",
+            "| quantity | setting | lr | size | seed | why |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {e['setting']} | {e['lr']:g} | {p['size']} | {p['seed']} | {p['excluded']} |"
+            for k, e, p in excluded
+        ]
+    lines += ["", "![forecast](forecast.png)", ""]
+    return "\n".join(lines)
+
+
+def _fit_row(e: dict, crosses: bool) -> str:
+    head = f"| {e['setting']} | {e['lr']:g} | {len(e['sizes_used'])} |"
+    if e["fit"] is None:
+        return f"{head} not fitted: {e['not_fitted']} ||||"
+    p = e["prediction"]
+    coef = ", ".join(f"{c:.3g}" for c in e["fit"]["coef"])
+    iv = "–" if p["lo"] is None else f"[{p['lo']:.3g}, {p['hi']:.3g}]"
+    if crosses:
+        last = (
+            "yes"
+            if e["crosses_threshold"]
+            else ("possibly (interval)" if e["interval_reaches_threshold"] else "no")
+        )
+    else:
+        last = _g(e.get("reaches_one_at_params"))
+    return f"{head} {coef} | {p['value']:.3g} | {iv} | {last} |"
+
+
+def write_forecast(fc: dict[str, Any], out: str | Path, command: str = "") -> Path:
+    """forecast.md, forecast.png and forecast.json in ``out``; returns the markdown path."""
+    from stability import plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "forecast.json").write_text(json.dumps(fc, indent=1) + "\n")
+    plots.plot_forecast(fc, out / "forecast.png")
+    md = out / "forecast.md"
+    md.write_text(to_markdown(fc, command))
+    return md
