@@ -84,19 +84,50 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(reference, tmp
     assert metrics(workdir) == ref  # bitwise on CPU, nothing lost or duplicated
 
 
-def test_sigterm_checkpoints_and_exits_zero(reference, tmp_path):
+@pytest.fixture(scope="module")
+def child_env(tmp_path_factory):
+    """The children's environment: one persistent compilation cache for them all (the first
+    child compiles, the others load its programs)."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return {**os.environ, "WANDB_MODE": "disabled", "STABILITY_COMPILATION_CACHE": str(cache)}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_or_ctrl_c_checkpoints_and_exits_zero(reference, tmp_path, child_env, signum):
+    config, ref = reference
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(config, workdir), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env)
+    wait_for_records(workdir, 3)
+    t = time.time()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert time.time() - t < 30
+    (line,) = [x for x in err.splitlines() if "interrupt" in x or "rerun" in x or "SIG" in x]
+    assert line.startswith("interrupted at step ") and line.endswith(
+        "; rerun the same command to continue")
+    assert main(train_args(config, workdir)) == 0
+    assert metrics(workdir) == ref
+
+
+def test_second_ctrl_c_exits_at_once_with_130(reference, tmp_path):
+    """The first Ctrl-C lands while the programs compile (no cache: seconds), the second 0.3 s
+    later exits at once: status 130, one line, no traceback; the rerun is the reference."""
     config, ref = reference
     workdir = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(config, workdir), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "WANDB_MODE": "disabled"})
-    wait_for_records(workdir, 3)
-    t = time.time()
-    proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + 120
+    while not (workdir / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-2000:]
-    assert time.time() - t < 30
-    assert "SIGTERM: checkpointed" in err
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.count("interrupted again") == 1
     assert main(train_args(config, workdir)) == 0
     assert metrics(workdir) == ref
 
