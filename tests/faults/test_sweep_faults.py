@@ -27,7 +27,7 @@ def test_torn_result_line_redoes_only_that_run(tmp_path, capsys):
     again = run_sweep(sweep_py, tmp_path / "w", config_spec=config_py, strategy="vmap",
                       progress=False, report=False)
     err = capsys.readouterr().err
-    assert "skipped unreadable lines" in err and "1 program(s) to run" in err
+    assert "skipped unreadable lines" in err and "1 to train in 1 chunk(s)" in err
     records, bad = read_results(tmp_path / "w")
     assert len(bad) == 2
     assert [r["run_id"] for r in records].count(torn_id) == 1

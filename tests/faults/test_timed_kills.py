@@ -270,7 +270,8 @@ def test_sweep_killed_inside_checkpoint_write(sweep_reference, jax_cache, tmp_pa
     capsys.readouterr()
     assert main(sweep_args(config, sweep, workdir)) == 0
     err = capsys.readouterr().err
-    assert f"{chunk} already finished, {len(SWEEP_LRS) - chunk} program(s) to run" in err
+    left = len(SWEEP_LRS) - chunk
+    assert f"{chunk} already finished; {left} to train in {left} chunk(s)" in err
     assert assert_sweep_equals_reference(workdir, ref) == []
 
 
@@ -303,7 +304,8 @@ def test_sweep_killed_inside_results_append(sweep_reference, jax_cache, tmp_path
     capsys.readouterr()
     assert main(sweep_args(config, sweep, workdir)) == 0
     err = capsys.readouterr().err
-    assert f"{n - 1} already finished, {len(SWEEP_LRS) - n + 1} program(s) to run" in err
+    left = len(SWEEP_LRS) - n + 1
+    assert f"{n - 1} already finished; {left} to train in {left} chunk(s)" in err
     # The torn line stays, reported and skipped by every reader.
     assert assert_sweep_equals_reference(workdir, ref) == [n]
     assert f"skipped unreadable lines [{n}]" in err
