@@ -6,14 +6,25 @@ MFU = model FLOPs/s ÷ peak, where the peak is a float32 matmul measured in this
 weighted sum, forward and backward), as in the PaLM/Chinchilla accounting.
 
     python benchmarks/train_step.py [--steps 20] [--out benchmarks/results/train_step.json]
+
+``--mesh SPEC ...`` instead times the sharded step (``stability.sharding.shard_train_fns``) on
+each mesh, same global batch: SPEC is ``1`` (one device), ``dpN`` (N devices, batch split,
+state replicated), ``fsdpN`` (batch and state split over N), ``tpM`` (M-way tensor parallel),
+``fsdpNxtpM`` (both, N·M devices). On a CPU host the devices are simulated (``--cpu-devices``,
+default 8) and share the host's cores, so this measures sharding overhead, not speed-up.
+
+    python benchmarks/train_step.py --mesh 1 dp8 fsdp8 tp8 fsdp4xtp2 --out benchmarks/results/train_step_mesh.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +51,73 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / best
 
 
+def parse_mesh(spec: str) -> tuple[int, bool, int]:
+    """(devices, fsdp, tensor_parallel) of a --mesh SPEC."""
+    m = re.fullmatch(r"(?:(dp|fsdp)(\d+))?x?(?:tp(\d+))?|1", spec)
+    if not m or spec in ("", "x"):
+        sys.exit(f"--mesh {spec!r}: valid: 1, dpN, fsdpN, tpM, fsdpNxtpM")
+    data = int(m.group(2) or 1)
+    tp = int(m.group(3) or 1)
+    return data * tp, m.group(1) == "fsdp", tp
+
+
+def bench_meshes(a, cfg: Config) -> None:
+    """Step time of the sharded train step on each --mesh, same config and global batch."""
+    from stability import sharding as S
+
+    rng = np.random.default_rng(0)
+    batches = [
+        {"tokens": rng.integers(0, a.vocab, (a.batch, a.seq + 1), dtype=np.int32)}
+        for _ in range(4)
+    ]
+    rows = []
+    for spec in a.mesh:
+        n, fsdp, tp = parse_mesh(spec)
+        c = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, fsdp=fsdp, tensor_parallel=tp)
+        )
+        mesh = S.make_mesh(c, devices=jax.devices()[:n])
+        fns = S.shard_train_fns(c, mesh)
+        state = fns.init(np.int32(0))
+        hp = jax.device_put(T.hyperparams(c), fns.hp)
+        bs = [jax.device_put(b, fns.batch) for b in batches]
+        t0 = time.perf_counter()
+        state, out = fns.step(state, hp, bs[0])  # compile
+        jax.block_until_ready(out)
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in range(a.steps):
+            state, out = fns.step(state, hp, bs[i % 4])
+        jax.block_until_ready((state, out))
+        dt = (time.perf_counter() - t0) / a.steps
+        held = S.per_device_bytes((state.params, state.opt_state))
+        rows.append(
+            {
+                "mesh": spec,
+                "description": S.describe(mesh, c.train),
+                "seconds_per_step": dt,
+                "tokens_per_sec": a.batch * a.seq / dt,
+                "first_call_seconds": compile_s,
+                "state_bytes_per_device_max": max(held.values()),
+                "state_bytes_total": sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state))),
+                "final_loss": float(out["train/loss"]),
+            }
+        )
+        print(f"{spec}: {dt * 1e3:.0f} ms/step", file=sys.stderr)
+    result = {"config": vars(a), "backend": jax.default_backend(), "rows": rows}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("| mesh | run×data×model | ms/step | tokens/s | state MiB/device (of total) | loss after |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        sizes = r["description"].split()[2]
+        print(
+            f"| {r['mesh']} | {sizes} | {r['seconds_per_step'] * 1e3:.0f} | {r['tokens_per_sec']:.0f} | "
+            f"{r['state_bytes_per_device_max'] / 2**20:.1f} ({r['state_bytes_total'] / 2**20:.1f}) | "
+            f"{r['final_loss']:.4f} |"
+        )
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
@@ -50,13 +128,19 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--out", default="benchmarks/results/train_step.json")
+    p.add_argument("--mesh", nargs="+", help="sharded step on these meshes (see above)")
+    p.add_argument("--cpu-devices", type=int, default=8, help="simulated devices on a CPU host")
     a = p.parse_args()
+    if a.mesh:
+        jax.config.update("jax_num_cpu_devices", a.cpu_devices)
 
     cfg = Config(
         model=ModelConfig(vocab_size=a.vocab, d_model=a.d, n_layers=a.layers, n_heads=a.heads),
         data=DataConfig(source="synthetic_markov", seq_len=a.seq, batch_size=a.batch),
         train=TrainConfig(steps=10_000),
     )
+    if a.mesh:
+        return bench_meshes(a, cfg)
     _, _, init, step, _ = T.compiled_fns(T.static_config(cfg))
     state = init(0)
     hp = T.hyperparams(cfg)

@@ -194,9 +194,10 @@ def run_sharding(mesh: Mesh, *, stacked: bool) -> NamedSharding:
     return NamedSharding(mesh, P("run") if stacked else P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Token batches [B, ...]: sequences over "data" (shared by every run of a sweep)."""
-    return NamedSharding(mesh, P("data"))
+def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
+    """Token batches [B, ...]: sequences over "data" (shared by every run of a sweep);
+    ``leading`` unsplit axes first (e.g. 1 for the [K, B, ...] batches of K steps per call)."""
+    return NamedSharding(mesh, P(*(None,) * leading, "data"))
 
 
 def abstract(tree: Any, shardings: Any) -> Any:
