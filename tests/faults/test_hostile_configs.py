@@ -107,6 +107,19 @@ def test_text_file_too_short(tmp_path, capsys, text, message):
     assert code == 2 and message in err and not workdir.exists()
 
 
+def test_directory_without_included_files(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    for i in range(7):
+        (corpus / "sub" / f"part{i}.json").write_text("{}")
+    code, err, workdir = run_cli(
+        tmp_path, capsys, "--config.data.source=text_files", f"--config.data.paths={corpus}"
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not workdir.exists()
+    assert "no file in" in err and "matches config.data.include=['*.py', '*.txt', '*.md']" in err
+    assert "holds 7 files (sub/part0.json" in err and "and 2 more" in err
+
+
 def test_heads_not_dividing_width(tmp_path, capsys):
     code, err, workdir = run_cli(tmp_path, capsys, "--config.model.d_model=100", "--config.model.n_heads=3")
     assert code == 2 and "d_model=100" in err and "n_heads=3" in err and not workdir.exists()
