@@ -176,7 +176,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class WandbConfig:
-    mode: WandbMode = "offline"  # offline writes <workdir>/wandb for `wandb sync`
+    # offline writes <workdir>/wandb ($WANDB_DIR/wandb if set) for `wandb sync`; the
+    # environment's WANDB_MODE wins over this field
+    mode: WandbMode = "offline"
     project: str = "stability"
     group: str = ""
     tags: tuple[str, ...] = ()
