@@ -73,6 +73,8 @@ LR = 0.1  # learning rate of the per-run panels (the sweep's nearest LR is used)
 EARLY_STEP = 2000  # step of the early-warning max attention logit (the paper's choice; runs
 # that end earlier are read at their last logged step, which the figure's title then says)
 PARAM = "blocks/0/mlp/fc1/kernel"  # parameter whose update and gradient RMS §5 plots
+TARGET_PARAMS = 1e7  # §7: non-embedding parameters the forecast extrapolates to
+FORECAST_STEP = None  # §7: step read (None: the end of the shortest run's schedule)
 WANDB_PROJECT = ""  # set with WANDB_GROUP to read runs from W&B instead (needs network)
 WANDB_GROUP = ""  # a sweep's W&B group is its name, e.g. "demo"
 WANDB_ENTITY = None  # W&B entity (user or team); None: your default entity
@@ -286,3 +288,35 @@ for name, ylabel in (
 # (Guo et al. 2024) shows as attention mass piling onto position 0 while its residual norm
 # grows to many times the others' (a massive activation). Compare how early, and how far,
 # each setting's curves leave their values at the start of training.
+
+# %% [markdown]
+# ## 7. Scaling forecast across model sizes
+
+# %%
+from stability import forecast  # noqa: E402
+from stability.config import ConfigError  # noqa: E402
+
+fc = None
+if WANDB_PROJECT:
+    print("The forecast reads sweep workdirs (config.json of each run), not W&B.")
+else:
+    try:
+        fc = forecast.forecast(dirs, TARGET_PARAMS, step=FORECAST_STEP, min_sizes=1)
+    except ConfigError as e:
+        print(f"No forecast: {e}")
+if fc is not None:
+    show(plots.plot_forecast(fc))
+    if len(fc["sizes"]) < 3:
+        print(f"{len(fc['sizes'])} model size(s): measurements only; a fit needs 3 sizes.")
+    display(Markdown(forecast.to_markdown(fc)))
+
+# %% [markdown]
+# **Reading.** `stability forecast` in the notebook (same functions, same numbers). Left panels:
+# per setting, the max attention logit (max over layers) at the step read against the
+# non-embedding parameter count, one colour per LR; a least-squares quadratic in log-log
+# (solid over the measured sizes, dashed to the target), the prediction at the target with its
+# 95% prediction interval, and the red 1e4 line above which every run of the paper diverged.
+# Then gradient RMS / ε of the layer-0 query kernel against size (red line: ε is reached) and
+# LR sensitivity and optimal LR against size. Crosses mark runs left out (diverged before the
+# step, or non-finite). Sweeps over at least three sizes are needed for a fit; with four, the
+# command's `--holdout-largest` checks the extrapolation against the largest.

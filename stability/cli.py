@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_reproduce.add_argument("--workdir", required=True, help="one sweep workdir per finding")
     p_reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p_reproduce.add_argument(
+        "--report-only", action="store_true", help="train nothing; report the finished runs"
+    )
     for p in (p_train, p_sweep, p_report, p_forecast, p_reproduce):
         p.error = parser.error  # type: ignore[method-assign]
     try:
@@ -323,7 +326,9 @@ def _forecast(args) -> int:
 def _reproduce(args) -> int:
     from stability.reproduce import reproduce
 
-    report = reproduce(args.preset, args.workdir, progress=not args.no_progress)
+    report = reproduce(
+        args.preset, args.workdir, progress=not args.no_progress, report_only=args.report_only
+    )
     print(report.read_text())
     return 0
 

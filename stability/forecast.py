@@ -393,21 +393,25 @@ def forecast(
     threshold: float = 1e4,
     param: str | None = None,
     holdout_largest: bool = False,
+    min_sizes: int = 3,
 ) -> dict[str, Any]:
     """The forecast of sweeps ``dirs`` at ``target_params`` non-embedding parameters, as a
     JSON-able dict (see the module docstring). ``step``: the step read (default: the last step
     of the shortest run's schedule). ``param``: the parameter path of the §3.4 fit (default
-    the layer-0 query kernel). Raises ConfigError on what cannot be forecast."""
+    the layer-0 query kernel). ``min_sizes``: fewer model sizes raise a ConfigError (the
+    notebook passes 1 to plot measurements it cannot fit yet); so does anything else that
+    cannot be forecast."""
     if not target_params > 0:
         raise ConfigError(f"--target-params={target_params!r} must be > 0")
     if not threshold > 0:
         raise ConfigError(f"--threshold={threshold!r} must be > 0")
     runs = load_runs(dirs)
-    sizes = sorted({r.params for r in runs})
-    if len(sizes) < 3:
+    # A size is a model shape; settings (e.g. qk-layernorm) change its parameter count a little.
+    sizes = sorted({r.size: r.params for r in runs}.items(), key=lambda kv: kv[1])
+    if len(sizes) < min_sizes:
         raise ConfigError(
             f"{len(sizes)} model size(s) in {', '.join(map(str, dirs))} "
-            f"(non-embedding params {', '.join(map(str, sizes))}); a quadratic fit needs >= 3"
+            f"({', '.join(s for s, _ in sizes)}); a quadratic fit needs >= 3"
         )
     if holdout_largest and len(sizes) < 4:
         raise ConfigError(
@@ -456,7 +460,7 @@ def forecast(
         "target_params": target_params,
         "interval": f"{LEVEL:.0%} residual-based prediction interval (Student t, n − 3 dof)",
         "sizes": [
-            {"params": p, "size": next(r.size for r in runs if r.params == p)} for p in sizes
+            {"size": s, "params": sorted({r.params for r in runs if r.size == s})} for s, _ in sizes
         ],
         "settings": sorted({r.setting for r in runs}),
         "max_attn_logit": logit,
@@ -501,9 +505,9 @@ def to_markdown(fc: dict[str, Any], command: str = "") -> str:
         "degrees of freedom (3 points). Excluded points (diverged, non-finite, not logged) are "
         "listed below and never fitted.",
         "",
-        "| size | non-embedding params |",
+        "| size | non-embedding params (per setting) |",
         "|---|---|",
-        *[f"| {s['size']} | {s['params']:,} |" for s in fc["sizes"]],
+        *[f"| {s['size']} | {', '.join(f'{p:,}' for p in s['params'])} |" for s in fc["sizes"]],
         "",
         "## Max attention logit (max over layers)",
         "",

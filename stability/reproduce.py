@@ -229,7 +229,9 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
 
 
 def _sizes(rows: list[dict]) -> list[int]:
-    return sorted({r["params"] for r in rows})
+    """The widths of a sweep's runs (settings such as qk-LN change the parameter count a
+    little, so sizes are compared by width)."""
+    return sorted({r["d_model"] for r in rows})
 
 
 def finding_qk_sensitivity(rows: list[dict]) -> list[dict[str, Any]]:
@@ -238,13 +240,13 @@ def finding_qk_sensitivity(rows: list[dict]) -> list[dict[str, Any]]:
     checks, gaps = [], {}
     for n in _sizes(rows):
         off, on = (
-            _sens(_where(rows, params=n, qk_norm=False)),
-            _sens(_where(rows, params=n, qk_norm=True)),
+            _sens(_where(rows, d_model=n, qk_norm=False)),
+            _sens(_where(rows, d_model=n, qk_norm=True)),
         )
         gaps[n] = _diff(off, on)
         checks.append(
             _compare(
-                f"{n:,} params: sensitivity without − with qk-LN",
+                f"d={n}: sensitivity without − with qk-LN",
                 gaps[n],
                 SENS_TOL,
                 f"{_fmt(off)} − {_fmt(on)}",
@@ -272,14 +274,16 @@ def finding_logit_growth(rows: list[dict]) -> list[dict[str, Any]]:
     if not sizes:
         return [_compare("runs of the sizes sweep", None, 0, "none")]
     off = [
-        r for r in _where(rows, params=sizes[-1], qk_norm=False) if r["peak_attn_logit"] is not None
+        r
+        for r in _where(rows, d_model=sizes[-1], qk_norm=False)
+        if r["peak_attn_logit"] is not None
     ]
     if not off:
         return [_compare("peak max attention logit without qk-LN", None, 0, "not logged")]
     top = max(off, key=lambda r: r["peak_attn_logit"])
     on = [
         r
-        for r in _where(rows, params=sizes[-1], qk_norm=True, lr=top["lr"])
+        for r in _where(rows, d_model=sizes[-1], qk_norm=True, lr=top["lr"])
         if r["peak_attn_logit"] is not None
     ]
     lg = lambda v: None if v is None else math.log10(max(v, 1e-30))  # noqa: E731
@@ -351,13 +355,13 @@ def finding_warmup(rows: list[dict]) -> list[dict[str, Any]]:
     short, long = warmups[0], warmups[-1]
     for n in _sizes(rows):
         s, l_ = (
-            _sens(_where(rows, params=n, warmup_steps=short)),
-            _sens(_where(rows, params=n, warmup_steps=long)),
+            _sens(_where(rows, d_model=n, warmup_steps=short)),
+            _sens(_where(rows, d_model=n, warmup_steps=long)),
         )
         gaps[n] = _diff(s, l_)
         checks.append(
             _compare(
-                f"{n:,} params: sensitivity warm-up {short} − warm-up {long}",
+                f"d={n}: sensitivity warm-up {short} − warm-up {long}",
                 gaps[n],
                 SENS_TOL,
                 f"{_fmt(s)} − {_fmt(l_)}",
@@ -431,14 +435,14 @@ def finding_eps(sizes_rows: list[dict], eps_rows: list[dict]) -> list[dict[str, 
     falls = []
     for lr in sorted({r["lr"] for r in sizes_rows}):
         for qk in (False, True):
-            a = _where(sizes_rows, params=sizes[0], lr=lr, qk_norm=qk) if sizes else []
-            b = _where(sizes_rows, params=sizes[-1], lr=lr, qk_norm=qk) if sizes else []
+            a = _where(sizes_rows, d_model=sizes[0], lr=lr, qk_norm=qk) if sizes else []
+            b = _where(sizes_rows, d_model=sizes[-1], lr=lr, qk_norm=qk) if sizes else []
             if a and b and a[0]["grad_over_eps"] and b[0]["grad_over_eps"]:
                 falls.append(math.log10(a[0]["grad_over_eps"] / b[0]["grad_over_eps"]))
     top = (
         [
             r
-            for r in _where(sizes_rows, params=sizes[-1], qk_norm=True)
+            for r in _where(sizes_rows, d_model=sizes[-1], qk_norm=True)
             if not r["diverged"] and r["grad_over_eps"]
         ]
         if sizes
@@ -543,9 +547,12 @@ def sweep_file(name: str) -> Path:
     return SWEEPS_DIR / ("sizes.py" if name == "sizes" else f"reproduce_{name}.py")
 
 
-def reproduce(preset: str, workdir: str | Path, *, progress: bool = True) -> Path:
+def reproduce(
+    preset: str, workdir: str | Path, *, progress: bool = True, report_only: bool = False
+) -> Path:
     """Run (or resume) every sweep of ``preset`` into ``workdir/<sweep>`` and write
-    ``workdir/paper_report.md`` (with ``paper_report.json`` and figures/); returns its path."""
+    ``workdir/paper_report.md`` (with ``paper_report.json`` and figures/); returns its path.
+    ``report_only``: train nothing, report the runs finished so far."""
     from stability.sweep import run_sweep
 
     if preset not in PRESETS:
@@ -555,9 +562,10 @@ def reproduce(preset: str, workdir: str | Path, *, progress: bool = True) -> Pat
         path = sweep_file(name)
         if not path.is_file():
             raise ConfigError(f"{path} is missing: `stability reproduce` runs from a checkout")
-        run_sweep(f"{path}:{preset}", workdir / name, progress=progress)
+        if not report_only:
+            run_sweep(f"{path}:{preset}", workdir / name, progress=progress)
     rows = {name: load_rows(workdir / name) for name in SWEEPS}
-    return write_report(evaluate(rows), rows, workdir, preset)
+    return write_report(evaluate(rows), rows, workdir, preset, partial=report_only)
 
 
 def _commit() -> str:
@@ -583,6 +591,16 @@ def _commit() -> str:
         return "unknown"
 
 
+def _planned(sweep_dir: Path) -> str:
+    """Runs in a sweep workdir's manifest (``sweep.json``), or '?'."""
+    import json
+
+    try:
+        return str(len(json.loads((sweep_dir / "sweep.json").read_text())["run_ids"]))
+    except (OSError, ValueError, KeyError):
+        return "?"
+
+
 def _figure(name: str, rows: dict[str, list[dict]], path: Path) -> None:
     """The figure of one finding."""
     import matplotlib.pyplot as plt
@@ -601,24 +619,24 @@ def _figure(name: str, rows: dict[str, list[dict]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     a, b = axes
     if name == "qk_sensitivity":
-        big = max((r["params"] for r in sizes), default=0)
-        plots.plot_lr_sensitivity([r for r in sizes if r["params"] == big], ax=a)
+        big = max((r["d_model"] for r in sizes), default=0)
+        plots.plot_lr_sensitivity([r for r in sizes if r["d_model"] == big], ax=a)
         sens = [
-            {"params": n, "qk": qk, "s": _sens(_where(sizes, params=n, qk_norm=qk))}
+            {"d": n, "qk": qk, "s": _sens(_where(sizes, d_model=n, qk_norm=qk))}
             for n in _sizes(sizes)
             for qk in (False, True)
         ]
         plots.plot_curves(
-            curves(sens, lambda r: f"qk_norm={r['qk']}", "params", "s"),
+            curves(sens, lambda r: f"qk_norm={r['qk']}", "d", "s"),
             b,
-            xlabel="non-embedding parameters",
+            xlabel="width d_model",
             ylabel="LR sensitivity",
             logx=True,
             marker="o",
             title="LR sensitivity vs size",
         )
     elif name == "logit_growth":
-        lab = lambda r: f"{r['params']:,}, qk={r['qk_norm']}"  # noqa: E731
+        lab = lambda r: f"d={r['d_model']}, qk={r['qk_norm']}"  # noqa: E731
         kw = dict(xlabel="learning rate", logx=True, marker="o")
         plots.plot_curves(
             curves(sizes, lab, "lr", "peak_attn_logit"),
@@ -688,7 +706,11 @@ def _figure(name: str, rows: dict[str, list[dict]], path: Path) -> None:
 
 
 def write_report(
-    findings: list[dict], rows: dict[str, list[dict]], workdir: str | Path, preset: str
+    findings: list[dict],
+    rows: dict[str, list[dict]],
+    workdir: str | Path,
+    preset: str,
+    partial: bool = False,
 ) -> Path:
     """paper_report.md, paper_report.json and figures/<finding>.png in ``workdir``."""
     import datetime
@@ -706,7 +728,8 @@ def write_report(
         "# Reproducing Wortsman et al. 2023 (small-scale proxies)",
         "",
         f"Date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}. Commit: {_commit()}. "
-        f"Command: `stability reproduce --preset={preset} --workdir={workdir}`.",
+        f"Command: `stability reproduce --preset={preset} --workdir={workdir}"
+        + (" --report-only` (the runs finished so far)." if partial else "`."),
         "",
         "Verdicts come from fixed rules, stated per finding and applied by "
         "`stability/reproduce.py` to the measured runs: each check compares two measured "
@@ -724,14 +747,14 @@ def write_report(
         f"{counts['holds']} hold, {counts['does not hold']} do not hold, "
         f"{counts['inconclusive']} inconclusive.",
         "",
-        "| sweep | runs | diverged | training time (s, sum over runs) |",
+        "| sweep | finished runs / planned | diverged | training time (s, sum over runs) |",
         "|---|---|---|---|",
     ]
     for name in SWEEPS:
         rs = rows.get(name, [])
         wall = sum(r["wall_seconds"] or 0 for r in rs)
         lines.append(
-            f"| {name} (`{sweep_file(name).relative_to(SWEEPS_DIR.parent)}:{preset}`) | {len(rs)} | {sum(r['diverged'] for r in rs)} | {wall:.0f} |"
+            f"| {name} (`{sweep_file(name).relative_to(SWEEPS_DIR.parent)}:{preset}`) | {len(rs)} / {_planned(workdir / name)} | {sum(r['diverged'] for r in rs)} | {wall:.0f} |"
         )
     for i, f in enumerate(findings, 1):
         fig = workdir / "figures" / f"{f['finding']}.png"

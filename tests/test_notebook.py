@@ -26,6 +26,7 @@ SECTIONS = (
     "4. Output-logit divergence",
     "5. Update size and Adam's ε",
     "6. Attention sinks and the residual norm at position 0",
+    "7. Scaling forecast across model sizes",
 )
 
 

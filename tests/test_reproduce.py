@@ -41,11 +41,11 @@ def sizes_rows(gap_small: float, gap_large: float) -> list[dict]:
     """qk on: losses 3, 2, 3 at both sizes; qk off: the top LR loses ``gap``·3 nats more (so the
     LR-sensitivity gap is ``gap``)."""
     rows = []
-    for params, gap in ((1000, gap_small), (30000, gap_large)):
+    for d, gap in ((16, gap_small), (64, gap_large)):
         for qk in (True, False):
             for lr, loss in zip(LRS, (3.0, 2.0, 3.0), strict=True):
                 bad = 0.0 if qk or lr != LRS[-1] else 3 * gap
-                rows.append(row(lr, loss + bad, qk_norm=qk, params=params))
+                rows.append(row(lr, loss + bad, qk_norm=qk, d_model=d, params=d * d * 10 + qk))
     return rows
 
 
@@ -60,10 +60,10 @@ def test_qk_finding_holds_flips_when_the_effect_is_absent_and_fails_when_reverse
 
 
 def test_logit_growth_z_loss_and_eps_rules_read_the_measurements():
-    big = dict(params=30000, qk_norm=False)
+    big = dict(d_model=64, qk_norm=False)
     rows = sizes_rows(0.1, 0.3)
     for r in rows:
-        if r["params"] == 30000 and not r["qk_norm"] and r["lr"] == LRS[-1]:
+        if r["d_model"] == 64 and not r["qk_norm"] and r["lr"] == LRS[-1]:
             r.update(peak_attn_logit=3e5, min_attn_entropy=0.01)
     assert R.verdict(R.finding_logit_growth(rows)) == "holds"
     for r in R._where(rows, **big):
@@ -81,7 +81,7 @@ def test_logit_growth_z_loss_and_eps_rules_read_the_measurements():
     assert R.verdict(R.finding_z_loss(z_rows(4.0))) == "does not hold"  # no drift without wd
     eps_rows = [row(lr, 2.0 + (lr == LRS[-1]) * e * 1e4, eps=e) for e in (1e-4, 1e-8) for lr in LRS]
     for r in rows:
-        r["grad_over_eps"] = 1e4 / (r["params"] / 1000) / (r["lr"] / 1e-3) ** 0.5
+        r["grad_over_eps"] = 1e4 / r["params"] / (r["lr"] / 1e-3) ** 0.5
     checks = R.finding_eps(rows, eps_rows)
     assert [c["outcome"] for c in checks] == ["pass", "pass", "pass"], checks
     same = [row(lr, 2.0, eps=e) for e in (1e-4, 1e-8) for lr in LRS]
