@@ -236,6 +236,7 @@ def plot_max_attn_logit(records: list[dict], path: Path | None = None, ax=None):
     """Final max attention logit (max over layers) vs LR, log-log: the median over seeds, with
     their min–max as a band."""
     fig, ax = _axes(ax)
+    band = False
     for setting, runs in by_setting(records).items():
         xs, mid, lo, hi = [], [], [], []
         for p in lr_points(runs):
@@ -248,12 +249,13 @@ def plot_max_attn_logit(records: list[dict], path: Path | None = None, ax=None):
         if xs:
             (line,) = ax.plot(xs, mid, "o-", label=setting)
             if any(a != b for a, b in zip(lo, hi, strict=True)):
+                band = True
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("max attention logit (final)")
-    ax.set_title("Attention-logit growth")
+    ax.set_title("Attention-logit growth" + (" (median; band: min–max over seeds)" if band else ""))
     _legend(ax)
     return _save(fig, path)
 
