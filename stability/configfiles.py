@@ -111,13 +111,13 @@ def load_sweep(spec: str) -> tuple[str, list[dict[str, Any]]]:
         raise ConfigError(f"{where} raised {type(e).__name__}: {e}") from e
     if not points:
         raise ConfigError(f"{where} returned an empty grid; expected {SWEEP_SHAPE}")
+    template = default_config_dict()  # every config has these keys and types
     for i, point in enumerate(points):
         if not isinstance(point, MAPPINGS):
             raise ConfigError(
                 f"{where}: point {i} is {type(point).__name__} {_short(point)}, not a dict; "
                 f"expected {SWEEP_SHAPE}"
             )
-        template = default_config_dict()  # every config has these keys and types
         for key, value in point.items():
             if not isinstance(key, str) or not DOTTED_KEY.fullmatch(key):
                 raise ConfigError(
