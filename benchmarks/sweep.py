@@ -1,15 +1,19 @@
-"""Sweep strategies: wall time of the paper's 7-point LR grid run as one vmapped program,
-sequentially with one compilation, and naively (a fresh `stability train` process per run).
+"""Sweep speed: steady tokens/s per strategy and updates per call K; cold and cached start.
 
-    python benchmarks/sweep.py [--steps 100] [--sizes 64,128] [--skip-naive]
-        [--out benchmarks/results/sweep.json]
+    python benchmarks/sweep.py [--sizes 32,64,128,256] [--ks 1,10,100] [--steps 200]
+        [--start-sizes 32,128] [--out benchmarks/results/sweep_cpu.json]
 
-Every strategy trains the same runs (d ∈ sizes, 2 layers, T=64, B=16, stdlib bytes). Each
-strategy is timed twice in this process: *cold* (its first sweep, compilation included, as a
-user experiences a fresh sweep) and *warm* (the same sweep into a new workdir, every program
-already compiled: what dominates a long sweep). *Steady* is the aggregate training throughput
-once compiled (median of the logged ``perf/tokens_per_sec`` after the first log step, summed
-over the runs that share a program).
+Every sweep is the paper's 7-point LR grid (d ∈ sizes, 2 layers, d/32 heads, T=64, B=16,
+stdlib bytes), run as one vmapped program or sequentially (one program, run after run).
+
+*Steady*: aggregate training tokens/s once compiled, with ``train.steps_per_call=K``: the
+``perf/tokens_per_sec`` of each run's last record (logged every 100 steps, so it spans the
+last 100 updates, compiled), summed over the runs of one program (vmap) or averaged over runs
+trained one after another (sequential).
+
+*Start*: a fresh ``stability sweep`` process with an empty persistent compilation cache
+(*cold*), then a second process with that cache (*cached*): the seconds each spends compiling
+or loading its programs, as it reports them on stderr, and the process's wall time.
 """
 
 from __future__ import annotations
@@ -17,27 +21,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import jax  # noqa: E402
 
-from stability.sweep import build_runs, load_sweep, run_sweep  # noqa: E402
+from stability.sweep import run_sweep  # noqa: E402
 from stability.tracking import read_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+LOG_EVERY = 100
 
 
-def sweep_file(tmp: Path, d: int, steps: int) -> Path:
-    path = tmp / f"bench_d{d}.py"
+def sweep_file(tmp: Path, d: int, steps: int, k: int) -> Path:
+    path = tmp / f"bench_d{d}_k{k}_s{steps}.py"
     common = {
+        "data.source": "stdlib",
         "model.d_model": d,
         "model.n_layers": 2,
         "model.n_heads": max(1, d // 32),
@@ -45,8 +50,9 @@ def sweep_file(tmp: Path, d: int, steps: int) -> Path:
         "optim.warmup_steps": steps // 10,
         "train.eval_every": steps,
         "train.checkpoint_every": steps,
-        "train.log_every": max(1, steps // 10),
+        "train.log_every": min(LOG_EVERY, steps),
         "train.eval_batches": 2,
+        "train.steps_per_call": k,
     }
     path.write_text(
         f"NAME = 'bench_d{d}'\ndef get_sweep(arg=''):\n"
@@ -56,33 +62,57 @@ def sweep_file(tmp: Path, d: int, steps: int) -> Path:
 
 
 def steady_tokens_per_sec(workdir: Path, strategy: str) -> float:
-    """Aggregate tokens/s once compiled: per-run medians, summed over the runs of one program
-    (vmap) or averaged over runs trained one after another (sequential)."""
-    medians = []
-    for run_dir in sorted((workdir / "runs").iterdir()):
-        tps = [r["perf/tokens_per_sec"] for r in read_jsonl(run_dir / "metrics.jsonl")[0]][1:]
-        if tps:
-            medians.append(statistics.median(tps))
-    return sum(medians) if strategy == "vmap" else statistics.mean(medians)
+    last = [
+        read_jsonl(run_dir / "metrics.jsonl")[0][-1]["perf/tokens_per_sec"]
+        for run_dir in sorted((workdir / "runs").iterdir())
+    ]
+    return sum(last) if strategy == "vmap" else sum(last) / len(last)
+
+
+COMPILE_LINE = re.compile(r"^(?:compiled .* in ([\d.]+) s|.*: from cache \(([\d.]+) s\))$")
+
+
+def start_seconds(spec: Path, workdir: Path, strategy: str, cache: Path) -> dict[str, float]:
+    """Seconds a fresh `stability sweep` process spends compiling (or loading) its programs,
+    and its wall time."""
+    import time
+
+    t = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "stability", "sweep", "--sweep", str(spec), "--workdir",
+         str(workdir), "--strategy", strategy, "--no-progress", "--max-runs-per-program",
+         str(len(LRS)), f"--compilation-cache={cache}"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    wall = time.perf_counter() - t
+    seconds = [
+        float(m.group(1) or m.group(2))
+        for line in out.stderr.splitlines()
+        if (m := COMPILE_LINE.match(line))
+    ]
+    return {"compile_s": sum(seconds), "programs": len(seconds), "wall_s": wall}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--sizes", default="64,128")
-    p.add_argument("--skip-naive", action="store_true")
-    p.add_argument("--out", default="benchmarks/results/sweep.json")
+    p.add_argument("--sizes", default="32,64,128,256")
+    p.add_argument("--ks", default="1,10,100")
+    p.add_argument("--steps", type=int, default=2 * LOG_EVERY)
+    p.add_argument("--start-sizes", default="32,128")
+    p.add_argument("--strategies", default="vmap,sequential")
+    p.add_argument("--out", default="benchmarks/results/sweep_cpu.json")
     a = p.parse_args()
+    strategies = a.strategies.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        os.environ["STABILITY_COMPILATION_CACHE"] = "off"  # in-process: compile as usual
         for d in (int(x) for x in a.sizes.split(",")):
-            spec = sweep_file(tmp, d, a.steps)
-            row = {"d_model": d, "runs": len(LRS), "steps": a.steps}
-            for strategy in ("vmap", "sequential"):
-                for phase in ("cold", "warm"):
-                    workdir = tmp / f"{strategy}{d}{phase}"
-                    t = time.perf_counter()
+            for k in (int(x) for x in a.ks.split(",")):
+                spec = sweep_file(tmp, d, a.steps, k)
+                row = {"d_model": d, "steps_per_call": k, "runs": len(LRS), "steps": a.steps}
+                for strategy in strategies:
+                    workdir = tmp / f"{strategy}_d{d}_k{k}"
                     run_sweep(
                         str(spec),
                         workdir,
@@ -91,50 +121,40 @@ def main():
                         report=False,
                         max_runs_per_program=len(LRS),
                     )
-                    row[f"{strategy}_{phase}_s"] = time.perf_counter() - t
-                row[f"{strategy}_steady_tok_s"] = steady_tokens_per_sec(workdir, strategy)
-            if not a.skip_naive:
-                t = time.perf_counter()
-                for run in build_runs(load_sweep(str(spec))[1], None, []):
-                    overrides = [f"--config.{k}={v}" for k, v in run.overrides.items()]
-                    subprocess.run(
-                        [
-                            sys.executable,
-                            "-m",
-                            "stability",
-                            "train",
-                            "--no-progress",
-                            "--workdir",
-                            str(tmp / f"naive{d}" / run.run_id),
-                            *overrides,
-                        ],
-                        cwd=ROOT,
-                        check=True,
-                        capture_output=True,
-                    )
-                row["naive_s"] = time.perf_counter() - t
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    result = {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "rows": rows}
+                    row[f"{strategy}_steady_tok_s"] = steady_tokens_per_sec(workdir, strategy)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        starts = []
+        for d in (int(x) for x in a.start_sizes.split(",") if x):
+            spec = sweep_file(tmp, d, 2, 0)
+            for strategy in strategies:
+                cache = tmp / f"cache_{strategy}_d{d}"
+                cold = start_seconds(spec, tmp / f"cold_{strategy}{d}", strategy, cache)
+                cached = start_seconds(spec, tmp / f"cached_{strategy}{d}", strategy, cache)
+                row = {"d_model": d, "strategy": strategy, "cold": cold, "cached": cached}
+                starts.append(row)
+                print(json.dumps(row), flush=True)
+    result = {
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]),
+        "steady": rows,
+        "start": starts,
+    }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n({result['backend']}; ratios are sequential (or naive) over vmap)")
-    print(
-        "| d_model | cold vmap / seq s | warm vmap / seq s | steady vmap / seq tok/s "
-        "| cold ratio | warm ratio | steady ratio | naive s (ratio) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n({result['backend']}) steady tokens/s, {len(LRS)} runs")
+    print("| d_model | K | " + " | ".join(strategies) + " |")
+    print("|---|---|" + "---|" * len(strategies))
     for r in rows:
-        naive = r.get("naive_s")
-        naive_col = "" if naive is None else f"{naive:.1f} ({naive / r['vmap_cold_s']:.2f}x)"
+        cols = " | ".join(f"{r[f'{s}_steady_tok_s']:.0f}" for s in strategies)
+        print(f"| {r['d_model']} | {r['steps_per_call']} | {cols} |")
+    print("\n| d_model | strategy | cold compile s (wall s) | cached s (wall s) | cached/cold |")
+    print("|---|---|---|---|---|")
+    for r in starts:
+        c, w = r["cold"], r["cached"]
         print(
-            f"| {r['d_model']} | {r['vmap_cold_s']:.1f} / {r['sequential_cold_s']:.1f} "
-            f"| {r['vmap_warm_s']:.1f} / {r['sequential_warm_s']:.1f} "
-            f"| {r['vmap_steady_tok_s']:.0f} / {r['sequential_steady_tok_s']:.0f} "
-            f"| {r['sequential_cold_s'] / r['vmap_cold_s']:.2f}x "
-            f"| {r['sequential_warm_s'] / r['vmap_warm_s']:.2f}x "
-            f"| {r['vmap_steady_tok_s'] / r['sequential_steady_tok_s']:.2f}x "
-            f"| {naive_col} |"
+            f"| {r['d_model']} | {r['strategy']} | {c['compile_s']:.1f} ({c['wall_s']:.1f}) "
+            f"| {w['compile_s']:.1f} ({w['wall_s']:.1f}) | {w['compile_s'] / c['compile_s']:.2f} |"
         )
 
 

@@ -381,6 +381,7 @@ class ChunkRunner:
         sizes = [e - s for s, e in zip([start, *plan[:-1]], plan, strict=True)]
         prefetch = train_feed.prefetch(sizes)
         last_time = time.time()
+        span_time, span_step = last_time, start  # tokens/s of a record: since the previous one
         try:
             for end, n in zip(plan, sizes, strict=True):
                 batches, host, stream_state = prefetch.next()
@@ -390,6 +391,7 @@ class ChunkRunner:
                 alive = _fetch(out["alive"])[: self.k]  # the host waits here, once per call
                 now = time.time()
                 tps = tokens_per_step * n / max(now - last_time, 1e-9)
+                span_tps = tokens_per_step * (end - span_step) / max(now - span_time, 1e-9)
                 last_time = now
                 host_out = _fetch(out) if is_log(end) or not alive.all() else None
                 newly_dead = [i for i in range(self.k) if not alive[i] and i not in logged_dead]
@@ -403,12 +405,13 @@ class ChunkRunner:
                             replay = _fetch(fns.call(copy, hp, one, _global(np.int32(1), repl))[1])
                         for i in newly_dead:
                             if died[i] == d:
-                                log(i, d, replay, tps)
+                                log(i, d, replay, span_tps)
                                 logged_dead.add(i)
                 if is_log(end):
                     for i in range(self.k):
                         if i not in logged_dead:
-                            log(i, end, host_out, tps)
+                            log(i, end, host_out, span_tps)
+                    span_time, span_step = now, end
                 bar.set_postfix(
                     loss=f"{np.nanmin(host_out['train/loss'][: self.k]):.3f}"
                     if host_out is not None
@@ -494,25 +497,29 @@ _FNS_CACHE: dict = {}
 
 def _vmapped_fns(static: Config, run_sharding, k_max: int) -> _Fns:
     """The chunk's programs: init, ``T.make_call`` of the vmapped train step (up to ``k_max``
-    updates per call), evaluate; all runs see the same batches."""
-    key = (static, run_sharding, k_max)
-    if key not in _FNS_CACHE:
+    updates per call), evaluate; all runs see the same batches. Init and evaluate do not
+    depend on ``k_max`` and are shared."""
+    if (static, run_sharding) not in _FNS_CACHE:
         graphdef, tx, _, _, _ = T.compiled_fns(static)
         init = jax.jit(
             jax.vmap(lambda seed: T.init_state(static, seed, tx)), out_shardings=run_sharding
         )
-        step = jax.vmap(T.make_train_step(static, graphdef, tx), in_axes=(0, 0, None))
-        call = jax.jit(T.make_call(step, k_max), donate_argnums=0, out_shardings=run_sharding)
         evaluate = jax.jit(
             jax.vmap(T.make_evaluate(static, graphdef), in_axes=(0, None)),
             out_shardings=run_sharding,
         )
-        _FNS_CACHE[key] = _Fns(
+        _FNS_CACHE[static, run_sharding] = (
             Program("init (vmapped)", init),
-            Program(f"train step (vmapped, up to {k_max} per call)", call),
             Program("eval (vmapped)", evaluate),
         )
-    return _FNS_CACHE[key]
+    init, evaluate = _FNS_CACHE[static, run_sharding]
+    key = (static, run_sharding, k_max)
+    if key not in _FNS_CACHE:
+        graphdef, tx, _, _, _ = T.compiled_fns(static)
+        step = jax.vmap(T.make_train_step(static, graphdef, tx), in_axes=(0, 0, None))
+        call = jax.jit(T.make_call(step, k_max), donate_argnums=0, out_shardings=run_sharding)
+        _FNS_CACHE[key] = Program(f"train step (vmapped, up to {k_max} per call)", call)
+    return _Fns(init, _FNS_CACHE[key], evaluate)
 
 
 # ---------------------------------------------------------------------------------------

@@ -610,6 +610,7 @@ def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preempti
 
     prefetch = train_feed.prefetch(sizes)
     rec, last_time = None, time.time()
+    span_time, span_step = last_time, start  # tokens/s of a record: since the previous record
     try:
         for end, n in zip(plan, sizes, strict=True):
             batches, host, stream_state = prefetch.next()
@@ -619,6 +620,7 @@ def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preempti
             alive = bool(out["alive"])  # the host waits for the device here, once per call
             now = time.time()
             tokens_per_sec = tokens_per_step * n / max(now - last_time, 1e-9)
+            span_tokens_per_sec = tokens_per_step * (end - span_step) / max(now - span_time, 1e-9)
             last_time = now
             if not alive:  # died inside this call: its record is the failing update's
                 died = int(state.diverged_step)
@@ -630,11 +632,12 @@ def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preempti
                         replicated(np.int32(1), repl),
                     )[1]
                     out = replay
-                record(died, out, tokens_per_sec)
+                record(died, out, span_tokens_per_sec)
                 save(int(state.step), state, stream_state, diverged=True)
                 return RunResult(int(state.step), float("nan"), True, died)
             if is_log(end):
-                rec = record(end, out, tokens_per_sec)
+                rec = record(end, out, span_tokens_per_sec)
+                span_time, span_step = now, end
                 bar.set_postfix(loss=f"{rec['train/loss']:.4f}", tok_s=f"{tokens_per_sec:.0f}")
             else:
                 bar.set_postfix(tok_s=f"{tokens_per_sec:.0f}")
