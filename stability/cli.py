@@ -213,6 +213,8 @@ def _train(args, overrides) -> int:
         workdir = Path(args.workdir)
         if check_workdir(cfg, workdir, args.overwrite):
             print(f"--overwrite would delete {workdir} ({describe_run(workdir)})")
+        elif (workdir / "config.json").exists():
+            print(f"{workdir} holds this run ({describe_run(workdir)}); it would resume")
         print("config OK")
         return 0
     _start_jax(args)

@@ -98,6 +98,11 @@ def test_train_check_predicts_refusal_and_overwrite(tmp_path, capsys):
         in out
     )
     assert sorted(p.name for p in workdir.rglob("*")) == before  # --check wrote nothing
+    fake_run(tmp_path / "same", cfg)
+    code, out, _ = run(
+        capsys, "train", f"--config={config_py}", f"--workdir={tmp_path / 'same'}", "--check"
+    )
+    assert code == 0 and "holds this run (metrics up to step 10" in out and "would resume" in out
 
 
 def test_overwrite_deletes_any_run_and_says_what(tmp_path, capsys):
