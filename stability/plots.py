@@ -565,11 +565,15 @@ def plot_forecast(fc: dict, path: Path | None = None):
     lrs = sorted({e["lr"] for e in fc["max_attn_logit"]})
     colour = {lr: plt.cm.viridis(i / max(len(lrs) - 1, 1)) for i, lr in enumerate(lrs)}
 
-    def draw(ax, e, target_mark: bool):
+    markers = dict(zip(settings, "o^sDv<>p*h", strict=False))
+
+    def draw(ax, e, target_mark: bool, label: str = ""):
         c = colour.get(e["lr"], "k")
         pts = [(p["params"], p["value"]) for p in e["points"] if p["value"] is not None]
         if pts:
-            ax.plot(*zip(*pts, strict=True), "o", color=c, markersize=4, label=f"lr={e['lr']:g}")
+            m = markers.get(e["setting"], "o")
+            label = label or f"lr={e['lr']:g}"
+            ax.plot(*zip(*pts, strict=True), m, color=c, markersize=4, label=label)
         bad = [p["params"] for p in e["points"] if p["value"] is None]
         if bad:
             ymin = min((v for _, v in pts), default=1.0)
@@ -606,7 +610,7 @@ def plot_forecast(fc: dict, path: Path | None = None):
     if grad:
         ax = axes[len(settings)]
         for e in grad:
-            draw(ax, e, True)
+            draw(ax, e, True, label=f"{e['setting']}, lr={e['lr']:g}")
         ax.axhline(1.0, color="red", linestyle=":", linewidth=1)
         ax.axvline(target, color="gray", linestyle=":", linewidth=1)
         ax.set_title(f"grad RMS / ε: {fc['grad_rms_over_eps']['param']}", fontsize=8)
