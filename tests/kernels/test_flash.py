@@ -14,10 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from stability.kernels import flash, reference
 
+from . import mgpu_interpret
 from .test_reference import (
     huge_logit_qkv,
     numpy_attention,
@@ -27,7 +30,7 @@ from .test_reference import (
     run_jitted,
 )
 
-NATIVE = flash.default_backend()  # compiled on a GPU; the other driver is interpreted
+NATIVE = flash.default_backend(jnp.float32)  # compiled on a GPU (Triton); others interpreted
 
 
 def flash_attention(q, k, v, backend=NATIVE, **kw):
@@ -59,11 +62,15 @@ def check_against_reference(
     grad_tol=1e-5,
     with_stats=False,
     seed=0,
+    interpret=None,
 ):
+    """interpret: None compiles the native driver and interprets the others."""
     b, t, n, h = shape
     q, k, v = random_qkv(seed, b, t, n, h, s=s, dtype=dtype, logit_scale=2.0)
     do = jax.random.normal(jax.random.PRNGKey(seed + 1), q.shape, jnp.float32)
-    fkw = dict(kw, backend=backend, interpret=None if backend == NATIVE else True)
+    if interpret is None and backend != NATIVE:
+        interpret = True
+    fkw = dict(kw, backend=backend, interpret=interpret)
     fkw.update(block_q=blocks[0], block_k=blocks[1])
     o, stats, grads = outputs_and_grads(flash.attention, q, k, v, do, with_stats, **fkw)
     o_ref, stats_ref, grads_ref = outputs_and_grads(reference.attention, q, k, v, do, **kw)
@@ -136,7 +143,7 @@ GPU_CASES = [
 def test_triton_driver_matches_reference(kw):
     """The Triton driver (interpreted on CPU); head dim 24 is padded to 32 internally."""
     s = None if kw["causal"] else 80
-    check_against_reference(kw, shape=(1, 64, 4, 24), s=s, backend="gpu")
+    check_against_reference(kw, shape=(1, 64, 4, 24), s=s, backend="triton")
 
 
 @pytest.mark.slow
@@ -145,11 +152,82 @@ def test_triton_driver_bfloat16_with_padding():
         dict(window=(5, None), score="softplus", alpha=2.0),
         shape=(2, 50, 2, 32),
         dtype=jnp.bfloat16,
-        backend="gpu",
+        backend="triton",
         tol=2e-2,
         grad_tol=3e-2,
         with_stats=True,
     )
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(causal=True, window=LOCAL_GLOBAL),
+        dict(causal=True, score="softplus", alpha=1.5, window=LOCAL_GLOBAL, softcap=5.0),
+    ],
+    ids=str,
+)
+def test_tpu_interpret_mode_without_races(kw, capsys):
+    """The Mosaic TPU driver in Pallas's TPU interpreter (VMEM scratch simulated, NaN-filled
+    uninitialised memory, parallel grid axes in shuffled order) with its race detector:
+    forward, statistics and gradients match the reference, and no kernel reports a race."""
+    params = pltpu.InterpretParams(detect_races=True)
+    check_against_reference(kw, backend="tpu", interpret=params, with_stats=True)
+    assert "RACE DETECTED" not in capsys.readouterr().out
+    assert not tpu_interpret.races.races_found  # the last kernel run (dk, dv)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "triton"])
+def test_stats_off_gives_identical_outputs_and_grads(backend):
+    """stats=False drops the max-logit and entropy work only: output and gradients are
+    bit-identical to those of the call with statistics."""
+    q, k, v = random_qkv(3, 1, 64, 2, 16, dtype=jnp.bfloat16, logit_scale=2.0)
+    do = jax.random.normal(jax.random.PRNGKey(4), q.shape, jnp.float32)
+    kw = dict(window=(8, None), score="softplus", alpha=1.5, block_q=16, block_k=32)
+    kw.update(backend=backend, interpret=None if backend == NATIVE else True)
+    o, stats, grads = outputs_and_grads(flash.attention, q, k, v, do, **kw)
+    o_off, stats_off, grads_off = outputs_and_grads(flash.attention, q, k, v, do, stats=False, **kw)
+    assert stats_off is None and stats is not None
+    np.testing.assert_array_equal(np.asarray(o_off, np.float32), np.asarray(o, np.float32))
+    for g_off, g in zip(grads_off, grads, strict=True):
+        np.testing.assert_array_equal(np.asarray(g_off, np.float32), np.asarray(g, np.float32))
+
+
+def _hopper() -> bool:
+    return flash.default_backend(jnp.bfloat16) == "mosaic_gpu"
+
+
+# Windows (1, None) at T=128 with 64-blocks make every step kind of the Mosaic GPU forward
+# occur in one CTA: skipped steps before and after a warpgroup's own range, masked and
+# unmasked steps; a ring of one slot makes the stream wait for every release.
+MOSAIC_CASES = [
+    dict(window=(1, None), score="softplus", alpha=1.5, softcap=5.0),
+    dict(window=LOCAL_GLOBAL),
+    dict(score="softplus", alpha=2.0),
+    dict(causal=False),
+]
+
+
+@(pytest.mark.slow if not _hopper() else (lambda f: f))
+@pytest.mark.parametrize("kw", MOSAIC_CASES if _hopper() else MOSAIC_CASES[:1], ids=str)
+def test_mosaic_gpu_driver_matches_reference(kw, monkeypatch):
+    """The Hopper driver (its backward is the Triton one): compiled on a Hopper GPU at
+    T=256 with 64-blocks and its default ring; on CPU at T=128 with a one-slot ring in
+    Pallas's GPU interpreter (warpgroups as threads, barriers with phases, TMA, shared
+    memory, race detection), about a minute."""
+    n = len(kw.get("window") or (None,) * 4)
+    common = dict(dtype=jnp.bfloat16, backend="mosaic_gpu", blocks=(64, 64), tol=2e-2)
+    common.update(grad_tol=3e-2, with_stats=True)
+    if _hopper():
+        s = 320 if not kw.get("causal", True) else None
+        check_against_reference(kw, shape=(2, 256, n, 64), s=s, **common)
+        return
+    one_slot = flash.KernelConfig(64, 64, max_concurrent_steps=1)
+    monkeypatch.setitem(flash.TUNED, flash.TuneKey("mosaic_gpu", "fwd"), one_slot)
+    params = mgpu_interpret.InterpretGPUParams(detect_races=True)
+    with mgpu_interpret.wgmma_operands_patched():
+        check_against_reference(kw, shape=(1, 128, n, 64), interpret=params, **common)
+    assert not mgpu_interpret.races_found()
 
 
 def test_vmap_over_runs():
@@ -171,7 +249,7 @@ def test_vmap_over_runs():
         assert rel_err(g, g_ref) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("backend", ["tpu", "triton"])
 @pytest.mark.parametrize("score", ["softmax", "softplus"])
 def test_entropy_exact_for_huge_logits(backend, score):
     """Logits ~1e4 (exactly 1e4 + small integers): entropy vs float64 NumPy to 1e-5."""
@@ -187,7 +265,7 @@ def test_entropy_exact_for_huge_logits(backend, score):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("backend", ["tpu", "triton"])
 def test_one_hot_rows_and_underflowing_softplus(backend):
     """Logit gaps of ~1e4 (weights exactly one-hot) and softplus weights that all underflow."""
     q, k, v = random_qkv(5, 1, 32, 2, 16, logit_scale=300.0)
@@ -252,8 +330,8 @@ def test_block_ranges_are_exactly_the_visible_blocks(q_len, kv_len, bq, bk, caus
         kv_len=kv_len,
         q_len_pad=pad_q,
         kv_len_pad=pad_k,
-        block_q=bq,
-        block_k=bk,
+        fwd=flash.KernelConfig(bq, bk),
+        bwd=flash.KernelConfig(bq, bk),
         backend="tpu",
         interpret=True,
         precision=None,
@@ -266,14 +344,30 @@ def test_block_ranges_are_exactly_the_visible_blocks(q_len, kv_len, bq, bk, caus
         visible &= i - j < window
     want = visible.reshape(pad_q // bq, bq, pad_k // bk, bk).any(axis=(1, 3))
     for qb in range(want.shape[0]):
-        lo, hi = flash._kv_blocks(spec, jnp.int32(qb), window)
+        lo, hi = flash._kv_blocks(spec, jnp.int32(qb), window, bq, bk)
         np.testing.assert_array_equal(
             (np.arange(want.shape[1]) >= lo) & (np.arange(want.shape[1]) < hi),
             want[qb],
             err_msg=f"key blocks of query block {qb}",
         )
+    # Mask-free blocks (Mosaic GPU): every pair, padded query rows included, is visible.
+    unmasked = j < kv_len
+    if causal:
+        unmasked &= j <= i
+    if window is not None:
+        unmasked &= i - j < window
+    full_want = want & unmasked.reshape(pad_q // bq, bq, pad_k // bk, bk).all(axis=(1, 3))
+    for qb in range(want.shape[0]):
+        lo, full_lo, full_hi, hi = flash._full_kv_blocks(spec, jnp.int32(qb), window, bq, bk)
+        blocks = np.arange(want.shape[1])
+        np.testing.assert_array_equal(
+            (blocks >= full_lo) & (blocks < full_hi),
+            full_want[qb],
+            err_msg=f"mask-free key blocks of query block {qb}",
+        )
+        assert lo <= full_lo <= full_hi <= hi
     for kb in range(want.shape[1]):
-        lo, hi = flash._q_blocks(spec, jnp.int32(kb), window)
+        lo, hi = flash._q_blocks(spec, jnp.int32(kb), window, bq, bk)
         np.testing.assert_array_equal(
             (np.arange(want.shape[0]) >= lo) & (np.arange(want.shape[0]) < hi),
             want[:, kb],
@@ -287,12 +381,46 @@ def test_block_ranges_are_exactly_the_visible_blocks(q_len, kv_len, bq, bk, caus
         (dict(block_q=48), "block_q=48"),
         (dict(block_k=8), "block_k=8"),
         (dict(backend="cpu"), "backend='cpu'"),
+        (dict(backend="mosaic_gpu"), "dtype=float32"),
+        (dict(backend="mosaic_gpu", dtype=jnp.bfloat16, block_q=32), "block_q=32"),
     ],
 )
 def test_invalid_arguments_are_named(kw, match):
-    x = jnp.zeros((1, 32, 2, 16))
+    x = jnp.zeros((1, 32, 2, 16), kw.pop("dtype", jnp.float32))
     with pytest.raises(ValueError, match=match):
         flash.attention(x, x, x, **kw)
+
+
+def test_mosaic_gpu_config_over_shared_memory_is_named(monkeypatch):
+    big = flash.KernelConfig(64, 128, max_concurrent_steps=4)
+    monkeypatch.setitem(flash.TUNED, flash.TuneKey("mosaic_gpu", "fwd"), big)
+    x = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="shared memory"):
+        flash.attention(x, x, x, backend="mosaic_gpu")
+
+
+def test_tuned_config_prefers_the_most_specific_entry_then_the_nearest_length(monkeypatch):
+    generic = flash.TUNED[flash.TuneKey("triton", "fwd")]
+    at_2k, at_8k, windowed = (flash.KernelConfig(b, b) for b in (16, 32, 128))
+    for key, config in [
+        (flash.TuneKey("triton", "fwd", "bfloat16", 128, True, False, 2048), at_2k),
+        (flash.TuneKey("triton", "fwd", "bfloat16", 128, True, False, 8192), at_8k),
+        (flash.TuneKey("triton", "fwd", "bfloat16", 128, True, True), windowed),
+    ]:
+        monkeypatch.setitem(flash.TUNED, key, config)
+    call = dict(dtype="bfloat16", head_dim=128, causal=True)
+
+    def lookup(**kw):
+        return flash.tuned_config("triton", "fwd", **{**call, **kw})
+
+    assert lookup(windowed=False, seq_len=1024) == at_2k
+    assert lookup(windowed=False, seq_len=4096) == at_2k  # log-distance tie: first entry
+    assert lookup(windowed=False, seq_len=6000) == at_8k
+    assert lookup(windowed=True, seq_len=6000) == windowed
+    assert lookup(windowed=False, seq_len=4096, head_dim=64) == generic
+    for backend in ("tpu", "triton", "mosaic_gpu"):
+        for kernel in ("fwd", "bwd"):  # every driver has a wildcard default
+            assert flash.TuneKey(backend, kernel) in flash.TUNED
 
 
 def test_unsupported_dtype_is_named():
