@@ -136,16 +136,20 @@ def test_remat_modes_give_identical_losses_and_gradients():
 # 8 forced CPU devices, one child process for all checks.
 
 
-def _child(args: list[str], n_devices: int, **kw) -> subprocess.Popen:
+def _child(args: list[str], n_devices: int, out, err) -> subprocess.Popen:
+    """This file as a program with ``n_devices`` CPU devices, writing to files ``out``/``err``
+    (pipes could fill while the other process of a pair waits)."""
     env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
            + f" --xla_force_host_platform_device_count={n_devices}"}
     return subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=out, stderr=err, text=True)
 
 
-def test_eight_devices_fsdp_tensor_parallel_runs_checkpoints_and_memory():
-    proc = _child(["eight"], 8)
-    out, err = proc.communicate(timeout=900)
+def test_eight_devices_fsdp_tensor_parallel_runs_checkpoints_and_memory(tmp_path):
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = _child(["eight"], 8, out, err)
+        proc.wait(timeout=900)
+    out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
     assert proc.returncode == 0, err[-4000:]
     print(out)  # per-device memory numbers of w4096 (pytest -s shows them)
     assert "w4096 step memory per device" in out
@@ -251,16 +255,20 @@ def eight_devices() -> None:
 # Two processes × 4 devices, FSDP across both.
 
 
-def test_two_processes_fsdp_across_processes():
+def test_two_processes_fsdp_across_processes(tmp_path):
     cfg = small(fsdp=True)
     want = reference(cfg)
     port = 21000 + os.getpid() % 20000
-    procs = [_child(["proc", str(i), str(port)], 4) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-4000:]
-    for out, _ in outs:
-        got = json.loads(out.strip().splitlines()[-1])
+    files = [(tmp_path / f"out{i}", tmp_path / f"err{i}") for i in range(2)]
+    procs = []
+    for i, (o, e) in enumerate(files):
+        with open(o, "w") as out, open(e, "w") as err:
+            procs.append(_child(["proc", str(i), str(port)], 4, out, err))
+    for p, (_, e) in zip(procs, files, strict=True):
+        p.wait(timeout=900)
+        assert p.returncode == 0, e.read_text()[-4000:]
+    for o, _ in files:
+        got = json.loads(o.read_text().strip().splitlines()[-1])
         assert_same(got, [{k: v for k, v in w.items()} for w in want], "2 processes × 4 devices")
 
 
