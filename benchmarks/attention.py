@@ -210,7 +210,7 @@ def bench_row(case, args, ref, settings):
         seconds = time_call(compiled, (q, k, v), settings["min_seconds"], settings["max_iters"])
         out = compiled(q, k, v)
     except Exception as e:  # an unavailable implementation is a skipped row
-        row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        row["skipped"] = _reason(e)
         return row
     flops = 4 * b * n * h * mask_pairs(t, n, win) * (1.0 if mode == "fwd" else 3.5)
     if ref is None:
@@ -342,7 +342,7 @@ def tune(args, settings, out: Path) -> dict:
                         compiled, qkv, settings["min_seconds"], settings["max_iters"]
                     )
             except Exception as e:  # a config the compiler rejects is a row, not a crash
-                cand["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                cand["error"] = _reason(e)
             entry["candidates"].append(cand)
             print(f"tune {backend}:{kernel} {mask} T={t} {config} -> {_outcome(cand)}", flush=True)
         del flash.TUNED[key]
@@ -354,6 +354,12 @@ def tune(args, settings, out: Path) -> dict:
         out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out} ({result['meta']['seconds']:.0f} s)")
     return result
+
+
+def _reason(e: Exception) -> str:
+    """One line naming an exception (its type and first message line)."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:160] if lines else ''}"
 
 
 def _outcome(cand: dict) -> str:

@@ -220,7 +220,7 @@ def test_mosaic_gpu_driver_matches_reference(kw, monkeypatch):
     common.update(grad_tol=3e-2, with_stats=True)
     if _hopper():
         s = 320 if not kw.get("causal", True) else None
-        check_against_reference(kw, shape=(2, 256, n, 64), s=s, **common)
+        check_against_reference(kw, shape=(2, 256, n, 64), s=s, interpret=False, **common)
         return
     one_slot = flash.KernelConfig(64, 64, max_concurrent_steps=1)
     monkeypatch.setitem(flash.TUNED, flash.TuneKey("mosaic_gpu", "fwd"), one_slot)
