@@ -281,7 +281,7 @@ def candidates(backend: str, kernel: str, head_dim: int) -> list[flash.KernelCon
         if kernel == "fwd":
             blocks = [(64, 32), (64, 64), (64, 128), (128, 32), (128, 64), (128, 128)]
         else:
-            blocks = [(32, 64), (64, 32), (64, 64), (64, 128), (128, 64)]
+            blocks = [(32, 64), (64, 64), (64, 128), (128, 64)]
         return [
             flash.KernelConfig(bq, bk, num_warps=w, num_stages=s)
             for (bq, bk), w, s in itertools.product(blocks, (4, 8), (2, 3))

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The kernels' device session (issue 17) on an H200, one call of about 9.5 minutes
-# (run it with timeout_s 590):
-#   1. the kernel tests on the real drivers (Mosaic GPU on Hopper, Triton), <= 100 s;
-#   2. `attention.py --tune` (block sizes, warps, stages, ring depth at T 4k, 8k, 2k, both
+# The kernels' device session (issue 17) on an H200, one call of at most 9.5 minutes
+# (run it with timeout_s 600):
+#   1. the kernel tests on the real drivers (Mosaic GPU on Hopper, Triton), <= 150 s;
+#   2. `attention.py --tune` (block sizes, warps, stages, ring depth at T 4k and 8k, both
 #      masks), <= TUNE_S s, applied to this copy's flash.TUNED (and kept in /tmp for a later
 #      call on the same warm machine) so that the benchmark runs the tuned kernels;
 #   3. the benchmark (T 4k, 8k, 16k, 1k, 2k; causal and windowed; softmax and softplus;
@@ -17,8 +17,8 @@
 set -u
 OUT=${OUT:-benchmarks/results}
 STAGES=${STAGES:-tests tune bench}
-TUNE_S=${TUNE_S:-170}
-BENCH_S=${BENCH_S:-280}
+TUNE_S=${TUNE_S:-160}
+BENCH_S=${BENCH_S:-250}
 SAVED_TUNE=/tmp/stability_attention_tune.json
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -33,11 +33,11 @@ for stage in $STAGES; do
   case $stage in
     tests)
       echo "== kernel tests (compiled drivers)"
-      timeout 100 $PY -m pytest tests/kernels -q -x -p no:cacheprovider 2>&1 | tail -20 | tee "$OUT/kernel_tests.log"
+      timeout 150 $PY -m pytest tests/kernels -q -p no:cacheprovider --durations=10 2>&1 | tail -40 | tee "$OUT/kernel_tests.log"
       ;;
     tune)
       echo "== tune"
-      timeout "$TUNE_S" $PY benchmarks/attention.py --tune --seq 4096,8192,2048 --budget-s $((TUNE_S - 25)) \
+      timeout "$TUNE_S" $PY benchmarks/attention.py --tune --seq 4096,8192 --budget-s $((TUNE_S - 25)) \
         --out "$OUT/attention_tune.json" 2>&1 | tail -60 | tee "$OUT/attention_tune.log"
       cp "$OUT/attention_tune.json" "$SAVED_TUNE" || true
       ;;

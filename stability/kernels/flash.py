@@ -839,9 +839,9 @@ def _mgpu_forward(spec: _Spec, q, k, v):
         batch, head, tile = (lax.axis_index(a) for a in ("batch", "heads", "q_seq"))
         wg = lax.axis_index("wg")
         window = _head_window(spec, head)
-        ranges = [_full_kv_blocks(spec, tile * wgs + w, window, bq, bk) for w in range(wgs)]
-        first = functools.reduce(jnp.minimum, [r[0] for r in ranges])
-        last = functools.reduce(jnp.maximum, [r[3] for r in ranges])
+        ranges = [_kv_blocks(spec, tile * wgs + w, window, bq, bk) for w in range(wgs)]
+        first = functools.reduce(jnp.minimum, [lo for lo, _ in ranges])  # the streamed blocks
+        last = functools.reduce(jnp.maximum, [hi for _, hi in ranges])
 
         def schedule_barrier():
             plgpu.barrier_arrive(sched)

@@ -14,13 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from stability.kernels import flash, reference
 
-from . import mgpu_interpret
 from .test_reference import (
     huge_logit_qkv,
     numpy_attention,
@@ -171,6 +169,8 @@ def test_tpu_interpret_mode_without_races(kw, capsys):
     """The Mosaic TPU driver in Pallas's TPU interpreter (VMEM scratch simulated, NaN-filled
     uninitialised memory, parallel grid axes in shuffled order) with its race detector:
     forward, statistics and gradients match the reference, and no kernel reports a race."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
+
     params = pltpu.InterpretParams(detect_races=True)
     check_against_reference(kw, backend="tpu", interpret=params, with_stats=True)
     assert "RACE DETECTED" not in capsys.readouterr().out
@@ -222,6 +222,8 @@ def test_mosaic_gpu_driver_matches_reference(kw, monkeypatch):
         s = 320 if not kw.get("causal", True) else None
         check_against_reference(kw, shape=(2, 256, n, 64), s=s, interpret=False, **common)
         return
+    from . import mgpu_interpret  # jax internals: imported only where the interpreter runs
+
     one_slot = flash.KernelConfig(64, 64, max_concurrent_steps=1)
     monkeypatch.setitem(flash.TUNED, flash.TuneKey("mosaic_gpu", "fwd"), one_slot)
     params = mgpu_interpret.InterpretGPUParams(detect_races=True)
