@@ -336,7 +336,8 @@ def _holdout(entry: dict) -> dict[str, Any] | None:
 
 
 def _lr_trends(runs: list[Run], records: list[dict]) -> list[dict[str, Any]]:
-    """Per setting and size: LR sensitivity and the optimal LR (means over seeds), with
+    """Per setting and size: LR sensitivity and the optimal LR (means over the seeds whose
+    LR grid is complete: as many finished LRs as the setting's fullest size), with
     least-squares trends in log10(params)."""
     by_id = {(r["_workdir"], r["run_id"]): r for r in records}
     groups: dict[str, dict[int, dict[str, list[dict]]]] = defaultdict(
@@ -349,7 +350,11 @@ def _lr_trends(runs: list[Run], records: list[dict]) -> list[dict[str, Any]]:
     out = []
     for setting, sizes in sorted(groups.items()):
         rows = []
+        full = max(len(recs) for seeds in sizes.values() for recs in seeds.values())
         for params, seeds in sorted(sizes.items()):
+            seeds = {k: v for k, v in seeds.items() if len(v) == full}  # complete LR grids only
+            if not seeds:
+                continue
             sens, opt = [], []
             for recs in seeds.values():
                 sens.append(lr_sensitivity(recs))
@@ -560,8 +565,9 @@ def to_markdown(fc: dict[str, Any], command: str = "") -> str:
         "## Optimal LR and LR sensitivity vs size",
         "",
         "LR sensitivity as in `stability report` (Wortsman et al. 2023); optimal LR = the grid LR "
-        "with the lowest final loss (geometric mean over seeds). Trends: least-squares slope "
-        "per decade of parameters.",
+        "with the lowest final loss (geometric mean over seeds). Sizes whose LR grid is not "
+        "complete (unfinished runs) are left out. Trends: least-squares slope per decade of "
+        "parameters.",
         "",
         "| setting | params | LRs | LR sensitivity | optimal LR |",
         "|---|---|---|---|---|",

@@ -599,10 +599,21 @@ def plot_forecast(fc: dict, path: Path | None = None):
         elif target_mark:
             ax.plot([target], [p["value"]], "s", color=c, markersize=4)
 
+    def clip(ax, series, level):
+        """y range of the measurements, the predictions and ``level`` (a decade of margin):
+        intervals of poorly constrained fits span tens of decades."""
+        ys = [p["value"] for e in series for p in e["points"] if p["value"] is not None]
+        ys += [e["prediction"]["value"] for e in series if e["prediction"]] + [level]
+        ys = [y for y in ys if y > 0]
+        if ys:
+            ax.set_ylim(min(ys) / 10, max(ys) * 10)
+
     for ax, setting in zip(axes, settings, strict=False):
-        for e in fc["max_attn_logit"]:
-            if e["setting"] == setting:
-                draw(ax, e, True)
+        series = [e for e in fc["max_attn_logit"] if e["setting"] == setting]
+        for e in series:
+            draw(ax, e, True)
+        ax.set_yscale("log")
+        clip(ax, series, fc["threshold"])
         ax.axhline(fc["threshold"], color="red", linestyle=":", linewidth=1)
         ax.axvline(target, color="gray", linestyle=":", linewidth=1)
         ax.set_title(f"max attn logit @ step {fc['step']}: {setting}", fontsize=8)
@@ -611,6 +622,8 @@ def plot_forecast(fc: dict, path: Path | None = None):
         ax = axes[len(settings)]
         for e in grad:
             draw(ax, e, True, label=f"{e['setting']}, lr={e['lr']:g}")
+        ax.set_yscale("log")
+        clip(ax, grad, 1.0)
         ax.axhline(1.0, color="red", linestyle=":", linewidth=1)
         ax.axvline(target, color="gray", linestyle=":", linewidth=1)
         ax.set_title(f"grad RMS / ε: {fc['grad_rms_over_eps']['param']}", fontsize=8)
