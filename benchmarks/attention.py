@@ -240,28 +240,30 @@ def print_row(row):
 
 
 def print_summary(rows):
-    """Per (score, mode, mask, T): each implementation's TFLOP/s as a fraction of cuDNN's."""
+    """Per (score, mode, mask, T): each implementation's TFLOP/s as a fraction of cuDNN's,
+    then each one's program memory (GB), which should grow linearly in T for flash kernels."""
     done = [r for r in rows if "tflops" in r]
     keys = sorted({(r["score"], r["mode"], r["mask"], r["T"]) for r in done})
     impls = [i for i in IMPLS if any(r["impl"] == i for r in done)]
-    print("\nTFLOP/s (x cuDNN)")
-    print(f"{'score':<9}{'mode':<9}{'mask':<8}{'T':>6}" + "".join(f"{i:>22}" for i in impls))
-    for key in keys:
-        got = {
-            r["impl"]: r["tflops"]
-            for r in done
-            if (r["score"], r["mode"], r["mask"], r["T"]) == key
-        }
-        base = got.get("cudnn")
-        cells = []
-        for impl in impls:
-            if impl not in got:
-                cells.append(f"{'-':>22}")
-            elif base:
-                cells.append(f"{got[impl]:>12.4g} ({got[impl] / base:4.2f}x)")
-            else:
-                cells.append(f"{got[impl]:>22.4g}")
-        print(f"{key[0]:<9}{key[1]:<9}{key[2]:<8}{key[3]:>6}" + "".join(cells))
+    for title, field in (("TFLOP/s (x cuDNN)", "tflops"), ("program memory GB", "mem_gb")):
+        print(f"\n{title}")
+        print(f"{'score':<9}{'mode':<9}{'mask':<8}{'T':>6}" + "".join(f"{i:>22}" for i in impls))
+        for key in keys:
+            got = {
+                r["impl"]: r[field]
+                for r in done
+                if (r["score"], r["mode"], r["mask"], r["T"]) == key and r[field] is not None
+            }
+            base = got.get("cudnn") if field == "tflops" else None
+            cells = []
+            for impl in impls:
+                if impl not in got:
+                    cells.append(f"{'-':>22}")
+                elif base:
+                    cells.append(f"{got[impl]:>12.4g} ({got[impl] / base:4.2f}x)")
+                else:
+                    cells.append(f"{got[impl]:>22.4g}")
+            print(f"{key[0]:<9}{key[1]:<9}{key[2]:<8}{key[3]:>6}" + "".join(cells))
 
 
 # ---------------------------------------------------------------------------------------
