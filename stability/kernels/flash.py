@@ -1116,8 +1116,12 @@ def attention(
         minimum = MGPU_MIN_BLOCK if (backend, kernel) == ("mosaic_gpu", "fwd") else MIN_BLOCK
         configs[kernel] = dataclasses.replace(
             config,
-            block_q=_block_size("block_q", block_q or config.block_q, t, minimum),
-            block_k=_block_size("block_k", block_k or config.block_k, s, minimum),
+            block_q=_block_size(
+                "block_q", config.block_q if block_q is None else block_q, t, minimum
+            ),
+            block_k=_block_size(
+                "block_k", config.block_k if block_k is None else block_k, s, minimum
+            ),
         )
     fwd, bwd = configs["fwd"], configs["bwd"]
     fwd_rows = fwd.block_q * (MGPU_COMPUTE_WGS if backend == "mosaic_gpu" else 1)
