@@ -14,6 +14,13 @@ state replicated), ``fsdpN`` (batch and state split over N), ``tpM`` (M-way tens
 default 8) and share the host's cores, so this measures sharding overhead, not speed-up.
 
     python benchmarks/train_step.py --mesh 1 dp8 fsdp8 tp8 fsdp4xtp2 --out benchmarks/results/train_step_mesh.json
+
+``--memory SIZE`` compiles (never runs) the train step of the paper's setting at a width-family
+size (vocab 32,128, batch 256 × 512, bf16 compute) on every device (``--cpu-devices`` on a CPU
+host) and prints XLA's per-device memory (``sharding.step_memory``); ``--fsdp``, ``--remat``,
+``--tp`` choose the sharding.
+
+    python benchmarks/train_step.py --memory w4096 --fsdp --remat block --cpu-devices 8
 """
 
 from __future__ import annotations
@@ -118,6 +125,21 @@ def bench_meshes(a, cfg: Config) -> None:
         )
 
 
+def memory(a) -> None:
+    """XLA's per-device memory of the paper-setting train step at size ``a.memory``."""
+    from stability import sharding as S
+    from stability.config import size_preset
+
+    cfg = Config(
+        model=ModelConfig(vocab_size=32128, dtype="bfloat16", **size_preset(a.memory)),
+        data=DataConfig(source="synthetic_markov", seq_len=512, batch_size=256),
+        train=TrainConfig(steps=10_000, fsdp=a.fsdp, remat=a.remat, tensor_parallel=a.tp),
+    )
+    t0 = time.perf_counter()
+    report = S.step_memory(cfg, S.make_mesh(cfg))
+    print(f"{a.memory}: {report.line()}; compiled in {time.perf_counter() - t0:.0f} s")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
@@ -130,9 +152,15 @@ def main():
     p.add_argument("--out", default="benchmarks/results/train_step.json")
     p.add_argument("--mesh", nargs="+", help="sharded step on these meshes (see above)")
     p.add_argument("--cpu-devices", type=int, default=8, help="simulated devices on a CPU host")
+    p.add_argument("--memory", help="compile-only memory of this size (e.g. w4096)")
+    p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--remat", default="none", choices=("none", "block", "full"))
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
     a = p.parse_args()
-    if a.mesh:
+    if a.mesh or a.memory:
         jax.config.update("jax_num_cpu_devices", a.cpu_devices)
+    if a.memory:
+        return memory(a)
 
     cfg = Config(
         model=ModelConfig(vocab_size=a.vocab, d_model=a.d, n_layers=a.layers, n_heads=a.heads),
