@@ -4,8 +4,7 @@ result, equals a single-process run's; SIGKILL of every process then a rerun los
 
 Sweep: 4 processes x 2 devices (a 2x4 run x data mesh: each process feeds 4 of the 8 batch
 rows, for one of the two runs). Train: 2 processes x 4 devices (data parallel over 8 devices,
-each process feeding 4 rows). The children share one persistent compilation cache, so the
-reruns load their programs instead of compiling them."""
+each process feeding 4 rows). The children share one persistent compilation cache."""
 
 import json
 import os
@@ -67,11 +66,9 @@ def start(args: list[str], n_proc: int, n_dev: int, env: dict) -> list[subproces
 
 
 def finish(procs) -> None:
-    """Wait for every process; each loaded its programs from the cache the killed ones wrote."""
     for p in procs:
         _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-        assert "from cache" in err and "compiled train step" not in err, err[-3000:]
+        assert p.returncode == 0, err[:3000] + "\n...\n" + err[-2000:]
 
 
 def kill_when(procs, ready) -> None:
