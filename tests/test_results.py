@@ -284,17 +284,16 @@ def test_seeds_expand_every_point_into_runs_of_one_program(tmp_path):
         build_runs(points, config_py, [("train.seed", "3")], 2)
 
 
-def test_sweep_check_with_seeds_counts_every_seed(tmp_path, capsys):
+def test_sweep_cli_passes_seeds_on(tmp_path, capsys):
+    """Refusals before anything compiles (sweep --check compiles the train step)."""
     config_py = write_config_file(tmp_path / "c.py", tiny_config())
     sweep_py = tmp_path / "s.py"
-    sweep_py.write_text(
-        "def get_sweep(arg=''):\n    return [{'optim.lr': 0.01}, {'optim.lr': 0.1}]\n"
-    )
+    sweep_py.write_text("def get_sweep(arg=''):\n    return [{'optim.lr': 0.01}]\n")
     args = ["sweep", f"--sweep={sweep_py}", f"--config={config_py}", "--workdir", str(tmp_path)]
-    assert main([*args, "--seeds=3", "--check"]) == 0
-    assert "sweep OK: 6 runs" in capsys.readouterr().out
     assert main([*args, "--seeds=0", "--check"]) == 2
     assert "--seeds=0 must be >= 1" in capsys.readouterr().err
+    assert main([*args, "--seeds=2", "--config.train.seed=1", "--check"]) == 2
+    assert "--seeds=2 sets train.seed to 0..1" in capsys.readouterr().err
 
 
 def test_seed_spread_and_report_mark_where_seeds_disagree(tmp_path):
