@@ -2,7 +2,7 @@
 
 Presets (the ``ARG`` of every ``sweeps/sizes.py`` / ``sweeps/reproduce_*.py`` file):
 
-  tiny         seconds-scale models on synthetic Markov data, two sizes (the end-to-end test;
+  tiny         one-layer models on synthetic Markov data, two sizes (the end-to-end test;
                every sweep reuses the size sweep's compiled programs where it can)
   cpu          the CPU size family c16…c96 (``stability.config.SIZES``) on the stdlib's bytes
   accelerator  the paper's setting (``stability.presets.ACCELERATOR``), widths w256…w1024
@@ -50,7 +50,7 @@ _BASES: dict[str, dict[str, Any]] = {
 }
 _LRS = {"tiny": (1e-2, 3e-1), "cpu": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1), "accelerator": PAPER_LRS}
 _SIZES = {
-    "tiny": [dict(d_model=d, n_layers=2, n_heads=d // 8) for d in (8, 16)],
+    "tiny": [dict(d_model=d, n_layers=1, n_heads=d // 8) for d in (8, 16)],
     "cpu": [size_preset(f"c{d}") for d in (16, 32, 64, 96)],
     "accelerator": [size_preset(f"w{d}") for d in (256, 512, 768, 1024)],
 }
