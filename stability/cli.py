@@ -205,16 +205,20 @@ def _train(args, overrides) -> int:
 
     cfg = build_config(args.config, overrides)
     if args.check:
+        from stability import sharding as S
         from stability.data import make_source
-        from stability.train import check_memory, check_workdir, describe_run
+        from stability.train import check_workdir, describe_run, plan_check
 
-        check_memory(cfg)
+        _start_jax(args)
+        mesh, _ = plan_check(cfg)  # the quick estimate first: refuses absurd configs fast
         make_source(cfg.data, cfg.model.vocab_size)
         workdir = Path(args.workdir)
         if check_workdir(cfg, workdir, args.overwrite):
             print(f"--overwrite would delete {workdir} ({describe_run(workdir)})")
         elif (workdir / "config.json").exists():
             print(f"{workdir} holds this run ({describe_run(workdir)}); it would resume")
+        # XLA's numbers: the train call compiled (never run) on this mesh.
+        print(f"train call {S.check_step_memory(cfg, mesh).line()}")
         print("config OK")
         return 0
     _start_jax(args)

@@ -222,50 +222,55 @@ def per_device_bytes(tree: Any) -> dict[jax.Device, int]:
 
 @dataclasses.dataclass(frozen=True)
 class ShardedFns:
-    """Jitted, sharded functions of one static config on one mesh.
+    """The programs of one static config on one mesh: the one builder that ``stability
+    train``, ``stability sweep``, tests and benchmarks use.
 
-    Single run: ``init(seed)``, ``step(state, hp, batch)``, ``evaluate(state, batches)``.
-    Stacked (``runs`` = K): ``init(seeds[K])``, ``step`` and ``evaluate`` vmapped over the
-    state and ``hp``; batches are shared. ``state`` holds the shardings of the state (same
-    tree), ``abstract_state`` its ShapeDtypeStructs with them (restore targets).
+    Single run: ``init(seed)``, ``call(state, hp, batches[k_max, B, ...], n)`` (``n`` updates,
+    ``train.make_call``), ``step(state, hp, batch)`` (one update, jitted), ``evaluate(state,
+    batches)``. Stacked (``runs`` = R): ``init(seeds[R])``, the train step and evaluate
+    vmapped over the state and ``hp``; batches are shared. ``init``, ``call`` and ``evaluate``
+    are :class:`~stability.compilation.Program` s (compile reports on stderr, naming the
+    mesh). ``state`` holds the shardings of the state (same tree), ``abstract_state`` its
+    ShapeDtypeStructs with them (restore and compile-only targets).
     """
 
     mesh: Mesh
     init: Any
+    call: Any
     step: Any
     evaluate: Any
     state: Any
     abstract_state: Any
     hp: NamedSharding
-    batch: NamedSharding
+    batch: NamedSharding  # [B, ...]: one step's batch, eval batches
+    batches: NamedSharding  # [k_max, B, ...]: the call's batches
     metrics: NamedSharding
+    k_max: int
+    graphdef: Any
+    tx: Any
 
 
-def graphdef_of(cfg: Config):
-    """The model structure of ``cfg`` with its ``train.remat`` policy."""
-    from stability.models import Transformer
-    from stability.train import split
-
-    model = nnx.eval_shape(lambda: Transformer(cfg.model, remat=cfg.train.remat, rngs=nnx.Rngs(0)))
-    return split(model)[0]
-
-
-def shard_train_fns(cfg: Config, mesh: Mesh, *, runs: int | None = None) -> ShardedFns:
-    """Init, train step and evaluate of ``cfg``'s static structure (``train.static_config``),
-    jitted with the shardings of this module on ``mesh``; the step donates its state. Built
-    once per process for each (static config, mesh, runs)."""
+def shard_train_fns(
+    cfg: Config, mesh: Mesh, *, runs: int | None = None, k_max: int = 1
+) -> ShardedFns:
+    """Init, the K-step call (up to ``k_max`` updates), the single step and evaluate of
+    ``cfg``'s static structure (``train.static_config``), jitted with the shardings of this
+    module on ``mesh``; the call and step donate their state. Built once per process for each
+    (static config, mesh, runs, k_max); init and evaluate are shared across ``k_max``."""
     from stability import train as T
 
-    return _shard_train_fns(T.static_config(cfg), mesh, runs)
+    return _shard_train_fns(T.static_config(cfg), mesh, runs, k_max)
 
 
 @functools.lru_cache(maxsize=32)
-def _shard_train_fns(static: Config, mesh: Mesh, runs: int | None) -> ShardedFns:
+def _base_fns(static: Config, mesh: Mesh, runs: int | None):
+    """Everything of :func:`shard_train_fns` that does not depend on ``k_max``."""
     from stability import train as T
+    from stability.compilation import Program
     from stability.optim.build import make_optimizer
 
     tx = make_optimizer(static.optim, d_model=static.model.d_model)
-    graphdef = graphdef_of(static)
+    graphdef = T.graphdef_of(static)
     stacked = runs is not None
     init_one = lambda seed: T.init_state(static, seed, tx)
     step_one = T.make_train_step(static, graphdef, tx)
@@ -282,6 +287,8 @@ def _shard_train_fns(static: Config, mesh: Mesh, runs: int | None) -> ShardedFns
     state_sh = state_shardings(shape, mesh, static.train, stacked=stacked)
     per_run = run_sharding(mesh, stacked=stacked)
     batch_sh = batch_sharding(mesh)
+    where = f" [{describe(mesh, static.train)}]"
+    vm = " (vmapped)" if stacked else ""
     init = jax.jit(with_mesh(init_fn, mesh), in_shardings=per_run, out_shardings=state_sh)
     step = jax.jit(
         with_mesh(step_fn, mesh),
@@ -292,9 +299,40 @@ def _shard_train_fns(static: Config, mesh: Mesh, runs: int | None) -> ShardedFns
     evaluate = jax.jit(
         with_mesh(eval_fn, mesh), in_shardings=(state_sh, batch_sh), out_shardings=per_run
     )
-    return ShardedFns(
-        mesh, init, step, evaluate, state_sh, abstract(shape, state_sh), per_run, batch_sh, per_run
+    return dict(
+        mesh=mesh,
+        init=Program(f"init{vm}{where}", init),
+        step=step,
+        evaluate=Program(f"eval{vm}{where}", evaluate),
+        state=state_sh,
+        abstract_state=abstract(shape, state_sh),
+        hp=per_run,
+        batch=batch_sh,
+        metrics=per_run,
+        graphdef=graphdef,
+        tx=tx,
+        step_fn=step_fn,
+        where=where,
     )
+
+
+@functools.lru_cache(maxsize=32)
+def _shard_train_fns(static: Config, mesh: Mesh, runs: int | None, k_max: int) -> ShardedFns:
+    from stability import train as T
+    from stability.compilation import Program
+
+    base = dict(_base_fns(static, mesh, runs))
+    step_fn, where = base.pop("step_fn"), base.pop("where")
+    state_sh, per_run = base["state"], base["hp"]
+    batches_sh = batch_sharding(mesh, leading=1)
+    call = jax.jit(
+        with_mesh(T.make_call(step_fn, k_max), mesh),
+        in_shardings=(state_sh, per_run, batches_sh, NamedSharding(mesh, P())),
+        out_shardings=(state_sh, per_run),
+        donate_argnums=0,
+    )
+    name = f"train step ({'vmapped, ' if runs is not None else ''}up to {k_max} per call){where}"
+    return ShardedFns(**base, call=Program(name, call), batches=batches_sh, k_max=k_max)
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,29 +392,24 @@ def memory_report(compiled, mesh: Mesh, train: TrainConfig, limit: int | None = 
     )
 
 
-def step_memory(
-    cfg: Config, mesh: Mesh, *, runs: int | None = None, limit: int | None = None
-) -> MemoryReport:
-    """Compile (never run) the sharded train step of ``cfg`` on ``mesh`` from abstract
-    arguments and return XLA's per-device memory numbers."""
+def call_args(cfg: Config, fns: ShardedFns, runs: int | None = None):
+    """Abstract arguments (shapes, dtypes, shardings) of ``fns.call`` for ``cfg``."""
     from stability import train as T
 
-    fns = shard_train_fns(cfg, mesh, runs=runs)
     hp = {
         k: jax.ShapeDtypeStruct((runs,) if runs else (), np.float32, sharding=fns.hp)
         for k in T.hyperparams(cfg)
     }
     B, T1 = cfg.data.batch_size, cfg.data.seq_len + 1
-    batch = {"tokens": jax.ShapeDtypeStruct((B, T1), np.int32, sharding=fns.batch)}
-    compiled = fns.step.lower(fns.abstract_state, hp, batch).compile()
-    return memory_report(compiled, mesh, cfg.train, limit)
+    batches = {
+        "tokens": jax.ShapeDtypeStruct((fns.k_max, B, T1), np.int32, sharding=fns.batches)
+    }
+    n = jax.ShapeDtypeStruct((), np.int32, sharding=NamedSharding(fns.mesh, P()))
+    return fns.abstract_state, hp, batches, n
 
 
-def check_step_memory(
-    cfg: Config, mesh: Mesh, *, runs: int | None = None, limit: int | None = None
-) -> MemoryReport:
-    """:func:`step_memory`, refusing (ConfigError) a step that does not fit the device."""
-    report = step_memory(cfg, mesh, runs=runs, limit=limit)
+def refuse_unless_fits(report: MemoryReport, cfg: Config, runs: int | None = None) -> MemoryReport:
+    """``report`` if the program fits its device, else ConfigError naming the numbers."""
     if not report.fits:
         m, d = cfg.model, cfg.data
         raise ConfigError(
@@ -387,3 +420,27 @@ def check_step_memory(
             "train.tensor_parallel, more devices or a smaller batch"
         )
     return report
+
+
+def step_memory(
+    cfg: Config,
+    mesh: Mesh,
+    *,
+    runs: int | None = None,
+    limit: int | None = None,
+    k_max: int | None = None,
+) -> MemoryReport:
+    """Compile (never run) the sharded train call of ``cfg`` on ``mesh`` (``k_max`` updates
+    per call; default ``train.steps_per_call_max``) from abstract arguments and return XLA's
+    per-device memory numbers. ``runs``: the stacked run count of a sweep's program."""
+    from stability import train as T
+
+    k_max = T.steps_per_call_max(cfg.train) if k_max is None else k_max
+    fns = shard_train_fns(cfg, mesh, runs=runs, k_max=k_max)
+    compiled = fns.call.compile(*call_args(cfg, fns, runs))
+    return memory_report(compiled, mesh, cfg.train, limit)
+
+
+def check_step_memory(cfg: Config, mesh: Mesh, **kwargs) -> MemoryReport:
+    """:func:`step_memory`, refusing (ConfigError) a call that does not fit the device."""
+    return refuse_unless_fits(step_memory(cfg, mesh, **kwargs), cfg, kwargs.get("runs"))

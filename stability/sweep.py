@@ -5,10 +5,11 @@ config is identical (``train.static_config``) share one compiled program; their 
 scalars (LR, weight decay, warmup, z-loss weight, seed) are traced arrays with a leading run
 axis. A group is executed in chunks of at most ``max_runs_per_program`` runs:
 
-  vmap        each chunk is one jitted, vmapped program on a ("run", "data") device mesh
-              spanning every host under jax.distributed: runs are sharded over "run", and
-              devices left over when there are fewer runs than devices split each run's
-              batch over "data" (data parallel)
+  vmap        each chunk is one jitted, vmapped program on the ("run", "data", "model")
+              mesh of ``sharding.make_mesh`` spanning every host under jax.distributed: runs
+              are sharded over "run", and devices left over when there are fewer runs than
+              devices split each run's batch over "data" (data parallel; with
+              ``train.fsdp`` also its state), ``train.tensor_parallel`` over "model"
   sequential  chunks of one run, reusing the same compiled step run after run
   auto        sequential on CPU (already saturated by one small model), vmap on GPU/TPU
 
@@ -32,12 +33,13 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from stability import sharding as S
 from stability import train as T
 from stability.checkpoint import Checkpointer
-from stability.compilation import Program, setup_compilation_cache
+from stability.compilation import setup_compilation_cache
 from stability.config import Config, ConfigError, from_config_dict
 from stability.configfiles import apply_override, load_config_dict, load_sweep, parse_value
 from stability.data import feed, make_source
@@ -186,25 +188,6 @@ def chunks_of(runs: list[Run], strategy: str, max_runs: int) -> list[list[Run]]:
 # Executing one chunk.
 
 
-def mesh_shape(n_devices: int, n_runs: int, batch_size: int) -> tuple[int, int]:
-    """(run, data) axis sizes. Runs need no communication, so every device holds runs (the run
-    axis padded with copies) unless there are too few runs to fill the devices: then the run
-    axis is the largest divisor of the device count not above ``n_runs`` and the devices left
-    split each run's batch (if it divides evenly and this lowers the padded run count)."""
-    n_run = max(d for d in range(1, n_devices + 1) if n_devices % d == 0 and d <= n_runs)
-    n_data = n_devices // n_run
-    padded = lambda n: -(-n_runs // n) * n
-    if batch_size % n_data or padded(n_run) >= padded(n_devices):
-        return n_devices, 1
-    return n_run, n_data
-
-
-def sweep_mesh(n_runs: int, batch_size: int) -> jax.sharding.Mesh:
-    """The ("run", "data") mesh of a chunk over every device of every process."""
-    shape = mesh_shape(jax.device_count(), n_runs, batch_size)
-    return jax.make_mesh(shape, ("run", "data"), axis_types=(AxisType.Auto,) * 2)
-
-
 def _global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from identical host data on every process."""
     x = np.asarray(x)
@@ -229,18 +212,17 @@ class ChunkRunner:
             sweep_name,
             progress,
         )
-        self.static = T.static_config(runs[0].config)
         self.cfg = runs[0].config
         ids = ",".join(r.run_id for r in runs)
         self.chunk_dir = workdir / "chunks" / hashlib.sha1(ids.encode()).hexdigest()[:12]
         self.k = len(runs)
-        self.mesh = sweep_mesh(self.k, self.cfg.data.batch_size)
-        n_run = self.mesh.shape["run"]
-        # Pad the run axis to a multiple of its size with copies of the last run (their
+        # The run axis is padded to a multiple of its size with copies of the last run (their
         # results are discarded).
-        self.k_pad = -(-self.k // n_run) * n_run
-        self.run_sharding = NamedSharding(self.mesh, P("run"))
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.mesh, self.k_pad = T.plan_check(self.cfg, self.k)
+        self.fns = S.shard_train_fns(
+            self.cfg, self.mesh, runs=self.k_pad, k_max=T.steps_per_call_max(self.cfg.train)
+        )
+        self.run_sharding = self.fns.hp
         self.stopped_at = 0  # the step checkpointed when preempted
 
     def _padded(self, values: list) -> np.ndarray:
@@ -249,17 +231,20 @@ class ChunkRunner:
     def run(self, preemption: T.Preemption) -> dict[str, dict[str, Any]] | None:
         """Train the chunk; result records by run_id, or None if preempted (SIGTERM, Ctrl-C;
         ``self.stopped_at`` is then the step checkpointed)."""
-        cfg, static, t = self.cfg, self.static, self.cfg.train
+        cfg, t = self.cfg, self.cfg.train
         source = make_source(cfg.data, cfg.model.vocab_size)
-        k_max = T.steps_per_call_max(t)
-        train_feed = T.Feed(
-            source, cfg.data.seed, cfg, NamedSharding(self.mesh, P(None, "data")), k_max
+        fns = self.fns
+        # XLA's memory numbers of the train call, compiled once here and run below.
+        S.refuse_unless_fits(
+            S.memory_report(fns.call.compile(*S.call_args(cfg, fns, self.k_pad)), self.mesh, t),
+            cfg,
+            self.k_pad,
         )
+        train_feed = T.Feed(source, cfg.data.seed, cfg, fns.batches, fns.k_max)
         eval_batches = [
-            jax.tree.map(lambda x: _global(x, self.batch_sharding), b)
+            jax.tree.map(lambda x: _global(x, fns.batch), b)
             for b in source.eval_batches(t.eval_batches)
         ]
-        fns = _vmapped_fns(static, self.run_sharding, k_max)
         seeds = _global(
             self._padded([r.config.train.seed for r in self.runs]).astype(np.int32),
             self.run_sharding,
@@ -276,7 +261,7 @@ class ChunkRunner:
 
         ckpt = Checkpointer(self.chunk_dir / "checkpoints", t.max_to_keep)
         start = 0
-        restored = ckpt.restore_latest(state)
+        restored = ckpt.restore_latest(fns.abstract_state)  # onto this chunk's mesh
         if restored is not None:
             start, state, meta = restored
             train_feed.stream.restore(meta["stream"])
@@ -485,43 +470,6 @@ def _result_record(run: Run, rec: dict, loss_at_init: float, wall: float) -> dic
     }
 
 
-@dataclass
-class _Fns:
-    init: Program
-    call: Program
-    evaluate: Program
-
-
-_FNS_CACHE: dict = {}
-
-
-def _vmapped_fns(static: Config, run_sharding, k_max: int) -> _Fns:
-    """The chunk's programs: init, ``T.make_call`` of the vmapped train step (up to ``k_max``
-    updates per call), evaluate; all runs see the same batches. Init and evaluate do not
-    depend on ``k_max`` and are shared."""
-    if (static, run_sharding) not in _FNS_CACHE:
-        graphdef, tx, _, _, _ = T.compiled_fns(static)
-        init = jax.jit(
-            jax.vmap(lambda seed: T.init_state(static, seed, tx)), out_shardings=run_sharding
-        )
-        evaluate = jax.jit(
-            jax.vmap(T.make_evaluate(static, graphdef), in_axes=(0, None)),
-            out_shardings=run_sharding,
-        )
-        _FNS_CACHE[static, run_sharding] = (
-            Program("init (vmapped)", init),
-            Program("eval (vmapped)", evaluate),
-        )
-    init, evaluate = _FNS_CACHE[static, run_sharding]
-    key = (static, run_sharding, k_max)
-    if key not in _FNS_CACHE:
-        graphdef, tx, _, _, _ = T.compiled_fns(static)
-        step = jax.vmap(T.make_train_step(static, graphdef, tx), in_axes=(0, 0, None))
-        call = jax.jit(T.make_call(step, k_max), donate_argnums=0, out_shardings=run_sharding)
-        _FNS_CACHE[key] = Program(f"train step (vmapped, up to {k_max} per call)", call)
-    return _Fns(init, _FNS_CACHE[key], evaluate)
-
-
 # ---------------------------------------------------------------------------------------
 # The sweep driver.
 
@@ -539,8 +487,7 @@ def _plan(sweep_spec, config_spec, overrides, strategy, max_runs_per_program, se
     runs = build_runs(points, config_spec, list(overrides), seeds)
     strat = choose_strategy(strategy)
     for chunk in chunks_of(runs, strat, max_runs_per_program):  # refuse what cannot fit
-        n_run, n_data = mesh_shape(jax.device_count(), len(chunk), chunk[0].config.data.batch_size)
-        T.check_memory(chunk[0].config, runs_per_device=-(-len(chunk) // n_run), data_shards=n_data)
+        T.plan_check(chunk[0].config, len(chunk))
     for r in runs:  # validate every data source before anything is written
         make_source(r.config.data, r.config.model.vocab_size)
     return name, runs, strat
@@ -568,7 +515,14 @@ def run_sweep(
         )
         workdir = Path(workdir)
         check_manifest(workdir, runs, sweep_spec)
-        if check_only:
+        if check_only:  # XLA's numbers: each program's train call compiled, never run
+            programs = {}
+            for c in chunks_of(runs, strat, max_runs_per_program):
+                programs.setdefault((T.static_config(c[0].config), len(c)), c)
+            for c in programs.values():
+                mesh, padded = T.plan_check(c[0].config, len(c))
+                report = S.check_step_memory(c[0].config, mesh, runs=padded)
+                print(f"{c[0].setting} ×{len(c)} train call {report.line()}")
             return runs
         setup_compilation_cache()
         manifest = {"sweep": name, "spec": sweep_spec, "run_ids": [r.run_id for r in runs]}
@@ -601,12 +555,12 @@ def run_sweep(
         )
         for n, chunk in enumerate(chunks, 1):
             runner = ChunkRunner(chunk, workdir, name, progress)
-            mesh = "×".join(str(runner.mesh.shape[a]) for a in ("run", "data"))
+            mesh = "×".join(str(n) for n in runner.mesh.shape.values())  # sharding.AXES order
             lrs = sorted({r.config.optim.lr for r in chunk})
             lr = f"lr={lrs[0]:g}" if len(lrs) == 1 else f"lr={lrs[0]:g}…{lrs[-1]:g}"
             print(
                 f"[{n}/{len(chunks)}] {chunk[0].setting} {lr}: {len(chunk)} run(s), "
-                f"run×data mesh {mesh}",
+                f"run×data×model mesh {mesh}",
                 file=sys.stderr,
             )
             finals = None if preemption.requested else runner.run(preemption)

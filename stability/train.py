@@ -13,7 +13,6 @@ the state is left unchanged (frozen at the last finite step), ``alive`` becomes 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -29,17 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from stability import metrics as M
 from stability.checkpoint import Checkpointer
-from stability.compilation import Program, setup_compilation_cache
+from stability.compilation import setup_compilation_cache
 from stability.config import Config, ConfigError
 from stability.data import feed, make_source
 from stability.models import Transformer
 from stability.models.layers import GradStat
-from stability.optim.build import make_optimizer, optimizer_metrics, set_hyperparams
+from stability.optim.build import optimizer_metrics, set_hyperparams
 from stability.optim.schedules import decay_ends, learning_rate
 from stability.tracking import Tracker, read_jsonl, to_jsonable, truncate_metrics, write_json_atomic
 
@@ -76,16 +73,16 @@ def static_config(cfg: Config) -> Config:
     return dataclasses.replace(out, wandb=base.wandb)
 
 
-@functools.lru_cache(maxsize=32)
 def compiled_fns(static: Config):
-    """(graphdef, tx, jitted init, jitted train step, jitted evaluate) for a static config,
-    built once per process."""
-    tx = make_optimizer(static.optim, d_model=static.model.d_model)
-    graphdef = graphdef_of(static)
-    init = jax.jit(lambda seed: init_state(static, seed, tx))
-    step = jax.jit(make_train_step(static, graphdef, tx), donate_argnums=0)
-    evaluate = jax.jit(make_evaluate(static, graphdef))
-    return graphdef, tx, init, step, evaluate
+    """(graphdef, tx, init, train step, evaluate) of one run on the first device (tests and
+    benchmarks): the programs of ``sharding.shard_train_fns``."""
+    from stability import sharding as S
+
+    one = dataclasses.replace(
+        static, train=dataclasses.replace(static.train, fsdp=False, tensor_parallel=1)
+    )
+    fns = S.shard_train_fns(one, S.make_mesh(one, devices=jax.devices()[:1]))
+    return fns.graphdef, fns.tx, fns.init, fns.step, fns.evaluate
 
 
 def hyperparams(cfg: Config) -> dict[str, jax.Array]:
@@ -99,8 +96,10 @@ def hyperparams(cfg: Config) -> dict[str, jax.Array]:
 
 
 def graphdef_of(cfg: Config):
-    """The static structure of ``cfg``'s model (no parameters are computed)."""
-    return split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))[0]
+    """The static structure of ``cfg``'s model with its ``train.remat`` policy (no
+    parameters are computed)."""
+    model = nnx.eval_shape(lambda: Transformer(cfg.model, remat=cfg.train.remat, rngs=nnx.Rngs(0)))
+    return split(model)[0]
 
 
 def split(model: nnx.Module):
@@ -329,11 +328,16 @@ def device_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(cfg: Config, runs_per_device: int = 1, data_shards: int = 1) -> None:
+def check_memory(
+    cfg: Config, runs_per_device: int = 1, data_shards: int = 1, state_shards: int = 1
+) -> None:
     """Refuse (ConfigError) a config whose estimated footprint exceeds the device's memory
-    (``data_shards``: devices that split each run's batch)."""
+    (``data_shards``: devices that split each run's activations; ``state_shards``: devices
+    that split its parameters and optimizer state). A quick first filter before XLA's
+    numbers (``sharding.step_memory``)."""
     state_b, act_b = estimate_bytes(cfg)
     act_b = -(-act_b // data_shards)
+    state_b = -(-state_b // state_shards)
     need = runs_per_device * (state_b + act_b)
     have = device_memory_bytes()
     if need > have:
@@ -493,31 +497,29 @@ def train(
     return result
 
 
-@functools.lru_cache(maxsize=32)
-def train_programs(static: Config, k_max: int, mesh) -> tuple[Program, Program, Program]:
-    """(init, call, evaluate) of one run on ``mesh``: the state replicated, batches split
-    over its "data" axis (``make_call`` with ``k_max`` updates per call)."""
-    graphdef, tx, _, _, _ = compiled_fns(static)
-    repl = NamedSharding(mesh, P())
-    init = jax.jit(lambda seed: init_state(static, seed, tx), out_shardings=repl)
-    call = jax.jit(
-        make_call(make_train_step(static, graphdef, tx), k_max),
-        donate_argnums=0,
-        out_shardings=repl,
+def plan_check(cfg: Config, n_runs: int = 1):
+    """(mesh, padded run count) of ``n_runs`` runs of ``cfg`` on every device, after the quick
+    estimate (:func:`check_memory`) on that mesh's split. A sweep stacks the padded count of
+    runs (copies of its last run fill the "run" axis)."""
+    from stability import sharding as S
+
+    mesh = S.make_mesh(cfg, n_runs)
+    n_run, n_data, n_model = (mesh.shape[a] for a in S.AXES)
+    padded = -(-n_runs // n_run) * n_run
+    check_memory(
+        cfg,
+        runs_per_device=padded // n_run,
+        data_shards=n_data * n_model,
+        state_shards=(n_data if cfg.train.fsdp else 1) * n_model,
     )
-    evaluate = jax.jit(make_evaluate(static, graphdef), out_shardings=repl)
-    return (
-        Program("init", init),
-        Program(f"train step (up to {k_max} per call)", call),
-        Program("eval", evaluate),
-    )
+    return mesh, padded
 
 
 def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preemption) -> RunResult:
-    from stability.sweep import sweep_mesh
+    from stability import sharding as S
 
     workdir = Path(workdir)
-    check_memory(cfg)
+    mesh, _ = plan_check(cfg)
     source = make_source(cfg.data, cfg.model.vocab_size)  # validates data before any write
     is_main = jax.process_index() == 0
     resume = prepare_workdir(cfg, workdir, overwrite) if is_main else False
@@ -529,25 +531,27 @@ def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preempti
 
     t = cfg.train
     k_max = steps_per_call_max(t)
-    mesh = sweep_mesh(1, cfg.data.batch_size)
-    repl = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P(None, "data"))
-    init_fn, call_fn, eval_fn = train_programs(static_config(cfg), k_max, mesh)
-    state = init_fn(replicated(np.int32(t.seed), repl))
+    fns = S.shard_train_fns(cfg, mesh, k_max=k_max)
+    init_fn, call_fn, eval_fn, repl = fns.init, fns.call, fns.evaluate, fns.hp
+    # XLA's memory numbers of the train call, compiled once here and run below.
+    abstract_args = S.call_args(cfg, fns)
+    S.refuse_unless_fits(S.memory_report(call_fn.compile(*abstract_args), mesh, t), cfg)
     hp = {k: replicated(v, repl) for k, v in hyperparams(cfg).items()}
-    train_feed = Feed(source, cfg.data.seed, cfg, batch_sharding, k_max)
-    eval_sharding = NamedSharding(mesh, P("data"))
+    train_feed = Feed(source, cfg.data.seed, cfg, fns.batches, k_max)
     eval_batches = [
-        {k: replicated(v, eval_sharding) for k, v in b.items()}
+        {k: replicated(v, fns.batch) for k, v in b.items()}
         for b in source.eval_batches(t.eval_batches)
     ]
     ends = set(decay_ends(cfg.optim, t.steps))  # WSD-S: decayed checkpoints, kept and marked
     ckpt = Checkpointer(workdir / "checkpoints", t.max_to_keep, keep_steps=sorted(ends))
 
     start = 0
-    restored = ckpt.restore_latest(state) if resume else None
+    restored = ckpt.restore_latest(fns.abstract_state) if resume else None  # onto this mesh
     if restored is not None:
         start, state, meta = restored
+    else:
+        state = init_fn(replicated(np.int32(t.seed), repl))
+    if restored is not None:
         train_feed.stream.restore(meta["stream"])
         if is_main:
             truncate_metrics(workdir / "metrics.jsonl", start)

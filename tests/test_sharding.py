@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_config, write_config_file
 from stability import sharding as S
 from stability import train as T
 from stability.config import ConfigError, size_preset
@@ -145,14 +145,92 @@ def _child(args: list[str], n_devices: int, out, err) -> subprocess.Popen:
                             stdout=out, stderr=err, text=True)
 
 
-def test_eight_devices_fsdp_tensor_parallel_runs_checkpoints_and_memory(tmp_path):
+def command_files(tmp: Path) -> tuple[str, str]:
+    """A config file (fsdp on, batch 8, 10 steps, 5 per call) and a sweep file of 2 LRs."""
+    cfg = small(fsdp=True, steps=10, log_every=5, eval_every=10, checkpoint_every=10)
+    config_py = write_config_file(tmp / "config.py", cfg)
+    sweep_py = tmp / "sweep.py"
+    sweep_py.write_text(
+        "NAME = 'two'\ndef get_sweep(arg=''):\n    return [{'optim.lr': lr} for lr in (3e-3, 1e-2)]\n"
+    )
+    return config_py, str(sweep_py)
+
+
+def run_commands(tmp: Path, name: str) -> None:
+    """``stability train`` and ``stability sweep --strategy=vmap`` of :func:`command_files`
+    into ``tmp/<name>-train`` and ``tmp/<name>-sweep``."""
+    from stability.cli import main
+
+    config_py, sweep_py = command_files(tmp)
+    common = [f"--config={config_py}", "--no-progress"]
+    assert main(["train", *common, f"--workdir={tmp / f'{name}-train'}"]) == 0
+    sweep = ["sweep", f"--sweep={sweep_py}", *common, f"--workdir={tmp / f'{name}-sweep'}", "--strategy=vmap"]
+    assert main(sweep) == 0
+
+
+def assert_same_records(got: list[dict], want: list[dict], what: str) -> None:
+    assert_same(
+        [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in got],
+        [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in want],
+        what,
+    )
+
+
+def test_eight_devices_fsdp_tensor_parallel_runs_checkpoints_and_memory(tmp_path, capsys):
+    from stability.sweep import read_results
+    from stability.tracking import read_jsonl
+
+    S._shard_train_fns.cache_clear()  # count this test's compiles
+    S._base_fns.cache_clear()
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
-        proc = _child(["eight"], 8, out, err)
+        proc = _child(["eight", str(tmp_path)], 8, out, err)
+        run_commands(tmp_path, "one")  # the same commands on this process's one device
         proc.wait(timeout=900)
     out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
     assert proc.returncode == 0, err[-4000:]
+    one_err = capsys.readouterr().err
     print(out)  # per-device memory numbers of w4096 (pytest -s shows them)
     assert "w4096 step memory per device" in out
+    # Each program compiled once (the memory check reuses the call it runs), naming its mesh.
+    assert one_err.count("compiled train step (up to 5 per call) [mesh run×data×model 1×1×1") == 1
+    assert "train step (vmapped, up to 5 per call) [mesh run×data×model 2×4×1 on 8 cpu" in err
+    assert "compiled train step (up to 5 per call) [mesh run×data×model 1×8×1" in err
+    # stability train with fsdp on 8 devices, and a vmapped sweep on run 2 × fsdp 4: the
+    # records of the single-device commands.
+    metrics = lambda d: read_jsonl(d / "metrics.jsonl")[0]
+    assert_same_records(metrics(tmp_path / "eight-train"), metrics(tmp_path / "one-train"), "train")
+    got, want = (
+        sorted(read_results(tmp_path / f"{n}-sweep")[0], key=lambda r: r["run_id"])
+        for n in ("eight", "one")
+    )
+    keep = ("final_loss", "loss_at_init", "max_attn_logit", "min_attn_entropy", "steps")
+    assert [r["run_id"] for r in got] == [r["run_id"] for r in want] and len(want) == 2
+    assert_same_records([{k: r[k] for k in keep} for r in got],
+                        [{k: r[k] for k in keep} for r in want], "sweep results")
+    for r in want:
+        runs = lambda n, r=r: metrics(tmp_path / f"{n}-sweep" / "runs" / r["run_id"])
+        assert_same_records(runs("eight"), runs("one"), f"sweep run {r['run_id']}")
+
+
+def test_train_check_prints_xla_memory_and_refuses_what_does_not_fit(tmp_path, capsys, monkeypatch):
+    from stability.cli import main
+
+    config_py, sweep_py = command_files(tmp_path)
+    argv = ["train", f"--config={config_py}", f"--workdir={tmp_path / 'w'}", "--check"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "train call per device: " in out and "mesh run×data×model 1×1×1" in out, out
+    assert "config OK" in out and not (tmp_path / "w").exists()
+    # The same compiled program (no second compile) on a device of 1 MiB: refused, exit 2.
+    monkeypatch.setattr(S, "device_limit_bytes", lambda mesh: 2**20)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not fit: the compiled train step needs per device:" in err
+    assert "of 0.00 GiB" in err and "mesh run×data×model 1×1×1" in err
+    assert "compiled train step (up to" not in err
+    assert main(["sweep", f"--sweep={sweep_py}", f"--config={config_py}", f"--workdir={tmp_path / 's'}",
+                 "--strategy=vmap", "--check"]) == 2
+    assert "2 runs) does not fit" in capsys.readouterr().err
 
 
 def _run_sharded(cfg, mesh, state, hp, bs, start=0, runs=None):
@@ -165,11 +243,12 @@ def _run_sharded(cfg, mesh, state, hp, bs, start=0, runs=None):
     return state, out
 
 
-def eight_devices() -> None:
+def eight_devices(tmp: Path) -> None:
     from stability.checkpoint import Checkpointer
 
     assert jax.device_count() == 8
     devs = jax.devices()
+    run_commands(tmp, "eight")  # the parent compares them with its one-device run
 
     # fsdp 8, and fsdp 4 × model 2: 20 steps equal to one device; checkpoint at step 10 on
     # the fsdp-8 mesh restored on 2 devices and on 1, continuing equal.
@@ -241,11 +320,11 @@ def eight_devices() -> None:
     mesh = S.make_mesh(cfg)
     fns = S.shard_train_fns(cfg, mesh)
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(fns.abstract_state))
-    report = S.step_memory(cfg, mesh)
+    report = S.step_memory(cfg, mesh, k_max=1)
     print(f"w4096 step memory per device: {report.line()}", flush=True)
     assert abs(report.argument / (state_bytes / 8) - 1) < 0.05, (report, state_bytes)
     try:
-        S.check_step_memory(cfg, mesh, limit=2**30)
+        S.check_step_memory(cfg, mesh, limit=2**30, k_max=1)
         raise AssertionError("a 1 GiB device was not refused")
     except ConfigError as e:
         assert "does not fit" in str(e) and "mesh run×data×model 1×8×1" in str(e), e
@@ -296,6 +375,6 @@ def two_processes(process_id: int, port: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "eight":
-        eight_devices()
+        eight_devices(Path(sys.argv[2]))
     else:
         two_processes(int(sys.argv[2]), int(sys.argv[3]))

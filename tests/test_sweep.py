@@ -17,7 +17,8 @@ from stability import plots
 from stability import train as T
 from stability.cli import main
 from stability.data import make_source
-from stability.sweep import mesh_shape, read_results, run_sweep
+from stability.sharding import mesh_shape
+from stability.sweep import read_results, run_sweep
 from stability.tracking import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,7 +167,7 @@ def comparable(records):
     (256, 7, 256, (4, 64)),
 ])
 def test_mesh_shape(n_dev, k, batch, expect):
-    assert mesh_shape(n_dev, k, batch) == expect
+    assert mesh_shape(n_dev, k, batch) == (*expect, 1)
 
 
 @pytest.mark.slow
