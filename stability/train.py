@@ -319,27 +319,20 @@ def estimate_bytes(cfg: Config) -> tuple[int, int]:
     return state_bytes, act_bytes
 
 
-def device_memory_bytes() -> int:
-    """Memory of one device: the accelerator's limit, or the host's physical memory on CPU."""
-    dev = jax.local_devices()[0]
-    stats = dev.memory_stats() if dev.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def check_memory(
-    cfg: Config, runs_per_device: int = 1, data_shards: int = 1, state_shards: int = 1
+    cfg: Config, mesh, runs_per_device: int = 1, data_shards: int = 1, state_shards: int = 1
 ) -> None:
-    """Refuse (ConfigError) a config whose estimated footprint exceeds the device's memory
-    (``data_shards``: devices that split each run's activations; ``state_shards``: devices
-    that split its parameters and optimizer state). A quick first filter before XLA's
-    numbers (``sharding.step_memory``)."""
+    """Refuse (ConfigError) a config whose estimated footprint exceeds the memory of a device
+    of ``mesh`` (``data_shards``: devices that split each run's activations;
+    ``state_shards``: devices that split its parameters and optimizer state). A quick first
+    filter before XLA's numbers (``sharding.step_memory``)."""
+    from stability import sharding as S
+
     state_b, act_b = estimate_bytes(cfg)
     act_b = -(-act_b // data_shards)
     state_b = -(-state_b // state_shards)
     need = runs_per_device * (state_b + act_b)
-    have = device_memory_bytes()
+    have = S.device_limit_bytes(mesh)
     if need > have:
         m, d = cfg.model, cfg.data
         gib = 2**30
@@ -508,6 +501,7 @@ def plan_check(cfg: Config, n_runs: int = 1):
     padded = -(-n_runs // n_run) * n_run
     check_memory(
         cfg,
+        mesh,
         runs_per_device=padded // n_run,
         data_shards=n_data * n_model,
         state_shards=(n_data if cfg.train.fsdp else 1) * n_model,

@@ -179,7 +179,7 @@ def test_sharded_over_8_devices_equals_unsharded(tmp_path):
               "--strategy", "vmap", "--no-progress",
               env={"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "3 run(s), run×data mesh 2×4" in out.stderr  # runs sharded 2 ways, batches 4 ways
+    assert "3 run(s), run×data×model mesh 2×4×1" in out.stderr  # runs 2 ways, batches 4 ways
     sharded = by_id([json.loads(line) for line in (tmp_path / "eight" / "results.jsonl").open()])
     for rid, r in by_id(ref).items():
         np.testing.assert_allclose(sharded[rid]["final_loss"], r["final_loss"], rtol=1e-4)
