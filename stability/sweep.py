@@ -363,7 +363,7 @@ class ChunkRunner:
         is_log = lambda s: s % t.log_every == 0 or is_eval(s)
         is_ckpt = lambda s: s % t.checkpoint_every == 0 or s == t.steps
         plan = T.call_ends(start, t.steps, lambda s: is_log(s) or is_ckpt(s), train_feed.k_max)
-        sizes = [e - s for s, e in zip([start, *plan[:-1]], plan, strict=True)]
+        sizes = [e - s for s, e in zip([start, *plan], plan, strict=False)]
         prefetch = train_feed.prefetch(sizes)
         last_time = time.time()
         span_time, span_step = last_time, start  # tokens/s of a record: since the previous one

@@ -578,7 +578,7 @@ def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preempti
     is_log = lambda s: s % t.log_every == 0 or is_eval(s)
     is_ckpt = lambda s: s % t.checkpoint_every == 0 or s == t.steps or s in ends
     plan = call_ends(start, t.steps, lambda s: is_log(s) or is_ckpt(s), k_max)
-    sizes = [e - s for s, e in zip([start, *plan[:-1]], plan, strict=True)]
+    sizes = [e - s for s, e in zip([start, *plan], plan, strict=False)]
     bar = tqdm(
         total=t.steps,
         initial=start,
