@@ -234,36 +234,40 @@ def _sizes(rows: list[dict]) -> list[int]:
     return sorted({r["d_model"] for r in rows})
 
 
-def finding_qk_sensitivity(rows: list[dict]) -> list[dict[str, Any]]:
-    """qk-layernorm lowers LR sensitivity at every size, and by more at the largest size
-    than at the smallest (rows: the sizes sweep)."""
+def _gaps_by_size(rows: list[dict], field: str, worse, better) -> list[dict[str, Any]]:
+    """Checks that setting ``field=better`` has the lower LR sensitivity at every size, and by
+    more at the largest size than at the smallest."""
     checks, gaps = [], {}
-    for n in _sizes(rows):
-        off, on = (
-            _sens(_where(rows, d_model=n, qk_norm=False)),
-            _sens(_where(rows, d_model=n, qk_norm=True)),
-        )
-        gaps[n] = _diff(off, on)
-        checks.append(
-            _compare(
-                f"d={n}: sensitivity without − with qk-LN",
-                gaps[n],
-                SENS_TOL,
-                f"{_fmt(off)} − {_fmt(on)}",
-            )
-        )
     sizes = _sizes(rows)
-    if len(sizes) >= 2:
-        lo, hi = gaps[sizes[0]], gaps[sizes[-1]]
+    for n in sizes:
+        hi = _sens(_where(rows, d_model=n, **{field: worse}))
+        lo = _sens(_where(rows, d_model=n, **{field: better}))
+        gaps[n] = _diff(hi, lo)
         checks.append(
             _compare(
-                "gap at the largest − gap at the smallest size",
-                _diff(hi, lo),
+                f"d={n}: sensitivity {field}={worse} − {field}={better}",
+                gaps[n],
                 SENS_TOL,
                 f"{_fmt(hi)} − {_fmt(lo)}",
             )
         )
+    if len(sizes) >= 2:
+        small, large = gaps[sizes[0]], gaps[sizes[-1]]
+        checks.append(
+            _compare(
+                "gap at the largest − gap at the smallest size",
+                _diff(large, small),
+                SENS_TOL,
+                f"{_fmt(large)} − {_fmt(small)}",
+            )
+        )
     return checks
+
+
+def finding_qk_sensitivity(rows: list[dict]) -> list[dict[str, Any]]:
+    """qk-layernorm lowers LR sensitivity at every size, and by more at the largest size
+    than at the smallest (rows: the sizes sweep)."""
+    return _gaps_by_size(rows, "qk_norm", False, True)
 
 
 def finding_logit_growth(rows: list[dict]) -> list[dict[str, Any]]:
@@ -348,36 +352,10 @@ def finding_z_loss(rows: list[dict]) -> list[dict[str, Any]]:
 def finding_warmup(rows: list[dict]) -> list[dict[str, Any]]:
     """The longer warm-up lowers LR sensitivity at both sizes, by more at the larger one
     (rows: the warmup sweep)."""
-    checks, gaps = [], {}
     warmups = sorted({r["warmup_steps"] for r in rows})
     if len(warmups) < 2:
         return [_compare("two warm-up lengths", None, 0, f"found {warmups}")]
-    short, long = warmups[0], warmups[-1]
-    for n in _sizes(rows):
-        s, l_ = (
-            _sens(_where(rows, d_model=n, warmup_steps=short)),
-            _sens(_where(rows, d_model=n, warmup_steps=long)),
-        )
-        gaps[n] = _diff(s, l_)
-        checks.append(
-            _compare(
-                f"d={n}: sensitivity warm-up {short} − warm-up {long}",
-                gaps[n],
-                SENS_TOL,
-                f"{_fmt(s)} − {_fmt(l_)}",
-            )
-        )
-    sizes = _sizes(rows)
-    if len(sizes) >= 2:
-        checks.append(
-            _compare(
-                "gap at the larger − gap at the smaller size",
-                _diff(gaps[sizes[-1]], gaps[sizes[0]]),
-                SENS_TOL,
-                f"{_fmt(gaps[sizes[-1]])} − {_fmt(gaps[sizes[0]])}",
-            )
-        )
-    return checks
+    return _gaps_by_size(rows, "warmup_steps", warmups[0], warmups[-1])
 
 
 def finding_weight_decay(rows: list[dict]) -> list[dict[str, Any]]:
