@@ -88,15 +88,18 @@ def lines(path: Path) -> int:
 
 
 def assert_close(a: list[dict], b: list[dict]) -> None:
-    """Equal records up to the float rounding of another device layout: rtol 1e-5, and atol
-    1e-6 for the near-zero gradient statistics (their data-parallel sums round differently)."""
+    """Equal records up to the float rounding of another device layout: rtol 1e-5 (atol 1e-6
+    for near-zero values), except gradient statistics (``grad/*``): a data-parallel gradient is
+    a sum in another order, and ``grad/rms_over_eps`` divides its rounding by ε = 1e-8 (a
+    norm scale's came out 1.3e-5 apart), so those get rtol 1e-4."""
     strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs]
     a, b = strip(a), strip(b)
     assert [sorted(r) for r in a] == [sorted(r) for r in b]
     for ra, rb in zip(a, b, strict=True):
         for k, v in ra.items():
             if isinstance(v, float):
-                np.testing.assert_allclose(rb[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+                rtol = 1e-4 if k.startswith("grad/") else 1e-5
+                np.testing.assert_allclose(rb[k], v, rtol=rtol, atol=1e-6, err_msg=k)
             else:
                 assert rb[k] == v, k
 
