@@ -34,7 +34,7 @@ import numpy as np
 
 from stability.config import Config, ConfigError, ModelConfig, from_config_dict
 from stability.plots import lr_sensitivity, max_over_layers
-from stability.tracking import read_jsonl
+from stability.tracking import flatten, read_jsonl
 
 LOGIT_KEY = "attn/max_logit"  # per layer: attn/max_logit/layer_i
 DEFAULT_PARAM = "blocks/0/attn/q/kernel"  # layer-0 query kernel (§3.4)
@@ -170,16 +170,6 @@ class Run:
         return f"d={m.d_model},L={m.n_layers},H={m.n_heads}"
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
 def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
     """Every run (finished or not) with a config.json under ``DIR/runs/*`` of each sweep
     workdir; ``setting`` names the config fields that vary besides size, LR and seeds."""
@@ -196,7 +186,7 @@ def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
             runs.append(Run(str(d), run_dir.name, cfg, non_embedding_params(cfg.model), hist))
     if not runs:
         raise ConfigError(f"no runs under {', '.join(map(str, dirs))}")
-    flats = [_flat(r.config.to_dict()) for r in runs]
+    flats = [flatten(r.config.to_dict()) for r in runs]
     keys = sorted(
         k
         for k in flats[0]

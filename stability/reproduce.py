@@ -547,24 +547,17 @@ def reproduce(
 
 
 def _commit() -> str:
+    """The checkout's short commit, marked when tracked files have uncommitted changes."""
     import subprocess
 
+    git = lambda *args: subprocess.run(
+        ["git", *args], cwd=SWEEPS_DIR.parent, capture_output=True, text=True, check=True
+    ).stdout.strip()
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=SWEEPS_DIR.parent,
-            capture_output=True,
-            text=True,
-            check=True,
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + (
+            " (with uncommitted changes)" if dirty else ""
         )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=SWEEPS_DIR.parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -38,7 +38,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
     raise ImportError("stability.results needs pandas: pip install -e '.[notebook]'") from e
 
 from stability import plots
-from stability.tracking import read_jsonl
+from stability.tracking import flatten, read_jsonl
 
 RUN_COLUMNS = (
     "workdir",  # the source: a sweep workdir, or "wandb:ENTITY/PROJECT/GROUP"
@@ -145,7 +145,7 @@ def _single_runs(dirs: list[Path], warn: bool) -> list[dict[str, Any]]:
         if warn:
             _warn_bad(d / "metrics.jsonl", bad)
         runs.append(rec)
-    leaves = [_leaves(r["config"]) for r in runs]
+    leaves = [flatten(r["config"]) for r in runs]
     keys = sorted({k for lv in leaves for k in lv})
     varying = [
         k
@@ -163,16 +163,6 @@ def _single_runs(dirs: list[Path], warn: bool) -> list[dict[str, Any]]:
         for k in ("final_loss", "max_attn_logit", "min_attn_entropy", "wall_seconds"):
             r[k] = _float(r[k])
     return runs
-
-
-def _leaves(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_leaves(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _fmt_value(v: Any) -> str:

@@ -37,6 +37,17 @@ def to_jsonable(x: Any) -> Any:
     return x
 
 
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict (e.g. a config's ``to_dict()`` or its config.json) → {"a.b.c": leaf}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def read_jsonl(path: str | Path) -> tuple[list[dict], list[int]]:
     """Records of a JSONL file, and the 1-based numbers of lines that were not JSON objects
     (a torn last line after a crash, a hand edit): those are skipped, never fatal."""
