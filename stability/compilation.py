@@ -10,6 +10,7 @@ line each: its compile time, or "from cache".
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
@@ -20,6 +21,8 @@ from typing import Any
 import jax
 
 ENV = "STABILITY_COMPILATION_CACHE"
+BARRIER_TIMEOUT_MS = 60 * 60 * 1000  # the slowest process's compile of one program
+_barriers = itertools.count()
 _configured = False
 _hits = 0
 _hits_lock = threading.Lock()
@@ -69,6 +72,21 @@ def _signature(args) -> tuple:
     )
 
 
+def wait_for_all_processes(what: str) -> None:
+    """With several JAX processes: return once every process got here (a coordination-service
+    barrier, not a collective). Programs need it: JAX writes the persistent cache from process
+    0 only, and on CPU the other processes' cache keys differ (their topology fingerprint and
+    compile options hash differently), so process 0 may load a program in seconds while the
+    others compile it for minutes, and the program's first collective would give up waiting
+    (Gloo after 30 s)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    barrier = f"stability_{next(_barriers)}_{what.split(' [')[0].replace(' ', '_')}"
+    distributed.global_state.client.wait_at_barrier(barrier, BARRIER_TIMEOUT_MS)
+
+
 class Program:
     """A jitted function compiled ahead of time once per argument signature; each compile is
     reported on stderr as ``compiled NAME in S s`` or ``NAME: from cache (S s)``."""
@@ -88,6 +106,7 @@ class Program:
             else:
                 print(f"compiled {self.name} in {seconds:.1f} s", file=sys.stderr)
             self._compiled[key] = compiled
+            wait_for_all_processes(f"compiled {self.name}")
         return compiled
 
     def __call__(self, *args):

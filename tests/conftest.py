@@ -1,5 +1,9 @@
+import atexit
 import dataclasses
 import os
+import shutil
+import socket
+import tempfile
 
 import pytest
 
@@ -11,8 +15,13 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     ).strip()
 os.environ.setdefault("WANDB_SILENT", "true")
-# Never write the user's persistent compilation cache (tests that need one pass a tmp dir).
-os.environ.setdefault("STABILITY_COMPILATION_CACHE", "off")
+# One persistent compilation cache for the whole session, shared with the subprocesses the tests
+# start: the same tiny programs are compiled by dozens of tests and runs. Never the user's cache;
+# tests of the cache itself pass their own directory.
+# With pytest-xdist the workers inherit the controller's directory; its creator removes it.
+if "STABILITY_COMPILATION_CACHE" not in os.environ:
+    os.environ["STABILITY_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="stability-tests-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["STABILITY_COMPILATION_CACHE"], ignore_errors=True)
 
 from stability.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, validate  # noqa: E402
 
@@ -49,6 +58,25 @@ def write_config_file(path, cfg: Config) -> str:
     return str(path)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for jax.distributed coordinators of test processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+# The longest files first: with pytest-xdist (`make test`, one file per worker at a time) none
+# of them is left to run alone at the end.
+LONGEST_FIRST = ("test_multihost.py", "test_sharding.py", "test_reproduce.py", "test_train_faults.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = lambda item: next(
+        (i for i, name in enumerate(LONGEST_FIRST) if item.path.name == name), len(LONGEST_FIRST)
+    )
+    items.sort(key=rank)  # stable: the order within each file is kept

@@ -2,9 +2,10 @@
 tfds ArrayRecord dataset with a SentencePiece tokenizer: the global batch, and so every
 result, equals a single-process run's; SIGKILL of every process then a rerun loses nothing.
 
-Sweep: 4 processes x 2 devices (a 2x4 run x data mesh: each process feeds 4 of the 8 batch
-rows, for one of the two runs). Train: 2 processes x 4 devices (data parallel over 8 devices,
-each process feeding 4 rows). The children share one persistent compilation cache."""
+Both use FSDP. Sweep: 4 processes x 2 devices (a 2x4 run x data mesh: each process feeds 4 of
+the 8 batch rows, for one of the two runs). Train: 2 processes x 4 devices (parameters and
+batch split over all 8 devices, each process feeding 4 rows). The children share one persistent
+compilation cache."""
 
 import json
 import os
@@ -19,7 +20,7 @@ import pytest
 from data import train_sentencepiece
 from data.test_tfds import EVAL_DOCS, TRAIN_DOCS, StabilityTestText
 
-from conftest import tiny_config, write_config_file
+from conftest import free_port, tiny_config, write_config_file
 from stability import train as T
 from stability.config import DataConfig
 from stability.sweep import run_sweep
@@ -27,7 +28,7 @@ from stability.tracking import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-STEPS = 40
+STEPS = 16
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def setup(tmp_path_factory):
         data={"source": "tfds", "tfds_name": "stability_test_text", "tfds_data_dir": str(tmp / "tfds"),
               "tokenizer": "sentencepiece", "tokenizer_path": sp_model, "batch_size": 8,
               "markov_vocab": DataConfig.markov_vocab, "markov_branching": DataConfig.markov_branching},
-        train={"steps": STEPS, "log_every": 2, "eval_every": 8, "checkpoint_every": 4},
+        train={"steps": STEPS, "log_every": 2, "eval_every": 8, "checkpoint_every": 4, "fsdp": True},
     )
     config_py = write_config_file(tmp / "config.py", cfg)
     sweep_py = tmp / "sweep.py"
@@ -51,7 +52,7 @@ def setup(tmp_path_factory):
 
 
 def start(args: list[str], n_proc: int, n_dev: int, env: dict) -> list[subprocess.Popen]:
-    port = 21000 + (os.getpid() * 7 + n_proc) % 20000
+    port = free_port()
     flags = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_dev}"
     return [
         subprocess.Popen(
@@ -65,10 +66,14 @@ def start(args: list[str], n_proc: int, n_dev: int, env: dict) -> list[subproces
     ]
 
 
-def finish(procs) -> None:
+def finish(procs) -> list[str]:
+    """Wait for every process; their stderr."""
+    errs = []
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[:3000] + "\n...\n" + err[-2000:]
+        errs.append(err)
+    return errs
 
 
 def kill_when(procs, ready) -> None:
@@ -134,7 +139,8 @@ def test_train_on_2_processes_killed_and_rerun_equals_one_process(setup):
     kill_when(procs, lambda: lines(tmp / "train_two" / "metrics.jsonl") >= 4)
     assert lines(tmp / "train_two" / "metrics.jsonl") < STEPS // 2  # killed mid-run
     procs = start(args, 2, 4, env)
-    finish(procs)
+    errs = finish(procs)
+    assert "[mesh run×data×model 1×8×1 on 8 cpu device(s) in 2 processes; fsdp on" in errs[0]
     assert_close(T.read_metrics(tmp / "train_one"), T.read_metrics(tmp / "train_two"))
     meta = json.loads(next((tmp / "train_two" / "checkpoints" / str(STEPS)).glob("meta/*")).read_text())
     assert sorted(r[0] for r in meta["stream"]["rows"]) == list(range(8))  # every row's state

@@ -35,7 +35,7 @@ def tiny_sweep(tmp_path_factory) -> Path:
     """2 settings (qk_norm off/on) × 2 LRs × 2 seeds, 8 steps, each setting one vmapped
     program: about a minute on a CPU."""
     tmp = tmp_path_factory.mktemp("sweep")
-    config_py, sweep_py = write_files(tmp, lrs=(1e-2, 1.0), steps=8)
+    config_py, sweep_py = write_files(tmp, lrs=(1e-2, 1.0), steps=8, qk_norm=(False, True))
     run_sweep(
         sweep_py,
         tmp / "w",

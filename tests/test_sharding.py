@@ -1,14 +1,13 @@
 """Mesh, rules and sharded train steps (stability/sharding.py).
 
 The multi-device checks run in child processes with 8 forced CPU devices (the pytest process
-has one): this file is also their program (``python tests/test_sharding.py eight|proc ...``).
+has one): this file is also their program (``python tests/test_sharding.py eight DIR``).
 Every sharded run is compared, metric by metric, with the unsharded single-device run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -146,12 +145,13 @@ def _child(args: list[str], n_devices: int, out, err) -> subprocess.Popen:
 
 
 def command_files(tmp: Path) -> tuple[str, str]:
-    """A config file (fsdp on, batch 8, 10 steps, 5 per call) and a sweep file of 2 LRs."""
+    """A config file (fsdp on, batch 8, 10 steps, 5 per call) and a sweep file of 3 LRs (on 8
+    devices: 3 runs padded to 4 on a run 2 × data 4 mesh)."""
     cfg = small(fsdp=True, steps=10, log_every=5, eval_every=10, checkpoint_every=10)
     config_py = write_config_file(tmp / "config.py", cfg)
     sweep_py = tmp / "sweep.py"
     sweep_py.write_text(
-        "NAME = 'two'\ndef get_sweep(arg=''):\n    return [{'optim.lr': lr} for lr in (3e-3, 1e-2)]\n"
+        "NAME = 'two'\ndef get_sweep(arg=''):\n    return [{'optim.lr': lr} for lr in (3e-3, 1e-2, 3e-2)]\n"
     )
     return config_py, str(sweep_py)
 
@@ -193,6 +193,7 @@ def test_eight_devices_fsdp_tensor_parallel_runs_checkpoints_and_memory(tmp_path
     assert "w4096 step memory per device" in out
     # Each program compiled once (the memory check reuses the call it runs), naming its mesh.
     assert one_err.count("compiled train step (up to 5 per call) [mesh run×data×model 1×1×1") == 1
+    assert "3 run(s), run×data×model mesh 2×4×1" in err  # runs 2 ways (one padded), batch 4 ways
     assert "train step (vmapped, up to 5 per call) [mesh run×data×model 2×4×1 on 8 cpu" in err
     assert "compiled train step (up to 5 per call) [mesh run×data×model 1×8×1" in err
     # stability train with fsdp on 8 devices, and a vmapped sweep on run 2 × fsdp 4: the
@@ -204,7 +205,7 @@ def test_eight_devices_fsdp_tensor_parallel_runs_checkpoints_and_memory(tmp_path
         for n in ("eight", "one")
     )
     keep = ("final_loss", "loss_at_init", "max_attn_logit", "min_attn_entropy", "steps")
-    assert [r["run_id"] for r in got] == [r["run_id"] for r in want] and len(want) == 2
+    assert [r["run_id"] for r in got] == [r["run_id"] for r in want] and len(want) == 3
     assert_same_records([{k: r[k] for k in keep} for r in got],
                         [{k: r[k] for k in keep} for r in want], "sweep results")
     for r in want:
@@ -232,7 +233,7 @@ def test_train_check_prints_xla_memory_and_refuses_what_does_not_fit(tmp_path, c
     assert "compiled train step (up to" not in err
     assert main(["sweep", f"--sweep={sweep_py}", f"--config={config_py}", f"--workdir={tmp_path / 's'}",
                  "--strategy=vmap", "--check"]) == 2
-    assert "2 runs) does not fit" in capsys.readouterr().err
+    assert "3 runs) does not fit" in capsys.readouterr().err
 
 
 def _run_sharded(cfg, mesh, state, hp, bs, start=0, runs=None):
@@ -252,49 +253,31 @@ def eight_devices(tmp: Path) -> None:
     devs = jax.devices()
     run_commands(tmp, "eight")  # the parent compares them with its one-device run
 
-    # fsdp 8, and fsdp 4 × model 2: 20 steps equal to one device; checkpoint at step 10 on
-    # the fsdp-8 mesh restored on 2 devices and on 1, continuing equal.
-    for train, shape in [({"fsdp": True}, (1, 8, 1)), ({"fsdp": True, "tensor_parallel": 2}, (1, 4, 2))]:
-        cfg = small(**train)
-        want = reference(cfg)
-        mesh = S.make_mesh(cfg)
-        assert tuple(mesh.shape.values()) == shape, mesh.shape
-        fns = S.shard_train_fns(cfg, mesh)
-        state, hp, bs = fns.init(np.int32(0)), T.hyperparams(cfg), batches(cfg)
-        if train.get("tensor_parallel", 1) == 1:
-            state, got = _run_sharded(cfg, mesh, state, hp, bs[:10])
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = Checkpointer(Path(tmp), 2)
-                ckpt.save(10, state, {})
-                ckpt.wait()
-                state, more = _run_sharded(cfg, mesh, state, hp, bs, start=10)
-                assert_same(got + more, want, f"mesh {shape}")
-                for n in (2, 1):
-                    small_mesh = S.make_mesh(cfg, devices=devs[:n])
-                    like = S.shard_train_fns(cfg, small_mesh).abstract_state
-                    restored, _ = ckpt.restore(10, like)
-                    assert {d for x in jax.tree.leaves(restored) for d in x.devices()} == set(devs[:n])
-                    _, cont = _run_sharded(cfg, small_mesh, restored, hp, bs, start=10)
-                    assert_same(cont, want[10:], f"restored on {n} device(s)")
-                ckpt.close()
-        else:
-            _, got = _run_sharded(cfg, mesh, state, hp, bs)
-            assert_same(got, want, f"mesh {shape}")
-        print(f"mesh {shape}: {STEPS} steps equal to one device", flush=True)
-
-    # run 2 × fsdp 4, vmapped: each run equals its own single-device run.
-    cfgs = [small(fsdp=True), small(fsdp=True, seed=1)]
-    cfgs[1] = dataclasses.replace(cfgs[1], optim=dataclasses.replace(cfgs[1].optim, lr=1e-2))
-    mesh = S.make_mesh(cfgs[0], n_runs=2)
-    assert tuple(mesh.shape.values()) == (2, 4, 1)
-    fns = S.shard_train_fns(cfgs[0], mesh, runs=2)
-    hps = [T.hyperparams(c) for c in cfgs]
-    hp = {k: np.stack([np.asarray(h[k]) for h in hps]) for k in hps[0]}
-    state = fns.init(jax.device_put(np.array([0, 1], np.int32), fns.hp))
-    _, got = _run_sharded(cfgs[0], mesh, state, hp, batches(cfgs[0]), runs=2)
-    for i, c in enumerate(cfgs):
-        assert_same([{k: v[i] for k, v in m.items()} for m in got], reference(c), f"run {i}")
-    print("run 2 × fsdp 4: each run equal to one device", flush=True)
+    # fsdp 4 × model 2 (fsdp 8 and run 2 × fsdp 4 are the commands above): 20 steps equal to
+    # one device; its checkpoint at step 10 restored on fsdp 2 and on 1 device continues equal.
+    cfg = small(fsdp=True, tensor_parallel=2)
+    want = reference(cfg)
+    mesh = S.make_mesh(cfg)
+    assert tuple(mesh.shape.values()) == (1, 4, 2), mesh.shape
+    fns = S.shard_train_fns(cfg, mesh)
+    state, hp, bs = fns.init(np.int32(0)), T.hyperparams(cfg), batches(cfg)
+    state, got = _run_sharded(cfg, mesh, state, hp, bs[:10])
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+        ckpt = Checkpointer(Path(ckpt_dir), 2)
+        ckpt.save(10, state, {})
+        ckpt.wait()
+        _, more = _run_sharded(cfg, mesh, state, hp, bs, start=10)
+        assert_same(got + more, want, "mesh (1, 4, 2)")
+        fsdp_only = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tensor_parallel=1))
+        for n in (2, 1):
+            small_mesh = S.make_mesh(fsdp_only, devices=devs[:n])
+            like = S.shard_train_fns(fsdp_only, small_mesh).abstract_state
+            restored, _ = ckpt.restore(10, like)
+            assert {d for x in jax.tree.leaves(restored) for d in x.devices()} == set(devs[:n])
+            _, cont = _run_sharded(fsdp_only, small_mesh, restored, hp, bs, start=10)
+            assert_same(cont, want[10:], f"restored on {n} device(s)")
+        ckpt.close()
+    print(f"mesh (1, 4, 2): {STEPS} steps equal to one device, restored on fsdp 2 and 1 device", flush=True)
 
     # Bytes held per device: 1/8 of parameters + optimizer state (embeddings and LN vectors
     # included), on fsdp 8 and on fsdp 4 × model 2.
@@ -332,51 +315,5 @@ def eight_devices(tmp: Path) -> None:
         assert "does not fit" in str(e) and "mesh run×data×model 1×8×1" in str(e), e
 
 
-# ---------------------------------------------------------------------------------------
-# Two processes × 4 devices, FSDP across both.
-
-
-def test_two_processes_fsdp_across_processes(tmp_path):
-    cfg = small(fsdp=True)
-    want = reference(cfg)
-    port = 21000 + os.getpid() % 20000
-    files = [(tmp_path / f"out{i}", tmp_path / f"err{i}") for i in range(2)]
-    procs = []
-    for i, (o, e) in enumerate(files):
-        with open(o, "w") as out, open(e, "w") as err:
-            procs.append(_child(["proc", str(i), str(port)], 4, out, err))
-    for p, (_, e) in zip(procs, files, strict=True):
-        p.wait(timeout=900)
-        assert p.returncode == 0, e.read_text()[-4000:]
-    for o, _ in files:
-        got = json.loads(o.read_text().strip().splitlines()[-1])
-        assert_same(got, [{k: v for k, v in w.items()} for w in want], "2 processes × 4 devices")
-
-
-def two_processes(process_id: int, port: int) -> None:
-    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-    assert jax.device_count() == 8 and jax.local_device_count() == 4
-    cfg = small(fsdp=True)
-    mesh = S.make_mesh(cfg)
-    assert tuple(mesh.shape.values()) == (1, 8, 1)
-    fns = S.shard_train_fns(cfg, mesh)
-    state = fns.init(np.int32(0))
-    # Each process holds 1/8 of the state on each of its 4 devices, none of the other half.
-    assert len(S.per_device_bytes(state.params)) == 4
-    hp = jax.device_put(T.hyperparams(cfg), fns.hp)
-    got = []
-    for b in batches(cfg):
-        batch = {
-            k: jax.make_array_from_callback(v.shape, fns.batch, lambda idx, v=v: v[idx])
-            for k, v in b.items()
-        }
-        state, m = fns.step(state, hp, batch)
-        got.append({k: np.asarray(v).tolist() for k, v in m.items()})
-    print(json.dumps(got))
-
-
 if __name__ == "__main__":
-    if sys.argv[1] == "eight":
-        eight_devices(Path(sys.argv[2]))
-    else:
-        two_processes(int(sys.argv[2]), int(sys.argv[3]))
+    eight_devices(Path(sys.argv[2]))

@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 LRS = (1e-3, 1e-2, 1e-1)
 
 
-def write_files(tmp_path: Path, lrs=LRS, steps=12, qk_norm=(False, True)) -> tuple[str, str]:
-    """A tiny base config file and a sweep file (qk_norm × lrs) in tmp_path; one qk_norm value
-    means one program to compile."""
+def write_files(tmp_path: Path, lrs=LRS, steps=12, qk_norm=(False,)) -> tuple[str, str]:
+    """A tiny base config file and a sweep file (qk_norm × lrs) in tmp_path. One qk_norm value
+    (the default) means one program, and the same one for every test that keeps ``steps``: the
+    session's compilation cache compiles it once."""
     cfg = tiny_config(train={"steps": steps, "log_every": 4, "eval_every": 6, "checkpoint_every": 4})
     config_py = write_config_file(tmp_path / "tiny_config.py", cfg)
     sweep_py = tmp_path / "tiny_sweep.py"
@@ -48,13 +49,13 @@ def test_vmap_equals_sequential_and_report(tmp_path):
     seq = run_sweep(sweep_py, tmp_path / "seq", config_spec=config_py, strategy="sequential", progress=False)
     vm = run_sweep(sweep_py, tmp_path / "vm", config_spec=config_py, strategy="vmap", progress=False)
     a, b = by_id(seq), by_id(vm)
-    assert a.keys() == b.keys() and len(a) == 6
+    assert a.keys() == b.keys() and len(a) == 3
     for rid in a:
         np.testing.assert_allclose(a[rid]["final_loss"], b[rid]["final_loss"], rtol=1e-4)
         np.testing.assert_allclose(a[rid]["max_attn_logit"], b[rid]["max_attn_logit"], rtol=1e-3)
         assert {"setting", "lr", "loss_at_init", "diverged", "diverged_step", "min_attn_entropy",
                 "steps", "wall_seconds", "config"} <= a[rid].keys()
-        assert a[rid]["setting"] in ("qk_norm=False", "qk_norm=True")
+        assert a[rid]["setting"] == "default"  # only the LR varies
         hist = plots.history(tmp_path / "vm", rid)
         assert [h["step"] for h in hist] == [4, 6, 8, 12]
     for name in ("lr_sensitivity.png", "max_attn_logit.png", "attn_entropy.png"):
@@ -171,48 +172,8 @@ def test_mesh_shape(n_dev, k, batch, expect):
 
 
 @pytest.mark.slow
-def test_sharded_over_8_devices_equals_unsharded(tmp_path):
-    config_py, sweep_py = write_files(tmp_path, qk_norm=(False,))
-    ref = run_sweep(sweep_py, tmp_path / "one", config_spec=config_py, strategy="vmap", progress=False,
-                    report=False)
-    out = cli("sweep", "--sweep", sweep_py, "--config", config_py, "--workdir", str(tmp_path / "eight"),
-              "--strategy", "vmap", "--no-progress",
-              env={"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "3 run(s), run×data×model mesh 2×4×1" in out.stderr  # runs 2 ways, batches 4 ways
-    sharded = by_id([json.loads(line) for line in (tmp_path / "eight" / "results.jsonl").open()])
-    for rid, r in by_id(ref).items():
-        np.testing.assert_allclose(sharded[rid]["final_loss"], r["final_loss"], rtol=1e-4)
-
-
-@pytest.mark.slow
-def test_two_processes_equal_one(tmp_path):
-    config_py, sweep_py = write_files(tmp_path, lrs=(1e-2, 1e-1), qk_norm=(False,))
-    ref = run_sweep(sweep_py, tmp_path / "one", config_spec=config_py, strategy="vmap", progress=False,
-                    report=False)
-    port = 20000 + os.getpid() % 20000
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "stability", "sweep", "--sweep", sweep_py, "--config", config_py,
-             "--workdir", str(tmp_path / "two"), "--strategy", "vmap", "--no-progress",
-             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-            cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-    two = [json.loads(line) for line in (tmp_path / "two" / "results.jsonl").open()]
-    assert len(two) == len(ref)
-    for rid, r in by_id(ref).items():
-        np.testing.assert_allclose(by_id(two)[rid]["final_loss"], r["final_loss"], rtol=1e-4)
-
-
-@pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_uninterrupted_records(tmp_path):
-    config_py, sweep_py = write_files(tmp_path, lrs=(1e-3, 1e-2, 3e-2), steps=16, qk_norm=(False,))
+    config_py, sweep_py = write_files(tmp_path, lrs=(1e-3, 1e-2, 3e-2))
     args = [sys.executable, "-m", "stability", "sweep", "--sweep", sweep_py, "--config", config_py,
             "--strategy", "sequential", "--no-progress"]
     assert main([*args[3:], "--workdir", str(tmp_path / "ref")]) == 0  # in this process

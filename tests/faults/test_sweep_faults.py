@@ -36,7 +36,7 @@ def test_torn_result_line_redoes_only_that_run(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sweep_sigterm_checkpoints_exits_zero_and_resumes(tmp_path):
-    config_py, sweep_py = write_files(tmp_path, lrs=(1e-3, 1e-2), steps=40, qk_norm=(False,))
+    config_py, sweep_py = write_files(tmp_path, lrs=(1e-3, 1e-2), steps=40)
     args = [sys.executable, "-m", "stability", "sweep", "--sweep", sweep_py, "--config", config_py,
             "--strategy", "sequential", "--no-progress", "--workdir", str(tmp_path / "w")]
     env = {**os.environ, "WANDB_MODE": "disabled"}
