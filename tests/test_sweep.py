@@ -25,11 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 LRS = (1e-3, 1e-2, 1e-1)
 
 
-def write_files(tmp_path: Path, lrs=LRS, steps=12, qk_norm=(False,)) -> tuple[str, str]:
+def write_files(tmp_path: Path, lrs=LRS, steps=12, qk_norm=(False,), steps_per_call=0) -> tuple[str, str]:
     """A tiny base config file and a sweep file (qk_norm × lrs) in tmp_path. One qk_norm value
     (the default) means one program, and the same one for every test that keeps ``steps``: the
-    session's compilation cache compiles it once."""
-    cfg = tiny_config(train={"steps": steps, "log_every": 4, "eval_every": 6, "checkpoint_every": 4})
+    session's compilation cache compiles it once. ``steps_per_call=1`` compiles in about half
+    the time (one update per call: no loop beside the update that returns metrics)."""
+    cfg = tiny_config(train={"steps": steps, "log_every": 4, "eval_every": 6, "checkpoint_every": 4,
+                             "steps_per_call": steps_per_call})
     config_py = write_config_file(tmp_path / "tiny_config.py", cfg)
     sweep_py = tmp_path / "tiny_sweep.py"
     sweep_py.write_text(
