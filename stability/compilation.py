@@ -72,7 +72,7 @@ def _signature(args) -> tuple:
     )
 
 
-def wait_for_all_processes(what: str) -> None:
+def wait_for_all_processes() -> None:
     """With several JAX processes: return once every process got here (a coordination-service
     barrier, not a collective). Programs need it: JAX writes the persistent cache from process
     0 only, and on CPU the other processes' cache keys differ (their topology fingerprint and
@@ -83,7 +83,7 @@ def wait_for_all_processes(what: str) -> None:
         return
     from jax._src import distributed
 
-    barrier = f"stability_{next(_barriers)}_{what.split(' [')[0].replace(' ', '_')}"
+    barrier = f"stability_compiled_{next(_barriers)}"  # the same sequence in every process
     distributed.global_state.client.wait_at_barrier(barrier, BARRIER_TIMEOUT_MS)
 
 
@@ -106,7 +106,7 @@ class Program:
             else:
                 print(f"compiled {self.name} in {seconds:.1f} s", file=sys.stderr)
             self._compiled[key] = compiled
-            wait_for_all_processes(f"compiled {self.name}")
+            wait_for_all_processes()
         return compiled
 
     def __call__(self, *args):

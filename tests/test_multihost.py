@@ -4,8 +4,8 @@ result, equals a single-process run's; SIGKILL of every process then a rerun los
 
 Both use FSDP. Sweep: 4 processes x 2 devices (a 2x4 run x data mesh: each process feeds 4 of
 the 8 batch rows, for one of the two runs). Train: 2 processes x 4 devices (parameters and
-batch split over all 8 devices, each process feeding 4 rows). The children share one persistent
-compilation cache."""
+batch split over all 8 devices, each process feeding 4 rows). The children share the test
+session's persistent compilation cache."""
 
 import json
 import os
@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
     config_py = write_config_file(tmp / "config.py", cfg)
     sweep_py = tmp / "sweep.py"
     sweep_py.write_text("def get_sweep(arg=''):\n    return [{'optim.lr': lr} for lr in (3e-3, 3e-2)]\n")
-    env = {**os.environ, "WANDB_MODE": "disabled", "STABILITY_COMPILATION_CACHE": str(tmp / "cache")}
+    env = {**os.environ, "WANDB_MODE": "disabled"}
     return tmp, cfg, config_py, str(sweep_py), env
 
 

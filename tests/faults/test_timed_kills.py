@@ -10,12 +10,11 @@ and results.jsonl (wall_seconds aside; each run once) equal those of an uninterr
 
 The killed run is a real process; the reference and the rerun are the same command run through
 ``stability.cli.main`` in this process (bitwise equal on CPU, as the other fault tests rely on),
-which shares their compiled programs. To keep the children from compiling too, the reference
-runs write a persistent XLA compilation cache that the children read (every program a child
-needs is compiled before its first checkpoint starts, so no kill can tear a cache entry).
+which shares their compiled programs. The children load those programs from the test
+session's persistent compilation cache (tests/conftest.py), which the references write first, so
+no child compiles and no kill can tear a cache entry.
 """
 
-import contextlib
 import functools
 import json
 import os
@@ -28,7 +27,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from conftest import tiny_config, write_config_file
 from stability.cli import main
@@ -51,38 +49,13 @@ SWEEP_LRS = (1e-3, 3e-3, 1e-2)
 # Helpers.
 
 
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0,
-                 "jax_persistent_cache_min_entry_size_bytes": -1}
-
-
-@contextlib.contextmanager
-def writing_compilation_cache(path: Path):
-    """Programs compiled in this process meanwhile also go to the persistent cache at ``path``
-    (the children's); this process's previous settings are restored afterwards."""
-    old = {name: getattr(jax.config, name) for name in CACHE_OPTIONS}
-    compilation_cache.reset_cache()
-    for name, value in {**CACHE_OPTIONS, "jax_compilation_cache_dir": str(path)}.items():
-        jax.config.update(name, value)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()
-
-
 def config_file(path: Path) -> str:
     cfg = tiny_config(train={"steps": STEPS, "log_every": 2, "eval_every": CKPT_EVERY,
                              "checkpoint_every": CKPT_EVERY}, wandb={"mode": "disabled"})
     return write_config_file(path, cfg)
 
 
-def run_killed(cmd: list[str], fault: str, n: int, tmp_path: Path, jax_cache: Path) -> dict:
+def run_killed(cmd: list[str], fault: str, n: int, tmp_path: Path) -> dict:
     """Run ``cmd`` (stability's arguments) in a child that the injector SIGKILLs at FAULT:N;
     returns the injector's record of the event it killed at."""
     log = tmp_path / "kill.log"
@@ -92,8 +65,6 @@ def run_killed(cmd: list[str], fault: str, n: int, tmp_path: Path, jax_cache: Pa
         "PYTHONPATH": os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")])),
         "STABILITY_KILL_AT": f"{fault}:{n}",
         "STABILITY_KILL_LOG": str(log),
-        **{name.upper(): str(value) for name, value in CACHE_OPTIONS.items()},
-        "JAX_COMPILATION_CACHE_DIR": str(jax_cache),
     }
     out = subprocess.run([sys.executable, "-m", "stability", *cmd], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -163,11 +134,10 @@ def train_args(config: str, workdir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def train_reference(tmp_path_factory, jax_cache):
+def train_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train_ref")
     config = config_file(tmp / "cfg.py")
-    with writing_compilation_cache(jax_cache):
-        assert main(train_args(config, tmp / "run")) == 0
+    assert main(train_args(config, tmp / "run")) == 0
     return config, tmp / "run"
 
 
@@ -175,11 +145,11 @@ def train_reference(tmp_path_factory, jax_cache):
 # over a complete-looking tmp directory. (("ckpt_data", 1) also passes: a fresh start over the
 # leftovers, no checkpoint being finalised; left out to keep this file within its time budget.)
 @pytest.mark.parametrize("fault, n", [("ckpt_commit", 2)])
-def test_train_killed_inside_checkpoint_write(train_reference, jax_cache, tmp_path, capsys, fault,
+def test_train_killed_inside_checkpoint_write(train_reference, tmp_path, capsys, fault,
                                               n):
     config, ref = train_reference
     workdir = tmp_path / "run"
-    event = run_killed(train_args(config, workdir), fault, n, tmp_path, jax_cache)
+    event = run_killed(train_args(config, workdir), fault, n, tmp_path)
     step = CKPT_STEPS[n - 1]
     assert_killed_inside_checkpoint_write(event, workdir / "checkpoints", step)
     assert step_dirs(workdir / "checkpoints")[0] == list(CKPT_STEPS[: n - 1])
@@ -205,15 +175,14 @@ def sweep_args(config: str, sweep: str, workdir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sweep_reference(tmp_path_factory, jax_cache):
+def sweep_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep_ref")
     config = config_file(tmp / "cfg.py")
     sweep = tmp / "sweep.py"
     sweep.write_text("NAME = 'timed_kills'\n"
                      "def get_sweep(arg=''):\n"
                      f"    return [{{'optim.lr': lr}} for lr in {SWEEP_LRS!r}]\n")
-    with writing_compilation_cache(jax_cache):
-        assert main(sweep_args(config, str(sweep), tmp / "w")) == 0
+    assert main(sweep_args(config, str(sweep), tmp / "w")) == 0
     records, bad = read_results(tmp / "w")
     assert len(records) == len(SWEEP_LRS) and not bad
     return config, str(sweep), tmp / "w"
@@ -249,11 +218,11 @@ def assert_sweep_equals_reference(workdir: Path, ref: Path) -> list[int]:
 # The 4th save is chunk 2's last (killed once its array data are on disk), after chunk 1's record
 # was appended: the rerun skips chunk 1, resumes chunk 2 from its step-4 checkpoint, runs chunk 3.
 @pytest.mark.parametrize("fault, n", [("ckpt_data", 4)])
-def test_sweep_killed_inside_checkpoint_write(sweep_reference, jax_cache, tmp_path, capsys, fault,
+def test_sweep_killed_inside_checkpoint_write(sweep_reference, tmp_path, capsys, fault,
                                               n):
     config, sweep, ref = sweep_reference
     workdir = tmp_path / "w"
-    event = run_killed(sweep_args(config, sweep, workdir), fault, n, tmp_path, jax_cache)
+    event = run_killed(sweep_args(config, sweep, workdir), fault, n, tmp_path)
     chunk, i = divmod(n - 1, len(CKPT_STEPS))  # the chunk (0-based) and its save being written
     step = CKPT_STEPS[i]
     started = chunk_checkpoints(workdir)
@@ -279,10 +248,10 @@ def test_sweep_killed_inside_checkpoint_write(sweep_reference, jax_cache, tmp_pa
 # written. (STABILITY_KILL_AT=results_append:N, a kill before the first byte, is the same minus
 # the torn line.)
 @pytest.mark.parametrize("n", [2])
-def test_sweep_killed_inside_results_append(sweep_reference, jax_cache, tmp_path, capsys, n):
+def test_sweep_killed_inside_results_append(sweep_reference, tmp_path, capsys, n):
     config, sweep, ref = sweep_reference
     workdir = tmp_path / "w"
-    event = run_killed(sweep_args(config, sweep, workdir), "results_torn", n, tmp_path, jax_cache)
+    event = run_killed(sweep_args(config, sweep, workdir), "results_torn", n, tmp_path)
     results = workdir / "results.jsonl"
     assert event["args"][0] == str(results) and "a" in event["args"][1]
     # The killed run was trained and checkpointed to the end; only its record is missing.
