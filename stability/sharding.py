@@ -200,6 +200,12 @@ def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
     return NamedSharding(mesh, P(*(None,) * leading, "data"))
 
 
+def from_host(x, sharding: NamedSharding) -> jax.Array:
+    """A global array of host value ``x`` (identical on every process) with ``sharding``."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
 def abstract(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of ``tree`` carrying ``shardings`` (for restore and compile-only)."""
     return jax.tree.map(

@@ -2,8 +2,8 @@
 
 A sweep is a list of config overrides (``sweeps/*.py: get_sweep(arg)``). Runs whose static
 config is identical (``train.static_config``) share one compiled program; their per-run
-scalars (LR, weight decay, warmup, z-loss weight, seed) are traced arrays with a leading run
-axis. A group is executed in chunks of at most ``max_runs_per_program`` runs:
+scalars (LR, weight decay, warmup, z-loss weight, Adam's ε, seed) are traced arrays with a
+leading run axis. A group is executed in chunks of at most ``max_runs_per_program`` runs:
 
   vmap        each chunk is one jitted, vmapped program on the ("run", "data", "model")
               mesh of ``sharding.make_mesh`` spanning every host under jax.distributed: runs
@@ -188,12 +188,6 @@ def chunks_of(runs: list[Run], strategy: str, max_runs: int) -> list[list[Run]]:
 # Executing one chunk.
 
 
-def _global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from identical host data on every process."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
 def _fetch(tree) -> Any:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -242,16 +236,16 @@ class ChunkRunner:
         )
         train_feed = T.Feed(source, cfg.data.seed, cfg, fns.batches, fns.k_max)
         eval_batches = [
-            jax.tree.map(lambda x: _global(x, fns.batch), b)
+            jax.tree.map(lambda x: S.from_host(x, fns.batch), b)
             for b in source.eval_batches(t.eval_batches)
         ]
-        seeds = _global(
+        seeds = S.from_host(
             self._padded([r.config.train.seed for r in self.runs]).astype(np.int32),
             self.run_sharding,
         )
         hp_list = [T.hyperparams(r.config) for r in self.runs]
         hp = {
-            k: _global(
+            k: S.from_host(
                 self._padded([float(h[k]) for h in hp_list]).astype(np.float32), self.run_sharding
             )
             for k in hp_list[0]
@@ -370,7 +364,7 @@ class ChunkRunner:
         try:
             for end, n in zip(plan, sizes, strict=True):
                 batches, host, stream_state = prefetch.next()
-                state, out = fns.call(state, hp, batches, _global(np.int32(n), repl))
+                state, out = fns.call(state, hp, batches, S.from_host(np.int32(n), repl))
                 if is_eval(end):
                     out["eval/loss"] = fns.evaluate(state, eval_batches)
                 alive = _fetch(out["alive"])[: self.k]  # the host waits here, once per call
@@ -387,7 +381,7 @@ class ChunkRunner:
                         if d != end:  # the failing update again, on the frozen states
                             copy = jax.tree.map(jnp.copy, state)
                             one = train_feed.single(host, n - (end - d) - 1)
-                            replay = _fetch(fns.call(copy, hp, one, _global(np.int32(1), repl))[1])
+                            replay = _fetch(fns.call(copy, hp, one, S.from_host(np.int32(1), repl))[1])
                         for i in newly_dead:
                             if died[i] == d:
                                 log(i, d, replay, span_tps)

@@ -57,6 +57,7 @@ HYPERPARAMS = {
     ("optim", "weight_decay"): "weight_decay",
     ("optim", "warmup_steps"): "warmup_steps",
     ("train", "z_loss"): "z_loss",
+    ("optim", "eps"): "eps",
 }
 
 
@@ -92,6 +93,7 @@ def hyperparams(cfg: Config) -> dict[str, jax.Array]:
         "weight_decay": jnp.float32(cfg.optim.weight_decay),
         "warmup_steps": jnp.float32(cfg.optim.warmup_steps),
         "z_loss": jnp.float32(cfg.train.z_loss),
+        "eps": jnp.float32(cfg.optim.eps),
     }
 
 
@@ -171,6 +173,7 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation):
             learning_rate=lr_t,
             weight_decay=hp["weight_decay"],
             peak_learning_rate=hp["lr"],
+            eps=hp["eps"],
         )
         updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -270,12 +273,6 @@ def call_ends(start: int, steps: int, is_boundary, k_max: int) -> list[int]:
         ends.append(e)
         s = e
     return ends
-
-
-def replicated(x, sharding) -> jax.Array:
-    """A global array of host value ``x`` (identical on every process) with ``sharding``."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 class Feed:
@@ -530,10 +527,10 @@ def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preempti
     # XLA's memory numbers of the train call, compiled once here and run below.
     abstract_args = S.call_args(cfg, fns)
     S.refuse_unless_fits(S.memory_report(call_fn.compile(*abstract_args), mesh, t), cfg)
-    hp = {k: replicated(v, repl) for k, v in hyperparams(cfg).items()}
+    hp = {k: S.from_host(v, repl) for k, v in hyperparams(cfg).items()}
     train_feed = Feed(source, cfg.data.seed, cfg, fns.batches, k_max)
     eval_batches = [
-        {k: replicated(v, fns.batch) for k, v in b.items()}
+        {k: S.from_host(v, fns.batch) for k, v in b.items()}
         for b in source.eval_batches(t.eval_batches)
     ]
     ends = set(decay_ends(cfg.optim, t.steps))  # WSD-S: decayed checkpoints, kept and marked
@@ -544,7 +541,7 @@ def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preempti
     if restored is not None:
         start, state, meta = restored
     else:
-        state = init_fn(replicated(np.int32(t.seed), repl))
+        state = init_fn(S.from_host(np.int32(t.seed), repl))
     if restored is not None:
         train_feed.stream.restore(meta["stream"])
         if is_main:
@@ -612,7 +609,7 @@ def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preempti
     try:
         for end, n in zip(plan, sizes, strict=True):
             batches, host, stream_state = prefetch.next()
-            state, out = call_fn(state, hp, batches, replicated(np.int32(n), repl))
+            state, out = call_fn(state, hp, batches, S.from_host(np.int32(n), repl))
             if is_eval(end):
                 out["eval/loss"] = eval_fn(state, eval_batches)
             alive = bool(out["alive"])  # the host waits for the device here, once per call
@@ -627,7 +624,7 @@ def _train(cfg: Config, workdir: Path, overwrite: bool, progress: bool, preempti
                         jax.tree.map(jnp.copy, state),
                         hp,
                         train_feed.single(host, n - (end - died) - 1),
-                        replicated(np.int32(1), repl),
+                        S.from_host(np.int32(1), repl),
                     )[1]
                     out = replay
                 record(died, out, span_tokens_per_sec)

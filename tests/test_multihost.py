@@ -3,9 +3,10 @@ tfds ArrayRecord dataset with a SentencePiece tokenizer: the global batch, and s
 result, equals a single-process run's; SIGKILL of every process then a rerun loses nothing.
 
 Both use FSDP. Sweep: 4 processes x 2 devices (a 2x4 run x data mesh: each process feeds 4 of
-the 8 batch rows, for one of the two runs). Train: 2 processes x 4 devices (parameters and
-batch split over all 8 devices, each process feeding 4 rows). The children share the test
-session's persistent compilation cache."""
+the 8 batch rows, for one of the two runs), one update per device call (its program compiles in
+half the time; every process compiles it, twice). Train: 2 processes x 4 devices (parameters and
+batch split over all 8 devices, each process feeding 4 rows), two updates per call. The
+children share the test session's persistent compilation cache."""
 
 import json
 import os
@@ -111,16 +112,19 @@ def assert_close(a: list[dict], b: list[dict]) -> None:
 
 def test_sweep_on_4_processes_killed_and_rerun_equals_one_process(setup):
     tmp, _, config_py, sweep_py, env = setup
-    ref = run_sweep(sweep_py, tmp / "one", config_spec=config_py, strategy="vmap",
-                    progress=False, report=False)
+    one_per_call = ("train.steps_per_call", "1")
+    ref = run_sweep(sweep_py, tmp / "one", config_spec=config_py, overrides=[one_per_call],
+                    strategy="vmap", progress=False, report=False)
     args = ["sweep", "--sweep", sweep_py, "--config", config_py, "--workdir", str(tmp / "four"),
-            "--strategy", "vmap"]
+            "--strategy", "vmap", "--config.{}={}".format(*one_per_call)]
     procs = start(args, 4, 2, env)
     histories = lambda d: sorted((d / "runs").glob("*/metrics.jsonl"))
     kill_when(procs, lambda: any(lines(p) >= 4 for p in histories(tmp / "four")))
     assert lines(tmp / "four" / "results.jsonl") == 0  # killed mid-sweep
     procs = start(args, 4, 2, env)
-    finish(procs)
+    errs = finish(procs)
+    mesh = "[mesh run×data×model 2×4×1 on 8 cpu device(s) in 4 processes; fsdp on"
+    assert f"train step (vmapped, up to 1 per call) {mesh}" in errs[0]
     four = {r["run_id"]: r for r in read_jsonl(tmp / "four" / "results.jsonl")[0]}
     assert sorted(four) == sorted(r["run_id"] for r in ref)
     for r in ref:
@@ -140,7 +144,8 @@ def test_train_on_2_processes_killed_and_rerun_equals_one_process(setup):
     assert lines(tmp / "train_two" / "metrics.jsonl") < STEPS // 2  # killed mid-run
     procs = start(args, 2, 4, env)
     errs = finish(procs)
-    assert "[mesh run×data×model 1×8×1 on 8 cpu device(s) in 2 processes; fsdp on" in errs[0]
+    mesh = "[mesh run×data×model 1×8×1 on 8 cpu device(s) in 2 processes; fsdp on"
+    assert f"train step (up to 2 per call) {mesh}" in errs[0]
     assert_close(T.read_metrics(tmp / "train_one"), T.read_metrics(tmp / "train_two"))
     meta = json.loads(next((tmp / "train_two" / "checkpoints" / str(STEPS)).glob("meta/*")).read_text())
     assert sorted(r[0] for r in meta["stream"]["rows"]) == list(range(8))  # every row's state

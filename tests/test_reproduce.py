@@ -98,6 +98,10 @@ def test_missing_sweeps_make_every_finding_inconclusive():
 def test_tiny_preset_end_to_end(tmp_path, capsys):
     work = tmp_path / "r"
     assert main(["reproduce", "--preset=tiny", f"--workdir={work}", "--no-progress"]) == 0
+    # ε is a traced hyperparameter: both values of the ε sweep share one program
+    assert "sweep eps: 4 runs, 0 already finished; 4 to train in 4 chunk(s), 1 compiled program(s)" in (
+        capsys.readouterr().err
+    )
     report = (work / "paper_report.md").read_text()
     saved = json.loads((work / "paper_report.json").read_text())
     # the verdicts in the report are the rules applied to the runs on disk

@@ -44,14 +44,13 @@ def batches(cfg, n: int = STEPS) -> list[dict[str, np.ndarray]]:
 
 
 def reference(cfg) -> list[dict]:
-    """Per-step metrics of the unsharded run on one device."""
-    one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fsdp=False, tensor_parallel=1))
-    fns = S.shard_train_fns(one, S.make_mesh(one, devices=jax.devices()[:1]))
-    state, hp, out = fns.init(np.int32(cfg.train.seed)), T.hyperparams(cfg), []
-    for b in batches(cfg):
-        state, m = fns.step(state, hp, b)
-        out.append(jax.device_get(m))
-    return out
+    """Per-step metrics of the unsharded run on one device (``cfg`` without tensor parallelism:
+    on one device FSDP shards nothing, and its program is the one a restore onto one device
+    uses)."""
+    one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tensor_parallel=1))
+    mesh = S.make_mesh(one, devices=jax.devices()[:1])
+    state = S.shard_train_fns(one, mesh).init(np.int32(cfg.train.seed))
+    return _run_sharded(one, mesh, state, T.hyperparams(cfg), batches(cfg))[1]
 
 
 def assert_same(got: list[dict], want: list[dict], what: str) -> None:
@@ -145,9 +144,10 @@ def _child(args: list[str], n_devices: int, out, err) -> subprocess.Popen:
 
 
 def command_files(tmp: Path) -> tuple[str, str]:
-    """A config file (fsdp on, batch 8, 10 steps, 5 per call) and a sweep file of 3 LRs (on 8
-    devices: 3 runs padded to 4 on a run 2 × data 4 mesh)."""
-    cfg = small(fsdp=True, steps=10, log_every=5, eval_every=10, checkpoint_every=10)
+    """A config file (fsdp on, batch 8, 10 steps, one per call: the program compiles in half the
+    time of a loop of updates, which test_multihost covers on 8 sharded devices) and a sweep
+    file of 3 LRs (on 8 devices: 3 runs padded to 4 on a run 2 × data 4 mesh)."""
+    cfg = small(fsdp=True, steps=10, log_every=5, eval_every=10, checkpoint_every=10, steps_per_call=1)
     config_py = write_config_file(tmp / "config.py", cfg)
     sweep_py = tmp / "sweep.py"
     sweep_py.write_text(
@@ -192,10 +192,10 @@ def test_eight_devices_fsdp_tensor_parallel_runs_checkpoints_and_memory(tmp_path
     print(out)  # per-device memory numbers of w4096 (pytest -s shows them)
     assert "w4096 step memory per device" in out
     # Each program compiled once (the memory check reuses the call it runs), naming its mesh.
-    assert one_err.count("compiled train step (up to 5 per call) [mesh run×data×model 1×1×1") == 1
+    assert one_err.count("compiled train step (up to 1 per call) [mesh run×data×model 1×1×1") == 1
     assert "3 run(s), run×data×model mesh 2×4×1" in err  # runs 2 ways (one padded), batch 4 ways
-    assert "train step (vmapped, up to 5 per call) [mesh run×data×model 2×4×1 on 8 cpu" in err
-    assert "compiled train step (up to 5 per call) [mesh run×data×model 1×8×1" in err
+    assert "train step (vmapped, up to 1 per call) [mesh run×data×model 2×4×1 on 8 cpu" in err
+    assert "compiled train step (up to 1 per call) [mesh run×data×model 1×8×1" in err
     # stability train with fsdp on 8 devices, and a vmapped sweep on run 2 × fsdp 4: the
     # records of the single-device commands.
     metrics = lambda d: read_jsonl(d / "metrics.jsonl")[0]
@@ -246,6 +246,18 @@ def _run_sharded(cfg, mesh, state, hp, bs, start=0, runs=None):
     return state, out
 
 
+def assert_bytes_split(state, n: int, what: str) -> None:
+    """Each of the ``n`` devices holds 1/n (±10%) of the parameters + optimizer state
+    (embeddings and norm scales included), measured from the arrays' shards."""
+    tree = (state.params, state.opt_state)
+    total = sum(x.nbytes for x in jax.tree.leaves(tree))
+    per = S.per_device_bytes(tree)
+    assert len(per) == n, (what, per)
+    for dev, b in per.items():
+        assert abs(b / (total / n) - 1) < 0.1, (what, dev, b, total)
+    print(f"{what}: {max(per.values())} of {total} bytes per device", flush=True)
+
+
 def eight_devices(tmp: Path) -> None:
     from stability.checkpoint import Checkpointer
 
@@ -261,6 +273,7 @@ def eight_devices(tmp: Path) -> None:
     assert tuple(mesh.shape.values()) == (1, 4, 2), mesh.shape
     fns = S.shard_train_fns(cfg, mesh)
     state, hp, bs = fns.init(np.int32(0)), T.hyperparams(cfg), batches(cfg)
+    assert_bytes_split(state, 8, "fsdp 4 × model 2")
     state, got = _run_sharded(cfg, mesh, state, hp, bs[:10])
     with tempfile.TemporaryDirectory() as ckpt_dir:
         ckpt = Checkpointer(Path(ckpt_dir), 2)
@@ -274,24 +287,11 @@ def eight_devices(tmp: Path) -> None:
             like = S.shard_train_fns(fsdp_only, small_mesh).abstract_state
             restored, _ = ckpt.restore(10, like)
             assert {d for x in jax.tree.leaves(restored) for d in x.devices()} == set(devs[:n])
+            assert_bytes_split(restored, n, f"restored on fsdp {n}")
             _, cont = _run_sharded(fsdp_only, small_mesh, restored, hp, bs, start=10)
             assert_same(cont, want[10:], f"restored on {n} device(s)")
         ckpt.close()
     print(f"mesh (1, 4, 2): {STEPS} steps equal to one device, restored on fsdp 2 and 1 device", flush=True)
-
-    # Bytes held per device: 1/8 of parameters + optimizer state (embeddings and LN vectors
-    # included), on fsdp 8 and on fsdp 4 × model 2.
-    for train in ({"fsdp": True}, {"fsdp": True, "tensor_parallel": 2}):
-        cfg = tiny_config(model={"d_model": 256, "n_heads": 4, "vocab_size": 256},
-                          data={"batch_size": 8}, train=train)
-        state = S.shard_train_fns(cfg, S.make_mesh(cfg)).init(np.int32(0))
-        tree = (state.params, state.opt_state)
-        total = sum(x.nbytes for x in jax.tree.leaves(tree))
-        per = S.per_device_bytes(tree)
-        assert len(per) == 8
-        for dev, b in per.items():
-            assert abs(b / (total / 8) - 1) < 0.1, (train, dev, b, total)
-        print(f"{train}: {max(per.values())} of {total} bytes per device", flush=True)
 
     # XLA's memory numbers for the paper's w4096 at 256 × 512, bf16, fsdp 8, remat block:
     # compile only; the arguments per device are 1/8 of the state (FSDP is in the program).

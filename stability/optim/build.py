@@ -1,11 +1,12 @@
 """OptimConfig → an optax transformation whose scalars are injectable per run.
 
 Hyperparameters injected by ``optax.inject_hyperparams`` are set by the train step at every
-update (so the schedule, the peak LR and λ can be traced, per-run values):
+update (so the schedule, the peak LR, λ and ε can be traced, per-run values):
 
   learning_rate       η_t, this update's LR (from ``schedules.learning_rate``)
   weight_decay        λ
   peak_learning_rate  η_max, for the independent-decay factor s_t = η_t/η_max
+  eps                 ε of adamw and spam (unused by the other optimizers)
 
 Every optimizer is the chain: global-norm clip of g → direction Δ (``optim.name``) → μParam
 LR multiplier m (per leaf; 1 for "standard") → decay and LR:
@@ -103,15 +104,16 @@ def scale_by_mup(base_d_model: int, d_model: int) -> optax.GradientTransformatio
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def direction(cfg: OptimConfig) -> optax.GradientTransformation:
-    """The optimizer's update direction Δ, before μParam, LR and decay (module docstring)."""
+def direction(cfg: OptimConfig, eps: float | jax.Array) -> optax.GradientTransformation:
+    """The optimizer's update direction Δ, before μParam, LR and decay (module docstring);
+    ``eps`` is ε of adamw and spam (``cfg.eps``, or its traced per-run value)."""
     if cfg.name == "adamw":
-        return optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+        return optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=eps)
     if cfg.name == "spam":
         return scale_by_spam(
             b1=cfg.b1,
             b2=cfg.b2,
-            eps=cfg.eps,
+            eps=eps,
             threshold=cfg.spam_threshold,
             reset_interval=cfg.spam_reset_interval,
             reset_warmup_steps=cfg.spam_reset_warmup,
@@ -147,11 +149,11 @@ def make_optimizer(cfg: OptimConfig, *, d_model: int | None = None) -> optax.Gra
             "call make_optimizer(cfg.optim, d_model=cfg.model.d_model)"
         )
 
-    def factory(learning_rate, weight_decay, peak_learning_rate):
+    def factory(learning_rate, weight_decay, peak_learning_rate, eps):
         parts = []
         if cfg.grad_clip > 0:
             parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-        parts.append(direction(cfg))
+        parts.append(direction(cfg, eps))
         if mup:
             parts.append(scale_by_mup(cfg.mup_base_d_model, d_model))
         if cfg.weight_decay_mode == "coupled" and cfg.name == "spam":
@@ -168,7 +170,7 @@ def make_optimizer(cfg: OptimConfig, *, d_model: int | None = None) -> optax.Gra
         return optax.chain(*parts)
 
     return optax.inject_hyperparams(factory)(
-        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, peak_learning_rate=cfg.lr
+        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, peak_learning_rate=cfg.lr, eps=cfg.eps
     )
 
 
@@ -178,10 +180,10 @@ def optimizer_metrics(cfg: OptimConfig, opt_state, grads) -> dict[str, jax.Array
     adamw, spam: ``grad/rms_over_eps/{path}``, each gradient's RMS over ε (Wortsman et al.
     §3.4: the update collapses as it nears 1). spam: also ``spam/clipped_fraction`` (fraction
     of entries clipped as spikes at the last update) and ``spam/steps_since_reset`` (updates
-    since the last momentum reset, 0 on a reset)."""
+    since the last momentum reset, 0 on a reset). ε is the state's (per run, traced)."""
     out = {}
     if cfg.name in ADAM_FAMILY:
-        out.update(rms_by_path("grad/rms_over_eps", grads, 1.0 / cfg.eps))
+        out.update(rms_by_path("grad/rms_over_eps", grads, 1.0 / opt_state.hyperparams["eps"]))
     if cfg.name == "spam":
         out.update(spam_diagnostics(opt_state))
     return out
