@@ -8,12 +8,13 @@ import tempfile
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-# Tiny test models: compile time dominates, and XLA's -O0 cuts it ~3x (inherited by the
-# subprocesses the tests start, so resumed and uninterrupted runs use the same code).
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    ).strip()
+# Tiny test models: compile time dominates. XLA's -O0 cuts it ~3x, and XLA:CPU's older
+# (non-MLIR) fusion emitters halve what is left: a tiny model's train step compiles in 2.3 s
+# instead of 4.8 s. Inherited by the subprocesses the tests start, so resumed and
+# uninterrupted runs use the same code.
+for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+    if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 os.environ.setdefault("WANDB_SILENT", "true")
 # One persistent compilation cache for the whole session, shared with the subprocesses the tests
 # start: the same tiny programs are compiled by dozens of tests and runs. Never the user's cache;

@@ -199,9 +199,24 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_records(tmp_path):
         assert strip(a) == strip(b)
 
 
+def assert_records_close(a: list[dict], b: list[dict], rtol: float = 1e-6) -> None:
+    """The same records: equal keys and non-float values, floats to ``rtol``."""
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for k, v in ra.items():
+            if isinstance(v, float):
+                np.testing.assert_allclose(rb[k], v, rtol=rtol, atol=0, err_msg=k)
+            else:
+                assert rb[k] == v, k
+
+
 def test_many_steps_per_call_equal_one_with_a_run_dying_mid_call(tmp_path):
-    """K updates per device call give K=1's histories, results and checkpoints exactly, with a
-    run that diverges inside a call, and after resuming from a mid-sweep checkpoint."""
+    """K updates per device call give K=1's histories and results, with a run that diverges
+    inside a call, and after resuming from a mid-sweep checkpoint: the same logged steps, the
+    same diverged_step, floats to rtol 1e-6. (Under XLA:CPU's default fusion emitters they are
+    bitwise equal; under the older emitters the test suite compiles with (tests/conftest.py),
+    the vmapped K-update program rounds some metrics of its last update differently, at most
+    4e-7 apart.)"""
     train = {"steps": 24, "log_every": 8, "eval_every": 12, "checkpoint_every": 12,
              "divergence_loss": 5.6}
     sweep_py = tmp_path / "sweep.py"
@@ -225,8 +240,8 @@ def test_many_steps_per_call_equal_one_with_a_run_dying_mid_call(tmp_path):
     assert dead["diverged_step"] % 8 and dead["diverged_step"] < 24  # inside a call
     drop = ("wall_seconds", "config", "run_id")
     for (rid_a, a), (rid_b, b) in zip(sorted(one.items()), sorted(many.items()), strict=True):
-        assert {k: v for k, v in a.items() if k not in drop} == {
-            k: v for k, v in b.items() if k not in drop}
+        assert_records_close([{k: v for k, v in a.items() if k not in drop}],
+                             [{k: v for k, v in b.items() if k not in drop}])
         hist = lambda d, rid: [{k: v for k, v in r.items() if not k.startswith("perf/")}
                                for r in read_jsonl(d / "runs" / rid / "metrics.jsonl")[0]]
-        assert hist(workdirs[1], rid_a) == hist(workdirs[0], rid_b)  # bitwise
+        assert_records_close(hist(workdirs[1], rid_a), hist(workdirs[0], rid_b))
