@@ -261,7 +261,6 @@ def _start_jax(args) -> None:
 def _sweep(args, overrides) -> int:
     import jax
 
-    from stability import plots
     from stability.sweep import run_sweep
 
     _start_jax(args)
@@ -281,6 +280,8 @@ def _sweep(args, overrides) -> int:
         return 0
     if jax.process_index() != 0:
         return 0
+    from stability import plots  # matplotlib: only the process that reports imports it
+
     print(plots.summary_table(records))
     print(
         f"\nreport: {Path(args.workdir) / 'report.md'}; figures: "

@@ -188,14 +188,6 @@ def chunks_of(runs: list[Run], strategy: str, max_runs: int) -> list[list[Run]]:
 # Executing one chunk.
 
 
-def _fetch(tree) -> Any:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
-
-
 class ChunkRunner:
     """Trains the runs of one chunk (same static config) as one vmapped program."""
 
@@ -250,16 +242,16 @@ class ChunkRunner:
             )
             for k in hp_list[0]
         }
-        state = fns.init(seeds)
-        init_loss = _fetch(fns.evaluate(state, eval_batches))
-
         ckpt = Checkpointer(self.chunk_dir / "checkpoints", t.max_to_keep)
         start = 0
         restored = ckpt.restore_latest(fns.abstract_state)  # onto this chunk's mesh
-        if restored is not None:
+        if restored is not None:  # a resume neither compiles nor runs init
             start, state, meta = restored
             train_feed.stream.restore(meta["stream"])
             init_loss = np.asarray(meta["loss_at_init"])
+        else:
+            state = fns.init(seeds)
+            init_loss = S.to_host(fns.evaluate(state, eval_batches))
         is_main = jax.process_index() == 0
         trackers = []
         for r in self.runs:
@@ -341,7 +333,7 @@ class ChunkRunner:
         repl = NamedSharding(self.mesh, P())
         last_records: dict[int, dict] = {}
         # Runs dead at a resumed checkpoint logged their last record before it was written.
-        logged_dead = {i for i, a in enumerate(_fetch(state.alive)[: self.k]) if not a}
+        logged_dead = {i for i, a in enumerate(S.to_host(state.alive)[: self.k]) if not a}
 
         def log(i: int, step: int, host: dict, tokens_per_sec: float) -> None:
             rec = {
@@ -367,21 +359,22 @@ class ChunkRunner:
                 state, out = fns.call(state, hp, batches, S.from_host(np.int32(n), repl))
                 if is_eval(end):
                     out["eval/loss"] = fns.evaluate(state, eval_batches)
-                alive = _fetch(out["alive"])[: self.k]  # the host waits here, once per call
+                alive = S.to_host(out["alive"])[: self.k]  # the host waits here, once per call
                 now = time.time()
                 tps = tokens_per_step * n / max(now - last_time, 1e-9)
                 span_tps = tokens_per_step * (end - span_step) / max(now - span_time, 1e-9)
                 last_time = now
-                host_out = _fetch(out) if is_log(end) or not alive.all() else None
+                host_out = S.to_host(out) if is_log(end) or not alive.all() else None
                 newly_dead = [i for i in range(self.k) if not alive[i] and i not in logged_dead]
                 if newly_dead:
-                    died = _fetch(state.diverged_step)
+                    died = S.to_host(state.diverged_step)
                     for d in sorted({int(died[i]) for i in newly_dead}):
                         replay = host_out
                         if d != end:  # the failing update again, on the frozen states
                             copy = jax.tree.map(jnp.copy, state)
                             one = train_feed.single(host, n - (end - d) - 1)
-                            replay = _fetch(fns.call(copy, hp, one, S.from_host(np.int32(1), repl))[1])
+                            n_one = S.from_host(np.int32(1), repl)
+                            replay = S.to_host(fns.call(copy, hp, one, n_one)[1])
                         for i in newly_dead:
                             if died[i] == d:
                                 log(i, d, replay, span_tps)
