@@ -359,12 +359,17 @@ class ChunkRunner:
                 state, out = fns.call(state, hp, batches, S.from_host(np.int32(n), repl))
                 if is_eval(end):
                     out["eval/loss"] = fns.evaluate(state, eval_batches)
-                alive = S.to_host(out["alive"])[: self.k]  # the host waits here, once per call
+                out["alive"].block_until_ready()  # the host waits here, once per call
                 now = time.time()
                 tps = tokens_per_step * n / max(now - last_time, 1e-9)
                 span_tps = tokens_per_step * (end - span_step) / max(now - span_time, 1e-9)
                 last_time = now
-                host_out = S.to_host(out) if is_log(end) or not alive.all() else None
+                # One gather per call: every metric on logged steps, else `alive` (and every
+                # metric only if a run died).
+                host_out = S.to_host(out) if is_log(end) else None
+                alive = (host_out or S.to_host({"alive": out["alive"]}))["alive"][: self.k]
+                if host_out is None and not alive.all():
+                    host_out = S.to_host(out)
                 newly_dead = [i for i in range(self.k) if not alive[i] and i not in logged_dead]
                 if newly_dead:
                     died = S.to_host(state.diverged_step)

@@ -5,6 +5,7 @@ import shutil
 import socket
 import tempfile
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -57,6 +58,20 @@ def write_config_file(path, cfg: Config) -> str:
         "    return ml_collections.ConfigDict(D)\n"
     )
     return str(path)
+
+
+def assert_records_close(a: list[dict], b: list[dict], rtol: float = 1e-6, atol: float = 0.0,
+                         rtol_for: dict[str, float] | None = None) -> None:
+    """The same metric records: equal keys and non-float values, floats to ``rtol`` (``atol``);
+    ``rtol_for`` maps a key prefix to its own rtol."""
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for k, v in ra.items():
+            if isinstance(v, float):
+                tol = next((t for p, t in (rtol_for or {}).items() if k.startswith(p)), rtol)
+                np.testing.assert_allclose(rb[k], v, rtol=tol, atol=atol, err_msg=k)
+            else:
+                assert rb[k] == v, k
 
 
 def free_port() -> int:

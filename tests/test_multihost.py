@@ -4,9 +4,10 @@ result, equals a single-process run's; SIGKILL of every process then a rerun los
 
 Both use FSDP. Sweep: 4 processes x 2 devices (a 2x4 run x data mesh: each process feeds 4 of
 the 8 batch rows, for one of the two runs), one update per device call (its program compiles in
-half the time; every process compiles it, twice). Train: 2 processes x 4 devices (parameters and
-batch split over all 8 devices, each process feeding 4 rows), two updates per call. The
-children share the test session's persistent compilation cache."""
+half the time; every process compiles it, and on the rerun all but process 0 again). Train: 2
+processes x 4 devices (parameters and batch split over all 8 devices, each process feeding 4
+rows), two updates per call. The children share the test session's persistent compilation
+cache."""
 
 import json
 import os
@@ -21,7 +22,7 @@ import pytest
 from data import train_sentencepiece
 from data.test_tfds import EVAL_DOCS, TRAIN_DOCS, StabilityTestText
 
-from conftest import free_port, tiny_config, write_config_file
+from conftest import assert_records_close, free_port, tiny_config, write_config_file
 from stability import train as T
 from stability.config import DataConfig
 from stability.sweep import run_sweep
@@ -99,15 +100,7 @@ def assert_close(a: list[dict], b: list[dict]) -> None:
     a sum in another order, and ``grad/rms_over_eps`` divides its rounding by ε = 1e-8 (a
     norm scale's came out 1.3e-5 apart), so those get rtol 1e-4."""
     strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs]
-    a, b = strip(a), strip(b)
-    assert [sorted(r) for r in a] == [sorted(r) for r in b]
-    for ra, rb in zip(a, b, strict=True):
-        for k, v in ra.items():
-            if isinstance(v, float):
-                rtol = 1e-4 if k.startswith("grad/") else 1e-5
-                np.testing.assert_allclose(rb[k], v, rtol=rtol, atol=1e-6, err_msg=k)
-            else:
-                assert rb[k] == v, k
+    assert_records_close(strip(a), strip(b), rtol=1e-5, atol=1e-6, rtol_for={"grad/": 1e-4})
 
 
 def test_sweep_on_4_processes_killed_and_rerun_equals_one_process(setup):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config, write_config_file
+from conftest import assert_records_close, tiny_config, write_config_file
 from stability import plots
 from stability import train as T
 from stability.cli import main
@@ -28,8 +28,8 @@ LRS = (1e-3, 1e-2, 1e-1)
 def write_files(tmp_path: Path, lrs=LRS, steps=12, qk_norm=(False,), steps_per_call=0) -> tuple[str, str]:
     """A tiny base config file and a sweep file (qk_norm × lrs) in tmp_path. One qk_norm value
     (the default) means one program, and the same one for every test that keeps ``steps``: the
-    session's compilation cache compiles it once. ``steps_per_call=1`` compiles in about half
-    the time (one update per call: no loop beside the update that returns metrics)."""
+    session's compilation cache compiles it once. ``steps_per_call=1`` (the notebook's test)
+    compiles in about half the time (no loop beside the update that returns metrics)."""
     cfg = tiny_config(train={"steps": steps, "log_every": 4, "eval_every": 6, "checkpoint_every": 4,
                              "steps_per_call": steps_per_call})
     config_py = write_config_file(tmp_path / "tiny_config.py", cfg)
@@ -197,17 +197,6 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_records(tmp_path):
         b = [json.loads(x) for x in (tmp_path / "killed" / "runs" / rid / "metrics.jsonl").open()]
         strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs]
         assert strip(a) == strip(b)
-
-
-def assert_records_close(a: list[dict], b: list[dict], rtol: float = 1e-6) -> None:
-    """The same records: equal keys and non-float values, floats to ``rtol``."""
-    assert [sorted(r) for r in a] == [sorted(r) for r in b]
-    for ra, rb in zip(a, b, strict=True):
-        for k, v in ra.items():
-            if isinstance(v, float):
-                np.testing.assert_allclose(rb[k], v, rtol=rtol, atol=0, err_msg=k)
-            else:
-                assert rb[k] == v, k
 
 
 def test_many_steps_per_call_equal_one_with_a_run_dying_mid_call(tmp_path):
