@@ -1,7 +1,7 @@
 """Sweep speed: steady tokens/s per strategy and updates per call K; cold and cached start.
 
     python benchmarks/sweep.py [--sizes 32,64,128,256] [--ks 1,10,100] [--steps 200]
-        [--start-sizes 32,128] [--out benchmarks/results/sweep_cpu.json]
+        [--start-sizes 32,128] [--log-sizes 32,128] [--out benchmarks/results/sweep_cpu.json]
 
 Every sweep is the paper's 7-point LR grid (d ∈ sizes, 2 layers, d/32 heads, T=64, B=16,
 stdlib bytes), run as one vmapped program or sequentially (one program, run after run).
@@ -10,6 +10,11 @@ stdlib bytes), run as one vmapped program or sequentially (one program, run afte
 ``perf/tokens_per_sec`` of each run's last record (logged every 100 steps, so it spans the
 last 100 updates, compiled), summed over the runs of one program (vmap) or averaged over runs
 trained one after another (sequential).
+
+*Logging cost*: the same steady tokens/s of a vmapped 7-run program at K=100 with a record
+every 10 steps (the metrics of 10 updates per call come back from it, and the host writes
+70 records per call while the next call runs) and with one record per run at the end
+(``log_every=steps``), over ``--log-steps`` steps; their ratio.
 
 *Start*: a fresh ``stability sweep`` process with an empty persistent compilation cache
 (*cold*), then a second process with that cache (*cached*): the seconds each spends compiling
@@ -32,15 +37,15 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import jax  # noqa: E402
 
 from stability.sweep import run_sweep  # noqa: E402
-from stability.tracking import read_jsonl  # noqa: E402
+from stability.workdir import read_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 LOG_EVERY = 100
 
 
-def sweep_file(tmp: Path, d: int, steps: int, k: int) -> Path:
-    path = tmp / f"bench_d{d}_k{k}_s{steps}.py"
+def sweep_file(tmp: Path, d: int, steps: int, k: int, log_every: int = LOG_EVERY) -> Path:
+    path = tmp / f"bench_d{d}_k{k}_s{steps}_l{log_every}.py"
     common = {
         "data.source": "stdlib",
         "model.d_model": d,
@@ -50,7 +55,7 @@ def sweep_file(tmp: Path, d: int, steps: int, k: int) -> Path:
         "optim.warmup_steps": steps // 10,
         "train.eval_every": steps,
         "train.checkpoint_every": steps,
-        "train.log_every": min(LOG_EVERY, steps),
+        "train.log_every": min(log_every, steps),
         "train.eval_batches": 2,
         "train.steps_per_call": k,
     }
@@ -100,6 +105,8 @@ def main():
     p.add_argument("--steps", type=int, default=2 * LOG_EVERY)
     p.add_argument("--start-sizes", default="32,128")
     p.add_argument("--strategies", default="vmap,sequential")
+    p.add_argument("--log-sizes", default="32,128", help="sizes of the logging-cost rows")
+    p.add_argument("--log-steps", type=int, default=300)
     p.add_argument("--out", default="benchmarks/results/sweep_cpu.json")
     a = p.parse_args()
     strategies = a.strategies.split(",")
@@ -124,6 +131,26 @@ def main():
                     row[f"{strategy}_steady_tok_s"] = steady_tokens_per_sec(workdir, strategy)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        logging = []
+        for d in (int(x) for x in a.log_sizes.split(",") if x):
+            row = {"d_model": d, "steps_per_call": 100, "runs": len(LRS), "steps": a.log_steps}
+            for log_every in (10, a.log_steps):
+                spec = sweep_file(tmp, d, a.log_steps, 100, log_every)
+                workdir = tmp / f"log{log_every}_d{d}"
+                run_sweep(
+                    str(spec),
+                    workdir,
+                    strategy="vmap",
+                    progress=False,
+                    report=False,
+                    max_runs_per_program=len(LRS),
+                )
+                row[f"log_every_{'steps' if log_every == a.log_steps else log_every}_tok_s"] = (
+                    steady_tokens_per_sec(workdir, "vmap")
+                )
+            row["ratio"] = row["log_every_10_tok_s"] / row["log_every_steps_tok_s"]
+            logging.append(row)
+            print(json.dumps(row), flush=True)
         starts = []
         for d in (int(x) for x in a.start_sizes.split(",") if x):
             spec = sweep_file(tmp, d, 2, 0)
@@ -138,6 +165,7 @@ def main():
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0]),
         "steady": rows,
+        "logging_cost": logging,
         "start": starts,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +176,13 @@ def main():
     for r in rows:
         cols = " | ".join(f"{r[f'{s}_steady_tok_s']:.0f}" for s in strategies)
         print(f"| {r['d_model']} | {r['steps_per_call']} | {cols} |")
+    print("\n| d_model | K | tok/s, log_every=10 | tok/s, log_every=steps | ratio |")
+    print("|---|---|---|---|---|")
+    for r in logging:
+        print(
+            f"| {r['d_model']} | 100 | {r['log_every_10_tok_s']:.0f} | "
+            f"{r['log_every_steps_tok_s']:.0f} | {r['ratio']:.3f} |"
+        )
     print("\n| d_model | strategy | cold compile s (wall s) | cached s (wall s) | cached/cold |")
     print("|---|---|---|---|---|")
     for r in starts:

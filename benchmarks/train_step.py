@@ -7,7 +7,7 @@ weighted sum, forward and backward), as in the PaLM/Chinchilla accounting.
 
     python benchmarks/train_step.py [--steps 20] [--out benchmarks/results/train_step.json]
 
-``--mesh SPEC ...`` instead times the sharded step (``stability.sharding.shard_train_fns``) on
+``--mesh SPEC ...`` instead times the sharded step (``stability.programs.build``) on
 each mesh, same global batch: SPEC is ``1`` (one device), ``dpN`` (N devices, batch split,
 state replicated), ``fsdpN`` (batch and state split over N), ``tpM`` (M-way tensor parallel),
 ``fsdpNxtpM`` (both, N·M devices). On a CPU host the devices are simulated (``--cpu-devices``,
@@ -17,7 +17,7 @@ default 8) and share the host's cores, so this measures sharding overhead, not s
 
 ``--memory SIZE`` compiles (never runs) the train step of the paper's setting at a width-family
 size (vocab 32,128, batch 256 × 512, bf16 compute) on every device (``--cpu-devices`` on a CPU
-host) and prints XLA's per-device memory (``sharding.step_memory``); ``--fsdp``, ``--remat``,
+host) and prints XLA's per-device memory (``programs.step_memory``); ``--fsdp``, ``--remat``,
 ``--tp`` choose the sharding.
 
     python benchmarks/train_step.py --memory w4096 --fsdp --remat block --cpu-devices 8
@@ -41,8 +41,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stability import train as T  # noqa: E402
+from stability import step as St  # noqa: E402
 from stability.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from stability.programs import one_device  # noqa: E402
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
@@ -70,6 +71,7 @@ def parse_mesh(spec: str) -> tuple[int, bool, int]:
 
 def bench_meshes(a, cfg: Config) -> None:
     """Step time of the sharded train step on each --mesh, same config and global batch."""
+    from stability import programs as P
     from stability import sharding as S
 
     rng = np.random.default_rng(0)
@@ -84,9 +86,9 @@ def bench_meshes(a, cfg: Config) -> None:
             cfg, train=dataclasses.replace(cfg.train, fsdp=fsdp, tensor_parallel=tp)
         )
         mesh = S.make_mesh(c, devices=jax.devices()[:n])
-        fns = S.shard_train_fns(c, mesh)
+        fns = P.build(c, mesh)
         state = fns.init(np.int32(0))
-        hp = jax.device_put(T.hyperparams(c), fns.hp)
+        hp = jax.device_put(St.hyperparams(c), fns.hp)
         bs = [jax.device_put(b, fns.batch) for b in batches]
         t0 = time.perf_counter()
         state, out = fns.step(state, hp, bs[0])  # compile
@@ -127,6 +129,7 @@ def bench_meshes(a, cfg: Config) -> None:
 
 def memory(a) -> None:
     """XLA's per-device memory of the paper-setting train step at size ``a.memory``."""
+    from stability import programs as P
     from stability import sharding as S
     from stability.config import size_preset
 
@@ -136,7 +139,7 @@ def memory(a) -> None:
         train=TrainConfig(steps=10_000, fsdp=a.fsdp, remat=a.remat, tensor_parallel=a.tp),
     )
     t0 = time.perf_counter()
-    report = S.step_memory(cfg, S.make_mesh(cfg))
+    report = P.step_memory(cfg, S.make_mesh(cfg))
     print(f"{a.memory}: {report.line()}; compiled in {time.perf_counter() - t0:.0f} s")
 
 
@@ -169,9 +172,8 @@ def main():
     )
     if a.mesh:
         return bench_meshes(a, cfg)
-    _, _, init, step, _ = T.compiled_fns(T.static_config(cfg))
-    state = init(0)
-    hp = T.hyperparams(cfg)
+    progs = one_device(cfg)
+    step, state, hp = progs.step, progs.init(np.int32(0)), St.hyperparams(cfg)
     rng = np.random.default_rng(0)
     batches = [{"tokens": rng.integers(0, a.vocab, (a.batch, a.seq + 1), dtype=np.int32)} for _ in range(4)]
     state, out = step(state, hp, batches[0])  # compile

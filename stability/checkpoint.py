@@ -1,7 +1,9 @@
-"""orbax checkpoints of the full train state plus a JSON sidecar (data position, status).
+"""orbax checkpoints of the full train state plus a JSON sidecar (data position, format).
 
 The state is restored onto an abstract target (shapes, dtypes, shardings) built from a fresh
-initialisation, so a run can resume onto another device layout.
+initialisation, so a run can resume onto another device layout. The target may depend on the
+sidecar (a checkpoint's format, ``loop.py``): it is read first. Saving is asynchronous: orbax
+copies the state off the device, then writes it in the background while training goes on.
 """
 
 from __future__ import annotations
@@ -9,12 +11,15 @@ from __future__ import annotations
 import sys
 import time
 import warnings
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
+
+from stability import workdir as W
+from stability.config import ConfigError
 
 
 class CheckpointError(RuntimeError):
@@ -22,10 +27,11 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, max_to_keep: int, keep_steps: list[int] = ()):
+    def __init__(self, directory: W.PathLike, max_to_keep: int, keep_steps: list[int] = ()):
         """Keeps the newest ``max_to_keep`` checkpoints plus every step in ``keep_steps``
         (e.g. the decayed checkpoints of WSD-S cycles)."""
-        self.directory = Path(directory).absolute()
+        directory = W.path(directory)
+        self.directory = directory if W.is_remote(directory) else directory.absolute()
         policy = cm.LatestN(max_to_keep)
         if keep_steps:
             policy = cm.AnyPreservationPolicy([policy, cm.CustomSteps(sorted(keep_steps))])
@@ -53,19 +59,23 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
-        """Restore ``step`` onto the structure/shardings of ``like`` (a concrete or abstract state)."""
+    def meta(self, step: int) -> dict:
+        """The JSON sidecar of ``step``."""
+        out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out.meta)
+
+    def restore(self, step: int, like: Any) -> Any:
+        """The state of ``step`` on the structure/shardings of ``like`` (concrete or abstract)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         out = self._mgr.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-            ),
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )
-        return out.state, dict(out.meta)
+        return out.state
 
-    def restore_latest(self, like: Any) -> tuple[int, Any, dict] | None:
+    def restore_latest(self, like: Callable[[dict], Any]) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest readable checkpoint, or None if there is none.
+        ``like(meta)``: the target to restore onto (it may raise ConfigError to refuse a
+        format, which is never taken for an unreadable checkpoint).
 
         An unreadable checkpoint (truncated or deleted files) is skipped with a warning naming
         it, and moved aside to ``<directory>.unreadable/`` (kept for inspection) so that the
@@ -77,7 +87,11 @@ class Checkpointer:
         unreadable = []
         for step in reversed(steps):
             try:
-                state, meta = self.restore(step, like)
+                meta = self.meta(step)
+                target = like(meta)
+                state = self.restore(step, target)
+            except ConfigError:
+                raise
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
                 warnings.warn(
                     f"checkpoint {self.directory / str(step)} is unreadable "

@@ -205,20 +205,20 @@ def _train(args, overrides) -> int:
 
     cfg = build_config(args.config, overrides)
     if args.check:
-        from stability import sharding as S
+        from stability import loop, programs
+        from stability import workdir as W
         from stability.data import make_source
-        from stability.train import check_workdir, describe_run, plan_check
 
         _start_jax(args)
-        mesh, _ = plan_check(cfg)  # the quick estimate first: refuses absurd configs fast
         make_source(cfg.data, cfg.model.vocab_size)
-        workdir = Path(args.workdir)
-        if check_workdir(cfg, workdir, args.overwrite):
-            print(f"--overwrite would delete {workdir} ({describe_run(workdir)})")
-        elif (workdir / "config.json").exists():
-            print(f"{workdir} holds this run ({describe_run(workdir)}); it would resume")
+        workdir = W.path(args.workdir)
+        if W.check_run_dir(W.to_jsonable(cfg.to_dict()), workdir, args.overwrite):
+            print(f"--overwrite would delete {workdir} ({W.describe_run(workdir)})")
+        elif (workdir / W.CONFIG).exists():
+            print(f"{workdir} holds this run ({W.describe_run(workdir)}); it would resume")
         # XLA's numbers: the train call compiled (never run) on this mesh.
-        print(f"train call {S.check_step_memory(cfg, mesh).line()}")
+        report = programs.compile_call(cfg, loop.stack_programs(cfg, 1))
+        print(f"train call {programs.refuse_unless_fits(report, cfg).line()}")
         print("config OK")
         return 0
     _start_jax(args)
@@ -291,16 +291,17 @@ def _sweep(args, overrides) -> int:
 
 
 def _report(args) -> int:
-    from stability import plots
+    from stability import report
+    from stability import workdir as W
 
-    workdir = Path(args.workdir)
-    if plots.workdir_kind(workdir) is None:
+    workdir = W.path(args.workdir)
+    if W.kind(workdir) is None:
         raise ConfigError(
             f"{workdir}: neither a sweep workdir (results.jsonl, runs/) nor a run workdir "
             "(config.json, metrics.jsonl)"
         )
     try:
-        out = plots.write_report(workdir)
+        out = report.write_report(workdir)
     except FileNotFoundError as e:  # a sweep with no finished run yet
         raise ConfigError(str(e)) from e
     print(out.read_text())

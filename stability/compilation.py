@@ -20,6 +20,8 @@ from typing import Any
 
 import jax
 
+from stability import workdir as W
+
 ENV = "STABILITY_COMPILATION_CACHE"
 BARRIER_TIMEOUT_MS = 60 * 60 * 1000  # the slowest process's compile of one program
 _barriers = itertools.count()
@@ -48,7 +50,7 @@ def setup_compilation_cache(spec: str | None = None) -> str | None:
         return jax.config.jax_compilation_cache_dir
     if spec is None and jax.config.jax_compilation_cache_dir:
         return jax.config.jax_compilation_cache_dir  # JAX was given a cache directory already
-    path = Path(os.path.expanduser(spec)) if spec else default_cache_dir()
+    path = W.path(os.path.expanduser(spec) if spec else default_cache_dir())  # local or gs://
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     # Store every program: even the small eval program takes seconds to compile on a TPU pod.

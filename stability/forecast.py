@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from stability import workdir as W
 from stability.config import Config, ConfigError, ModelConfig, from_config_dict
 from stability.plots import lr_sensitivity, max_over_layers
-from stability.tracking import flatten, read_jsonl
+from stability.tracking import flatten
 
 LOGIT_KEY = "attn/max_logit"  # per layer: attn/max_logit/layer_i
 DEFAULT_PARAM = "blocks/0/attn/q/kernel"  # layer-0 query kernel (§3.4)
@@ -174,15 +175,15 @@ def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
     """Every run (finished or not) with a config.json under ``DIR/runs/*`` of each sweep
     workdir; ``setting`` names the config fields that vary besides size, LR and seeds."""
     runs = []
-    for d in map(Path, dirs):
-        if not (d / "runs").is_dir():
+    for d in map(W.path, dirs):
+        if not (d / W.RUNS).is_dir():
             raise ConfigError(f"{d}: no runs/ folder (not a sweep workdir)")
-        for run_dir in sorted(p for p in (d / "runs").iterdir() if (p / "config.json").exists()):
+        for run_dir in sorted(p for p in (d / W.RUNS).iterdir() if (p / W.CONFIG).exists()):
             try:
-                cfg = from_config_dict(json.loads((run_dir / "config.json").read_text()))
+                cfg = from_config_dict(W.run_config(run_dir))
             except (ConfigError, json.JSONDecodeError) as e:
-                raise ConfigError(f"{run_dir / 'config.json'}: {e}") from e
-            hist, _ = read_jsonl(run_dir / "metrics.jsonl")
+                raise ConfigError(f"{run_dir / W.CONFIG}: {e}") from e
+            hist, _ = W.metrics(run_dir)
             runs.append(Run(str(d), run_dir.name, cfg, non_embedding_params(cfg.model), hist))
     if not runs:
         raise ConfigError(f"no runs under {', '.join(map(str, dirs))}")
@@ -433,8 +434,8 @@ def forecast(
             f"--param={param!r}: no {grad_key} in the histories; valid: {', '.join(valid) or 'none (no Adam-family optimizer)'}"
         )
     records = []
-    for d in map(Path, dirs):
-        recs, _ = read_jsonl(d / "results.jsonl")
+    for d in map(W.path, dirs):
+        recs, _ = W.results(d)
         records += [{**r, "_workdir": str(d)} for r in recs if "run_id" in r]
     logit = _series(runs, step, LOGIT_KEY, True, target_params, threshold)
     grad = _series(runs, step, grad_key, False, target_params, None) if grad_key in keys else []
@@ -622,10 +623,10 @@ def write_forecast(fc: dict[str, Any], out: str | Path, command: str = "") -> Pa
     """forecast.md, forecast.png and forecast.json in ``out``; returns the markdown path."""
     from stability import plots
 
-    out = Path(out)
+    out = W.path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "forecast.json").write_text(json.dumps(fc, indent=1) + "\n")
+    W.write_text(out / "forecast.json", json.dumps(fc, indent=1) + "\n")
     plots.plot_forecast(fc, out / "forecast.png")
     md = out / "forecast.md"
-    md.write_text(to_markdown(fc, command))
+    W.write_text(md, to_markdown(fc, command))
     return md

@@ -17,20 +17,18 @@ at an LR when some diverged and others did not, or when their counted losses spa
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from stability.tracking import read_jsonl  # noqa: E402
+from stability import workdir as W  # noqa: E402
 
 SEED_TOLERANCE = 0.05  # nats: seeds whose counted final losses span more disagree
 
@@ -260,10 +258,6 @@ def plot_max_attn_logit(records: list[dict], path: Path | None = None, ax=None):
     return _save(fig, path)
 
 
-def history(workdir: Path, run_id: str) -> list[dict]:
-    return read_jsonl(Path(workdir) / "runs" / run_id / "metrics.jsonl")[0]
-
-
 def min_over_layers(rec: dict, name: str) -> float | None:
     vals = [v for k, v in rec.items() if k.startswith(f"{name}/layer_") and v is not None]
     return min(vals) if vals else None
@@ -275,18 +269,17 @@ def max_over_layers(rec: dict, name: str) -> float | None:
 
 
 def plot_entropy_over_training(
-    records: list[dict], workdir: Path, path: Path | None = None, n_lrs: int = 3, ax=None
+    records: list[dict], histories: dict[str, list[dict]], path=None, n_lrs: int = 3, ax=None
 ):
     """Min attention entropy (min over layers and heads) vs step, for up to ``n_lrs`` LRs per
-    setting (the largest ones: where collapse happens); the seeds of an LR share a colour."""
+    setting (the largest ones: where collapse happens); the seeds of an LR share a colour.
+    ``histories``: each run's metric records, by run_id."""
     fig, ax = _axes(ax)
     for setting, runs in by_setting(records).items():
         for p in lr_points(runs)[-n_lrs:]:
             color, n = None, len(p.runs)
             for r in p.runs:
-                hist = read_jsonl(
-                    r.get("metrics_path") or Path(workdir) / "runs" / r["run_id"] / "metrics.jsonl"
-                )[0]
+                hist = histories.get(r["run_id"], [])
                 pts = [(h["step"], min_over_layers(h, "attn/entropy_min")) for h in hist]
                 pts = [(s, v) for s, v in pts if v is not None]
                 if not pts:
@@ -320,129 +313,18 @@ def _legend(ax, fontsize: int = 7) -> None:
 
 def _save(fig, path):
     if path is not None:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        save_png(fig, path, bbox_inches="tight")
     return fig
 
 
-# ---------------------------------------------------------------------------------------
-# Workdirs and the report.
+def save_png(fig, path, dpi: int = 110, **kwargs) -> None:
+    """Write ``fig`` as PNG to ``path`` (local or gs://, through epath) and close it."""
+    import io
 
-
-def workdir_kind(workdir: str | Path) -> Literal["sweep", "run"] | None:
-    """ "sweep" (results.jsonl or runs/), "run" (a single run: config.json and metrics.jsonl),
-    or None."""
-    d = Path(workdir)
-    if (d / "results.jsonl").is_file() or (d / "runs").is_dir():
-        return "sweep"
-    if (d / "config.json").is_file() and (d / "metrics.jsonl").is_file():
-        return "run"
-    return None
-
-
-def run_record(run_dir: str | Path) -> tuple[dict, list[int]]:
-    """(result record, unreadable line numbers) of a single-run workdir (``stability train``),
-    from its config.json and metrics.jsonl. ``status``: finished (logged the last step with
-    its eval loss), diverged (last record has alive=False) or unfinished. Its setting is the
-    workdir's name; its loss at init is not recorded there (None)."""
-    run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    hist, bad = read_jsonl(run_dir / "metrics.jsonl")
-    last = hist[-1] if hist else {}
-    diverged = last.get("alive") is False
-    steps = (config.get("train") or {}).get("steps")
-    done = not diverged and last.get("step") == steps and last.get("eval/loss") is not None
-    status = "diverged" if diverged else "finished" if done else "unfinished"
-    rec = {
-        "run_id": run_dir.name,
-        "setting": run_dir.name,
-        "lr": float((config.get("optim") or {}).get("lr", math.nan)),
-        "seed": seed_of({"config": config}),
-        "status": status,
-        "final_loss": float(last["eval/loss"]) if done else None,
-        "loss_at_init": None,
-        "diverged": diverged,
-        "diverged_step": last.get("step") if diverged else None,
-        "max_attn_logit": max_over_layers(last, "attn/max_logit"),
-        "min_attn_entropy": min_over_layers(last, "attn/entropy_min"),
-        "steps": last.get("step"),
-        "wall_seconds": None,
-        "config": config,
-        "metrics_path": str(run_dir / "metrics.jsonl"),
-    }
-    return rec, bad
-
-
-def write_report(workdir: str | Path) -> Path:
-    """``report.md`` plus lr_sensitivity.png, max_attn_logit.png, attn_entropy.png in a sweep
-    workdir or a single run's workdir."""
-    workdir = Path(workdir)
-    kind = workdir_kind(workdir)
-    if kind == "run":
-        rec, bad = run_record(workdir)
-        source = "metrics.jsonl"
-        if rec["status"] == "unfinished":
-            raise FileNotFoundError(
-                f"{workdir}: the run is unfinished (last logged step {rec['steps']} of "
-                f"{rec['config'].get('train', {}).get('steps')}); rerun `stability train` on it"
-            )
-        records = [rec]
-    else:
-        records, bad = read_jsonl(workdir / "results.jsonl")
-        source = "results.jsonl"
-        if not records:
-            raise FileNotFoundError(f"{workdir / 'results.jsonl'} holds no results")
-    plot_lr_sensitivity(records, workdir / "lr_sensitivity.png")
-    plot_max_attn_logit(records, workdir / "max_attn_logit.png")
-    plot_entropy_over_training(records, workdir, workdir / "attn_entropy.png")
-    seeds = n_seeds(records)
-    lines = [
-        f"# {'Sweep' if kind == 'sweep' else 'Run'} report: {workdir.name}",
-        "",
-        "Final eval loss per learning rate ('div' = diverged). LR sensitivity = mean over the",
-        "grid of min(loss, loss at init) − best loss (Wortsman et al. 2023).",
-    ]
-    if kind == "run" and records[0]["diverged"]:
-        lines += [
-            "A single run's workdir holds no loss at init: the LR sensitivity of a",
-            "diverged run is n/a.",
-        ]
-    if seeds > 1:
-        lines += [
-            f"Up to {seeds} seeds per LR: a cell is the mean ± std (ddof 1) over seeds of",
-            "min(loss, loss at init), with a diverged seed counted at the loss at init and",
-            "'(k/n div)' when k of n seeds diverged; LR sensitivity is computed per seed, then",
-            "mean ± std. † marks an LR where the seeds disagree: some diverged and others",
-            f"not, or their losses span more than {SEED_TOLERANCE:g} nats.",
-        ]
-    lines += ["", summary_table(records), ""]
-    seed_col = seeds > 1
-    lines += [
-        "| setting | lr |"
-        + (" seed |" if seed_col else "")
-        + " max attn logit | min attn entropy | diverged at |",
-        "|---|---|" + ("---|" if seed_col else "") + "---|---|---|",
-    ]
-    for setting, runs in by_setting(records).items():
-        for r in runs:
-            ml, me = r.get("max_attn_logit"), r.get("min_attn_entropy")
-            lines.append(
-                f"| {setting} | {r['lr']:g} |"
-                + (f" {seed_of(r)} |" if seed_col else "")
-                + f" {'' if ml is None else f'{ml:.3g}'} | "
-                f"{'' if me is None else f'{me:.3f}'} | {r.get('diverged_step') or '-'} |"
-            )
-    lines += [
-        "",
-        "![LR sensitivity](lr_sensitivity.png)",
-        "![max attention logit](max_attn_logit.png)",
-        "![attention entropy](attn_entropy.png)",
-    ]
-    if bad:
-        lines += ["", f"Skipped unreadable lines of {source}: {bad}"]
-    out = workdir / "report.md"
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, **kwargs)
+    W.path(path).write_bytes(buf.getvalue())
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------

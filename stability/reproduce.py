@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from stability import workdir as W
 from stability.config import ConfigError, from_config_dict, size_preset
 from stability.presets import ACCELERATOR, PAPER_LRS
-from stability.tracking import read_jsonl
 
 PRESETS = ("tiny", "cpu", "accelerator")
 
@@ -146,13 +146,13 @@ def load_rows(workdir: str | Path) -> list[dict[str, Any]]:
     from stability.plots import max_over_layers, min_over_layers
     from stability.sweep import read_results
 
-    workdir = Path(workdir)
+    workdir = W.path(workdir)
     records, _ = read_results(workdir)
     latest = {r["run_id"]: r for r in records if "run_id" in r}
     rows = []
     for rid, r in sorted(latest.items()):
         cfg = from_config_dict(r["config"])
-        hist, _ = read_jsonl(workdir / "runs" / rid / "metrics.jsonl")
+        hist, _ = W.metrics(W.run_dir(workdir, rid))
         logits = [max_over_layers(h, "attn/max_logit") for h in hist]
         logits = [v for v in logits if v is not None and not math.isnan(v)]
         ents = [min_over_layers(h, "attn/entropy_min") for h in hist]
@@ -539,7 +539,7 @@ def reproduce(
 
     if preset not in PRESETS:
         raise ConfigError(f"--preset={preset!r} is unknown; valid: {', '.join(PRESETS)}")
-    workdir = Path(workdir)
+    workdir = W.path(workdir)
     for name in SWEEPS:
         path = sweep_file(name)
         if not path.is_file():
@@ -566,14 +566,13 @@ def _commit() -> str:
         return "unknown"
 
 
-def _planned(sweep_dir: Path) -> str:
+def _planned(sweep_dir: W.Path) -> str:
     """Runs in a sweep workdir's manifest (``sweep.json``), or '?'."""
-    import json
-
     try:
-        return str(len(json.loads((sweep_dir / "sweep.json").read_text())["run_ids"]))
-    except (OSError, ValueError, KeyError):
+        manifest = W.manifest(sweep_dir)
+    except ConfigError:
         return "?"
+    return "?" if manifest is None else str(len(manifest["run_ids"]))
 
 
 def _figure(name: str, rows: dict[str, list[dict]], path: Path) -> None:
@@ -676,8 +675,7 @@ def _figure(name: str, rows: dict[str, list[dict]], path: Path) -> None:
             title="Final loss, diverged runs left out",
         )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.save_png(fig, path, dpi=100)
 
 
 def write_report(
@@ -693,7 +691,7 @@ def write_report(
 
     from stability.plots import summary_table
 
-    workdir = Path(workdir)
+    workdir = W.path(workdir)
     (workdir / "figures").mkdir(parents=True, exist_ok=True)
     counts = {
         v: sum(f["verdict"] == v for f in findings)
@@ -758,8 +756,9 @@ def write_report(
                 ]
         lines.append(f"![{f['finding']}](figures/{fig.name})")
     out = workdir / "paper_report.md"
-    out.write_text("\n".join(lines) + "\n")
-    (workdir / "paper_report.json").write_text(
-        json.dumps({"preset": preset, "findings": findings}, indent=1) + "\n"
+    W.write_text(out, "\n".join(lines) + "\n")
+    W.write_text(
+        workdir / "paper_report.json",
+        json.dumps({"preset": preset, "findings": findings}, indent=1) + "\n",
     )
     return out

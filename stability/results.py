@@ -22,7 +22,6 @@ Torn or foreign lines of a JSONL file are skipped with a warning naming the file
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import re
 import warnings
@@ -37,8 +36,10 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the installed extras
     raise ImportError("stability.results needs pandas: pip install -e '.[notebook]'") from e
 
-from stability import plots
-from stability.tracking import flatten, read_jsonl
+from stability import plots, report
+from stability import workdir as W
+from stability.tracking import flatten
+from stability.workdir import read_jsonl
 
 RUN_COLUMNS = (
     "workdir",  # the source: a sweep workdir, or "wandb:ENTITY/PROJECT/GROUP"
@@ -95,21 +96,22 @@ def histories(
     for run in _rows(_as_dirs(workdirs), warn=False):
         if wanted is not None and run["run_id"] not in wanted:
             continue
-        path = Path(run["metrics_path"])
+        path = W.path(run["metrics_path"])
         recs, bad = read_jsonl(path)
         _warn_bad(path, bad)
         frames.append(_long(run, recs, "step", match))
     return _history_frame(frames)
 
 
-def _as_dirs(workdirs) -> list[Path]:
-    dirs = [Path(workdirs)] if isinstance(workdirs, (str, Path)) else [Path(w) for w in workdirs]
+def _as_dirs(workdirs) -> list[W.Path]:
+    one = isinstance(workdirs, (str, Path, W.Path))
+    dirs = [W.path(workdirs)] if one else [W.path(w) for w in workdirs]
     if not dirs:
         raise ValueError("no workdir given")
     for d in dirs:
         if not d.is_dir():
             raise FileNotFoundError(f"workdir {str(d)!r} does not exist")
-        if plots.workdir_kind(d) is None:
+        if W.kind(d) is None:
             raise FileNotFoundError(
                 f"workdir {str(d)!r} holds neither results.jsonl nor runs/ (a sweep's) nor "
                 "config.json and metrics.jsonl (a single run's): run `stability sweep` or "
@@ -121,8 +123,8 @@ def _as_dirs(workdirs) -> list[Path]:
 def _rows(dirs: list[Path], warn: bool = True) -> list[dict[str, Any]]:
     """RUN_COLUMNS dicts of every run of ``dirs``: sweep workdirs' runs labelled by setting
     (prefixed by the workdir's name when there are several), then the pooled single runs."""
-    sweeps = [d for d in dirs if plots.workdir_kind(d) == "sweep"]
-    singles = [d for d in dirs if plots.workdir_kind(d) == "run"]
+    sweeps = [d for d in dirs if W.kind(d) == "sweep"]
+    singles = [d for d in dirs if W.kind(d) == "run"]
     prefixes = _prefixes(sweeps) if len(dirs) > 1 else [None] * len(sweeps)
     rows = []
     for d, prefix in zip(sweeps, prefixes, strict=True):
@@ -141,9 +143,9 @@ def _single_runs(dirs: list[Path], warn: bool) -> list[dict[str, Any]]:
     seed and W&B naming ("leaf=value,..."), "default" if none, the workdir's name if alone."""
     runs = []
     for d in dirs:
-        rec, bad = plots.run_record(d)
+        rec, bad = report.run_record(d)
         if warn:
-            _warn_bad(d / "metrics.jsonl", bad)
+            _warn_bad(d / W.METRICS, bad)
         runs.append(rec)
     leaves = [flatten(r["config"]) for r in runs]
     keys = sorted({k for lv in leaves for k in lv})
@@ -157,7 +159,7 @@ def _single_runs(dirs: list[Path], warn: bool) -> list[dict[str, Any]]:
     for r, lv in zip(runs, leaves, strict=True):
         setting = ",".join(f"{k.split('.')[-1]}={_fmt_value(lv.get(k))}" for k in varying)
         r["setting"] = setting or (r["run_id"] if len(runs) == 1 else "default")
-        r["workdir"] = str(Path(r["metrics_path"]).parent)
+        r["workdir"] = str(W.path(r["metrics_path"]).parent)
         r["label"] = r["setting"]
         r["loss_at_init"] = math.nan
         for k in ("final_loss", "max_attn_logit", "min_attn_entropy", "wall_seconds"):
@@ -171,8 +173,8 @@ def _fmt_value(v: Any) -> str:
 
 def _workdir_runs(workdir: Path, prefix: str | None, warn: bool) -> list[dict[str, Any]]:
     """Runs of one sweep workdir as RUN_COLUMNS dicts: results records, then unfinished runs."""
-    path = workdir / "results.jsonl"
-    recs, bad = read_jsonl(path)
+    path = workdir / W.RESULTS
+    recs, bad = W.results(workdir)
     if warn:
         _warn_bad(path, bad)
     good = [r for r in recs if {"run_id", "setting", "lr"} <= r.keys()]
@@ -184,7 +186,7 @@ def _workdir_runs(workdir: Path, prefix: str | None, warn: bool) -> list[dict[st
     latest = {r["run_id"]: r for r in good}  # a rerun's later record wins
     rows = [_result_row(r) for r in latest.values()]
     slug_setting = {m["slug"]: r["setting"] for r in rows if (m := _RUN_ID.match(r["run_id"]))}
-    runs_dir = workdir / "runs"
+    runs_dir = workdir / W.RUNS
     started = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
     for run_dir in started:
         if run_dir.name not in latest:
@@ -192,7 +194,7 @@ def _workdir_runs(workdir: Path, prefix: str | None, warn: bool) -> list[dict[st
     for row in rows:
         row["workdir"] = str(workdir)
         row["label"] = row["setting"] if prefix is None else f"{prefix}: {row['setting']}"
-        row["metrics_path"] = str(runs_dir / row["run_id"] / "metrics.jsonl")
+        row["metrics_path"] = str(W.run_dir(workdir, row["run_id"]) / W.METRICS)
     return rows
 
 
@@ -228,11 +230,10 @@ def _unfinished_row(run_dir: Path, slug_setting: dict[str, str], warn: bool) -> 
     """A started run without a results record: setting from a finished run with the same
     run-id prefix (else that prefix), LR from its config.json (else its run id)."""
     m = _RUN_ID.match(run_dir.name)
-    config_path = run_dir / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else None
+    config = W.run_config(run_dir)
     lr = (config or {}).get("optim", {}).get("lr", float(m["lr"]) if m else math.nan)
-    path = run_dir / "metrics.jsonl"
-    hist, bad = read_jsonl(path)
+    path = run_dir / W.METRICS
+    hist, bad = W.metrics(run_dir)
     if warn:
         _warn_bad(path, bad)
     last = hist[-1] if hist else {}

@@ -1,5 +1,6 @@
-"""The device mesh ("run", "data", "model"), the logical axis rules, and the shardings of
-train states, hyperparameters and batches. ``train.py`` and ``sweep.py`` ask this module;
+"""The device mesh ("run", "data", "model"), the logical axis rules, the shardings of train
+states, hyperparameters and batches, host transfer, and the memory of this host's devices.
+``programs.py`` asks this module for shardings; it imports neither the step nor the loop.
 GSPMD inserts every collective (none is written by hand).
 
 Mesh axes (outermost first):
@@ -18,7 +19,6 @@ divisible by its mesh axis, and every vector or scalar without names are replica
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -255,230 +255,26 @@ def per_device_bytes(tree: Any) -> dict[jax.Device, int]:
 
 
 # ---------------------------------------------------------------------------------------
-# Sharded train functions (single run, or K runs vmapped over "run").
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardedFns:
-    """The programs of one static config on one mesh: the one builder that ``stability
-    train``, ``stability sweep``, tests and benchmarks use.
-
-    Single run: ``init(seed)``, ``call(state, hp, batches[k_max, B, ...], n)`` (``n`` updates,
-    ``train.make_call``), ``step(state, hp, batch)`` (one update, jitted), ``evaluate(state,
-    batches)``. Stacked (``runs`` = R): ``init(seeds[R])``, the train step and evaluate
-    vmapped over the state and ``hp``; batches are shared. ``init``, ``call`` and ``evaluate``
-    are :class:`~stability.compilation.Program` s (compile reports on stderr, naming the
-    mesh). ``state`` holds the shardings of the state (same tree), ``abstract_state`` its
-    ShapeDtypeStructs with them (restore and compile-only targets).
-    """
-
-    mesh: Mesh
-    init: Any
-    call: Any
-    step: Any
-    evaluate: Any
-    state: Any
-    abstract_state: Any
-    hp: NamedSharding
-    batch: NamedSharding  # [B, ...]: one step's batch, eval batches
-    batches: NamedSharding  # [k_max, B, ...]: the call's batches
-    metrics: NamedSharding
-    k_max: int
-    graphdef: Any
-    tx: Any
-
-
-def shard_train_fns(
-    cfg: Config, mesh: Mesh, *, runs: int | None = None, k_max: int = 1
-) -> ShardedFns:
-    """Init, the K-step call (up to ``k_max`` updates), the single step and evaluate of
-    ``cfg``'s static structure (``train.static_config``), jitted with the shardings of this
-    module on ``mesh``; the call and step donate their state. Built once per process for each
-    (static config, mesh, runs, k_max); init and evaluate are shared across ``k_max``."""
-    from stability import train as T
-
-    return _shard_train_fns(T.static_config(cfg), mesh, runs, k_max)
-
-
-@functools.lru_cache(maxsize=32)
-def _base_fns(static: Config, mesh: Mesh, runs: int | None):
-    """Everything of :func:`shard_train_fns` that does not depend on ``k_max``."""
-    from stability import train as T
-    from stability.compilation import Program
-    from stability.optim.build import make_optimizer
-
-    tx = make_optimizer(static.optim, d_model=static.model.d_model)
-    graphdef = T.graphdef_of(static)
-    stacked = runs is not None
-    init_one = lambda seed: T.init_state(static, seed, tx)
-    step_one = T.make_train_step(static, graphdef, tx)
-    eval_one = T.make_evaluate(static, graphdef)
-    if stacked:
-        init_fn = jax.vmap(init_one)
-        step_fn = jax.vmap(step_one, in_axes=(0, 0, None), spmd_axis_name="run")
-        eval_fn = jax.vmap(eval_one, in_axes=(0, None), spmd_axis_name="run")
-        seeds = jax.ShapeDtypeStruct((runs,), np.int32)
-    else:
-        init_fn, step_fn, eval_fn = init_one, step_one, eval_one
-        seeds = jax.ShapeDtypeStruct((), np.int32)
-    shape = jax.eval_shape(init_fn, seeds)
-    state_sh = state_shardings(shape, mesh, static.train, stacked=stacked)
-    per_run = run_sharding(mesh, stacked=stacked)
-    batch_sh = batch_sharding(mesh)
-    where = f" [{describe(mesh, static.train)}]"
-    vm = " (vmapped)" if stacked else ""
-    init = jax.jit(with_mesh(init_fn, mesh), in_shardings=per_run, out_shardings=state_sh)
-    step = jax.jit(
-        with_mesh(step_fn, mesh),
-        in_shardings=(state_sh, per_run, batch_sh),
-        out_shardings=(state_sh, per_run),
-        donate_argnums=0,
-    )
-    evaluate = jax.jit(
-        with_mesh(eval_fn, mesh), in_shardings=(state_sh, batch_sh), out_shardings=per_run
-    )
-    return dict(
-        mesh=mesh,
-        init=Program(f"init{vm}{where}", init),
-        step=step,
-        evaluate=Program(f"eval{vm}{where}", evaluate),
-        state=state_sh,
-        abstract_state=abstract(shape, state_sh),
-        hp=per_run,
-        batch=batch_sh,
-        metrics=per_run,
-        graphdef=graphdef,
-        tx=tx,
-        step_fn=step_fn,
-        where=where,
-    )
-
-
-@functools.lru_cache(maxsize=32)
-def _shard_train_fns(static: Config, mesh: Mesh, runs: int | None, k_max: int) -> ShardedFns:
-    from stability import train as T
-    from stability.compilation import Program
-
-    base = dict(_base_fns(static, mesh, runs))
-    step_fn, where = base.pop("step_fn"), base.pop("where")
-    state_sh, per_run = base["state"], base["hp"]
-    batches_sh = batch_sharding(mesh, leading=1)
-    call = jax.jit(
-        with_mesh(T.make_call(step_fn, k_max), mesh),
-        in_shardings=(state_sh, per_run, batches_sh, NamedSharding(mesh, P())),
-        out_shardings=(state_sh, per_run),
-        donate_argnums=0,
-    )
-    name = f"train step ({'vmapped, ' if runs is not None else ''}up to {k_max} per call){where}"
-    return ShardedFns(**base, call=Program(name, call), batches=batches_sh, k_max=k_max)
-
-
-# ---------------------------------------------------------------------------------------
-# XLA's memory numbers.
+# Per-device memory of this host.
 
 
 def device_limit_bytes(mesh: Mesh) -> int:
-    """Memory of one device of ``mesh``: the accelerator's ``bytes_limit``; on CPU the host's
+    """Memory of one device of ``mesh`` that this process holds (on a pod, only a host's own
+    devices answer memory queries): the accelerator's ``bytes_limit``; on CPU the host's
     physical memory divided among its local devices (simulated CPU devices share it)."""
-    dev = mesh.devices.flat[0]
-    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    stats = local_devices(mesh)[0].memory_stats()  # None on CPU
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"])
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return host // max(jax.local_device_count(), 1)
 
 
-@dataclasses.dataclass(frozen=True)
-class MemoryReport:
-    """XLA's per-device bytes of one compiled program (``compiled.memory_analysis()``)."""
-
-    argument: int
-    output: int
-    alias: int  # outputs that reuse donated arguments' buffers
-    temp: int
-    limit: int  # the device's memory (:func:`device_limit_bytes`)
-    mesh: str  # :func:`describe` of the mesh tried
-
-    @property
-    def peak(self) -> int:
-        """argument + output − alias + temp (XLA:CPU's own peak leaves temp out)."""
-        return self.argument + self.output - self.alias + self.temp
-
-    @property
-    def fits(self) -> bool:
-        return self.peak <= self.limit
-
-    def line(self) -> str:
-        g = 2**30
-        return (
-            f"per device: {self.peak / g:.2f} GiB of {self.limit / g:.2f} GiB (arguments "
-            f"{self.argument / g:.2f}, outputs {self.output / g:.2f}, aliased {self.alias / g:.2f}, "
-            f"temporaries {self.temp / g:.2f}); {self.mesh}"
+def local_devices(mesh: Mesh) -> list[jax.Device]:
+    """The devices of ``mesh`` that belong to this process (every per-device query, e.g.
+    ``memory_stats()``, must go to one of these: a pod refuses it for another host's)."""
+    mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    if not mine:
+        raise ValueError(
+            f"no device of the mesh {dict(mesh.shape)} belongs to process {jax.process_index()}"
         )
-
-
-def memory_report(compiled, mesh: Mesh, train: TrainConfig, limit: int | None = None):
-    """:class:`MemoryReport` of a compiled program on ``mesh``."""
-    m = compiled.memory_analysis()
-    return MemoryReport(
-        argument=int(m.argument_size_in_bytes),
-        output=int(m.output_size_in_bytes),
-        alias=int(m.alias_size_in_bytes),
-        temp=int(m.temp_size_in_bytes),
-        limit=device_limit_bytes(mesh) if limit is None else limit,
-        mesh=describe(mesh, train),
-    )
-
-
-def call_args(cfg: Config, fns: ShardedFns, runs: int | None = None):
-    """Abstract arguments (shapes, dtypes, shardings) of ``fns.call`` for ``cfg``."""
-    from stability import train as T
-
-    hp = {
-        k: jax.ShapeDtypeStruct((runs,) if runs else (), np.float32, sharding=fns.hp)
-        for k in T.hyperparams(cfg)
-    }
-    B, T1 = cfg.data.batch_size, cfg.data.seq_len + 1
-    batches = {
-        "tokens": jax.ShapeDtypeStruct((fns.k_max, B, T1), np.int32, sharding=fns.batches)
-    }
-    n = jax.ShapeDtypeStruct((), np.int32, sharding=NamedSharding(fns.mesh, P()))
-    return fns.abstract_state, hp, batches, n
-
-
-def refuse_unless_fits(report: MemoryReport, cfg: Config, runs: int | None = None) -> MemoryReport:
-    """``report`` if the program fits its device, else ConfigError naming the numbers."""
-    if not report.fits:
-        m, d = cfg.model, cfg.data
-        raise ConfigError(
-            f"config (model.d_model={m.d_model}, model.n_layers={m.n_layers}, "
-            f"data.batch_size={d.batch_size}, data.seq_len={d.seq_len}"
-            f"{f', {runs} runs' if runs else ''}) does not fit: the compiled train step needs "
-            f"{report.line()}; try train.fsdp=True, train.remat='block' or 'full', "
-            "train.tensor_parallel, more devices or a smaller batch"
-        )
-    return report
-
-
-def step_memory(
-    cfg: Config,
-    mesh: Mesh,
-    *,
-    runs: int | None = None,
-    limit: int | None = None,
-    k_max: int | None = None,
-) -> MemoryReport:
-    """Compile (never run) the sharded train call of ``cfg`` on ``mesh`` (``k_max`` updates
-    per call; default ``train.steps_per_call_max``) from abstract arguments and return XLA's
-    per-device memory numbers. ``runs``: the stacked run count of a sweep's program."""
-    from stability import train as T
-
-    k_max = T.steps_per_call_max(cfg.train) if k_max is None else k_max
-    fns = shard_train_fns(cfg, mesh, runs=runs, k_max=k_max)
-    compiled = fns.call.compile(*call_args(cfg, fns, runs))
-    return memory_report(compiled, mesh, cfg.train, limit)
-
-
-def check_step_memory(cfg: Config, mesh: Mesh, **kwargs) -> MemoryReport:
-    """:func:`step_memory`, refusing (ConfigError) a call that does not fit the device."""
-    return refuse_unless_fits(step_memory(cfg, mesh, **kwargs), cfg, kwargs.get("runs"))
+    return mine

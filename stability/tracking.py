@@ -13,28 +13,15 @@ uploads them, in order of start time, into that one run.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import uuid
 import warnings
-from pathlib import Path
 from typing import Any
 
+from stability import workdir as W
 from stability.config import WandbConfig
-
-
-def to_jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [to_jsonable(v) for v in x]
-    if hasattr(x, "item") and getattr(x, "size", 1) == 1:
-        return x.item()
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    return x
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -46,73 +33,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def read_jsonl(path: str | Path) -> tuple[list[dict], list[int]]:
-    """Records of a JSONL file, and the 1-based numbers of lines that were not JSON objects
-    (a torn last line after a crash, a hand edit): those are skipped, never fatal."""
-    records, bad = [], []
-    path = Path(path)
-    if not path.exists():
-        return records, bad
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(i)
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-            else:
-                bad.append(i)
-    return records, bad
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON through a temporary file and a rename: readers see old or new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one record as a single write of one line, flushed to disk.
-
-    If the previous content ends without a newline (a torn write), a newline is written first
-    so that the new record is never glued to the torn one.
-    """
-    line = json.dumps(to_jsonable(record), sort_keys=True) + "\n"
-    with open(path, "ab+") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = "\n" + line
-        f.write(line.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def truncate_metrics(path: str | Path, max_step: int) -> None:
-    """Keep only records with step ≤ max_step (used when resuming from a checkpoint); torn or
-    foreign lines are dropped and reported."""
-    path = Path(path)
-    records, bad = read_jsonl(path)
-    if bad:
-        warnings.warn(f"{path}: dropped unreadable lines {bad}", stacklevel=2)
-    kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= max_step]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in kept:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 VERSIONED = (
@@ -140,14 +60,14 @@ def package_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{name: version(name) for name in VERSIONED}}
 
 
-def record_versions(directory: Path) -> dict[str, str]:
+def record_versions(directory: W.Path) -> dict[str, str]:
     """Write ``versions.json`` in ``directory`` (warning when a previous start of the same run
     used other versions) and return the versions."""
-    path = directory / "versions.json"
+    path = directory / W.VERSIONS
     now = package_versions()
     if path.exists():
         try:
-            before = json.loads(path.read_text())
+            before = W.read_json(path)
         except ValueError:
             before = {}
         changed = [f"{k} {before.get(k)} -> {v}" for k, v in now.items() if before.get(k) != v]
@@ -157,7 +77,7 @@ def record_versions(directory: Path) -> dict[str, str]:
                 f"{', '.join(changed)}",
                 stacklevel=3,
             )
-    write_json_atomic(path, now)
+    W.write_json(path, now)
     return now
 
 
@@ -166,23 +86,28 @@ def _finite_or_none(v: Any) -> Any:
 
 
 class Tracker:
-    """Writes metric records to ``<directory>/metrics.jsonl`` and to W&B."""
+    """Writes a run's metric records to ``<directory>/metrics.jsonl`` and to W&B, and its
+    early warnings (``watch.py``) to ``events.jsonl`` and W&B alerts. ``keep_step``: the step
+    the run resumes from (records past it are dropped from the files)."""
 
     def __init__(
         self,
-        directory: str | Path,
+        directory: W.PathLike,
         wandb_cfg: WandbConfig,
         run_config: dict,
         *,
         name: str,
         group: str = "",
         tags: tuple[str, ...] = (),
-        resume: bool = False,
+        keep_step: int = 0,
     ):
-        self.directory = Path(directory)
+        self.directory = W.path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.path = self.directory / "metrics.jsonl"
+        self.path = self.directory / W.METRICS
+        self._metrics = W.Jsonl(self.path, keep_step=keep_step)
+        self._events = W.Jsonl(self.directory / W.EVENTS, keep_step=keep_step)
         self._wandb = None
+        resume = keep_step > 0
         versions = record_versions(self.directory)
         if wandb_cfg.mode != "disabled":
             run_config = {**run_config, "versions": versions}
@@ -194,10 +119,13 @@ class Tracker:
         try:
             import wandb
 
-            id_file = self.directory / "wandb_id"  # a rerun continues the same W&B run
+            id_file = self.directory / W.WANDB_ID  # a rerun continues the same W&B run
             known = id_file.exists()
             run_id = id_file.read_text().strip() if known else uuid.uuid4().hex[:12]
-            id_file.write_text(run_id)
+            if not known:
+                W.write_text(id_file, run_id)
+            # W&B writes local files only: a run directory on a bucket keeps them in ./wandb.
+            local = "." if W.is_remote(self.directory) else str(self.directory)
             self._wandb = wandb.init(
                 project=cfg.project,
                 group=group or cfg.group or None,
@@ -205,7 +133,7 @@ class Tracker:
                 name=name,
                 id=run_id,
                 resume="allow" if resume or known else None,
-                dir=os.environ.get("WANDB_DIR") or str(self.directory),
+                dir=os.environ.get("WANDB_DIR") or local,
                 config=run_config,
                 mode=mode,
                 reinit="create_new",
@@ -223,24 +151,43 @@ class Tracker:
         if _service_died(e):
             _drop_dead_service()
 
-    def log(self, record: dict) -> None:
-        record = to_jsonable(record)
-        append_jsonl(self.path, record)
+    def log(self, records: list[dict]) -> None:
+        """Append metric records (one flush; on an object store, see ``workdir.Jsonl``)."""
+        records = [W.to_jsonable(r) for r in records]
+        self._metrics.append(records)
         if self._wandb is not None:
             try:
-                data = {k: _finite_or_none(v) for k, v in record.items() if k != "step"}
-                self._wandb.log(data, step=record["step"])
+                for record in records:
+                    data = {k: _finite_or_none(v) for k, v in record.items() if k != "step"}
+                    self._wandb.log(data, step=record["step"])
             except Exception as e:  # noqa: BLE001
                 self._wandb_failed(e)
+
+    def event(self, record: dict, title: str, text: str) -> None:
+        """Append an early-warning record to ``events.jsonl`` and raise a W&B alert (level
+        WARN; offline, W&B keeps it for ``wandb sync``)."""
+        self._events.append([W.to_jsonable(record)], force=True)
+        if self._wandb is not None:
+            try:
+                import wandb
+
+                self._wandb.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+            except Exception as e:  # noqa: BLE001
+                self._wandb_failed(e)
+
+    def flush(self) -> None:
+        self._metrics.flush()
+        self._events.flush()
 
     def summary(self, values: dict) -> None:
         if self._wandb is not None:
             try:
-                self._wandb.summary.update(to_jsonable(values))
+                self._wandb.summary.update(W.to_jsonable(values))
             except Exception as e:  # noqa: BLE001
                 self._wandb_failed(e)
 
     def close(self) -> None:
+        self.flush()
         if self._wandb is not None:
             try:
                 self._wandb.finish()  # a dead service makes it raise at once, not hang

@@ -8,11 +8,13 @@ import pytest
 
 from conftest import tiny_config, write_config_file
 from stability import sweep
-from stability import train as T
+from stability import workdir as W
 from stability.cli import main
+from stability.config import ConfigError
 from stability.configfiles import load_sweep
+from stability.step import static_config
 from stability.sweep import build_runs
-from stability.tracking import to_jsonable
+from stability.workdir import to_jsonable
 
 
 def run(capsys, *argv):
@@ -109,8 +111,9 @@ def test_overwrite_deletes_any_run_and_says_what(tmp_path, capsys):
     cfg = tiny_config()
     workdir = tmp_path / "w"
     fake_run(workdir, cfg)  # the same config: --overwrite restarts it from scratch too
-    assert T.prepare_workdir(cfg, workdir, overwrite=False) is True  # resumable
-    assert T.prepare_workdir(cfg, workdir, overwrite=True) is False
+    config = to_jsonable(cfg.to_dict())
+    assert W.check_run_dir(config, workdir, overwrite=False) is False  # resumable, kept
+    W.prepare_run_dir(config, workdir, overwrite=True)
     err = capsys.readouterr().err
     assert (
         f"--overwrite: deleting {workdir} (metrics up to step 10, checkpoints at steps 5, 10" in err
@@ -119,8 +122,8 @@ def test_overwrite_deletes_any_run_and_says_what(tmp_path, capsys):
     other = tmp_path / "not_a_run"
     other.mkdir()
     (other / "thesis.tex").write_text("keep me")
-    with pytest.raises(T.ConfigError, match="holds files but no run"):
-        T.prepare_workdir(cfg, other, overwrite=True)
+    with pytest.raises(ConfigError, match="holds files but no run"):
+        W.prepare_run_dir(config, other, overwrite=True)
     assert (other / "thesis.tex").exists()
 
 
@@ -162,30 +165,33 @@ def test_sweep_check_refuses_a_different_sweep_saying_what_differs(tmp_path, cap
     assert "(config.train.checkpoint_every: 3 there, 2 now)" in err  # the first field (sorted)
 
 
-class FakeRunner:
-    """Stands in for sweep.ChunkRunner (no compile): every run of the chunk finishes at once."""
+def fake_compile(chunks):
+    """Stands in for sweep.compile_chunks (no compile): one fake program per distinct one."""
+    return {(static_config(c[0].config), len(c)): SimpleNamespace(
+        mesh=SimpleNamespace(shape={"run": len(c), "data": 1})) for c in chunks}
 
-    def __init__(self, chunk, *args, **kwargs):
-        self.chunk = chunk
-        self.mesh = SimpleNamespace(shape={"run": len(chunk), "data": 1})
 
-    def run(self, preemption):
-        return {r.run_id: {"run_id": r.run_id} for r in self.chunk}
+def fake_train(chunk, *args):
+    """Stands in for sweep.train_chunk: every run of the chunk finishes at once."""
+    out = SimpleNamespace(status="finished", last={}, loss_at_init=4.0, diverged_step=None)
+    return SimpleNamespace(preempted=False, position=2, wall_seconds=0.0, runs=[out] * len(chunk))
 
 
 def test_sweep_prints_each_chunks_point_and_the_program_count(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sweep, "ChunkRunner", FakeRunner)
+    monkeypatch.setattr(sweep, "compile_chunks", fake_compile)
+    monkeypatch.setattr(sweep, "train_chunk", fake_train)
     sweep_py, config_py = tiny_sweep(tmp_path)
     workdir = tmp_path / "w"
     kwargs = dict(config_spec=config_py, progress=False, report=False)
     sweep.run_sweep(sweep_py, workdir, strategy="sequential", **kwargs)
     err = capsys.readouterr().err
     assert "2 runs, 0 already finished; 2 to train in 2 chunk(s), 1 compiled program(s)" in err
-    assert "[1/2] default lr=0.1: 1 run(s)" in err and "[2/2] default lr=0.01: 1 run(s)" in err
+    assert "[2 run(s) left] default lr=0.1: 1 run(s)" in err
+    assert "[1 run(s) left] default lr=0.01: 1 run(s)" in err
     sweep.run_sweep(sweep_py, workdir, strategy="sequential", **kwargs)
     err = capsys.readouterr().err
     assert "2 already finished; 0 to train in 0 chunk(s), 0 compiled program(s)" in err
     sweep.run_sweep(sweep_py, tmp_path / "v", strategy="vmap", **kwargs)
     err = capsys.readouterr().err
     assert "2 to train in 1 chunk(s), 1 compiled program(s) (vmap)" in err
-    assert "[1/1] default lr=0.01…0.1: 2 run(s)" in err
+    assert "[2 run(s) left] default lr=0.01…0.1: 2 run(s)" in err

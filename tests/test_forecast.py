@@ -12,7 +12,7 @@ from conftest import tiny_config
 from stability.cli import main
 from stability.config import ConfigError
 from stability.forecast import fit_quadratic, forecast, non_embedding_params, write_forecast
-from stability.tracking import to_jsonable
+from stability.workdir import to_jsonable
 
 Q = "blocks/0/attn/q/kernel"
 WIDTHS = (8, 16, 32, 64)

@@ -1,20 +1,25 @@
-"""Multi-process runs (jax.distributed on 127.0.0.1, CPU devices forced per process) on a real
-tfds ArrayRecord dataset with a SentencePiece tokenizer: the global batch, and so every
-result, equals a single-process run's; SIGKILL of every process then a rerun loses nothing.
+"""Multi-process runs as on a TPU pod: the README's pod command (sweeps/pod_worker.sh, what
+sweeps/launch_tpu_pod.sh runs on every worker) on 4 processes, and `stability train` on 2, each
+process with its own CPU devices, jax.distributed connecting them (the worker script's
+--distributed finds them through SLURM's variables here; on a pod, through the TPU runtime).
 
-Both use FSDP. Sweep: 4 processes x 2 devices (a 2x4 run x data mesh: each process feeds 4 of
-the 8 batch rows, for one of the two runs), one update per device call (its program compiles in
-half the time; every process compiles it, and on the rerun all but process 0 again). Train: 2
-processes x 4 devices (parameters and batch split over all 8 devices, each process feeding 4
-rows), two updates per call. The children share the test session's persistent compilation
-cache."""
+The workdir, the tfds ArrayRecord data and the SentencePiece model live on a gs:// bucket
+(tests/fake_gcs.py, through tests/pod/sitecustomize.py: only the filesystem scheme is swapped),
+and every device answers memory queries as a pod's do (another host's device refuses). Both
+runs train up to 8 updates per call, with FSDP. A SIGTERM to ONE process at a random step
+stops every process at the same step, with one checkpoint and the same message, exit 0; the
+rerun completes. The records equal a single-process run at one update per call (rtol 1e-5;
+1e-4 for gradient statistics: data-parallel sums round differently and
+``grad/rms_over_eps`` divides them by ε), and no step is logged twice."""
 
-import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,119 +31,146 @@ from conftest import assert_records_close, free_port, tiny_config, write_config_
 from stability import train as T
 from stability.config import DataConfig
 from stability.sweep import run_sweep
-from stability.tracking import read_jsonl
+from stability.workdir import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
+POD = Path(__file__).resolve().parent / "pod"
 pytestmark = pytest.mark.slow
-STEPS = 16
+STEPS = 128
+GRACE = 60  # seconds from the SIGTERM to every process's exit
+
+
+def config(prefix: str):
+    return tiny_config(
+        model={"vocab_size": 96},
+        data={"source": "tfds", "tfds_name": "stability_test_text",
+              "tfds_data_dir": f"{prefix}/tfds", "tokenizer": "sentencepiece",
+              "tokenizer_path": f"{prefix}/sp.model", "batch_size": 8,
+              "markov_vocab": DataConfig.markov_vocab,
+              "markov_branching": DataConfig.markov_branching},
+        train={"steps": STEPS, "log_every": 4, "eval_every": 64, "checkpoint_every": 8,
+               "fsdp": True},
+    )
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """(tmp dir, config file, sweep file, environment of the children)."""
-    tmp = tmp_path_factory.mktemp("multihost")
-    StabilityTestText(data_dir=str(tmp / "tfds"), file_format="array_record").download_and_prepare()
-    sp_model = train_sentencepiece(tmp, TRAIN_DOCS + EVAL_DOCS)
-    cfg = tiny_config(
-        model={"vocab_size": 96},
-        data={"source": "tfds", "tfds_name": "stability_test_text", "tfds_data_dir": str(tmp / "tfds"),
-              "tokenizer": "sentencepiece", "tokenizer_path": sp_model, "batch_size": 8,
-              "markov_vocab": DataConfig.markov_vocab, "markov_branching": DataConfig.markov_branching},
-        train={"steps": STEPS, "log_every": 2, "eval_every": 8, "checkpoint_every": 4, "fsdp": True},
-    )
-    config_py = write_config_file(tmp / "config.py", cfg)
+    """(tmp dir, bucket root, {"bucket"|"local": config}, their files, sweep file)."""
+    tmp = tmp_path_factory.mktemp("pod")
+    root = tmp / "bucket"
+    data = root / "b"
+    StabilityTestText(data_dir=str(data / "tfds"), file_format="array_record").download_and_prepare()
+    train_sentencepiece(data, TRAIN_DOCS + EVAL_DOCS)  # data/sp.model
+    cfgs = {"bucket": config("gs://b"), "local": config(str(data))}
+    files = {k: write_config_file(tmp / f"{k}.py", c) for k, c in cfgs.items()}
     sweep_py = tmp / "sweep.py"
-    sweep_py.write_text("def get_sweep(arg=''):\n    return [{'optim.lr': lr} for lr in (3e-3, 3e-2)]\n")
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    return tmp, cfg, config_py, str(sweep_py), env
+    sweep_py.write_text("def get_sweep(arg=''):\n    return [{'optim.lr': lr} for lr in (1e-3, 3e-3)]\n")
+    return tmp, root, cfgs, files, str(sweep_py)
 
 
-def start(args: list[str], n_proc: int, n_dev: int, env: dict) -> list[subprocess.Popen]:
-    port = free_port()
-    flags = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_dev}"
-    return [
-        subprocess.Popen(
-            [sys.executable, "-m", "stability", *args, "--no-progress",
-             "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n_proc),
-             "--process-id", str(i)],
-            cwd=ROOT, env={**env, "XLA_FLAGS": flags}, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(n_proc)
-    ]
+def start(cmd: list[str], n_proc: int, n_dev: int, root: Path) -> list[subprocess.Popen]:
+    """``cmd`` on ``n_proc`` processes of ``n_dev`` CPU devices each, with the fake bucket and
+    pod devices, told their ranks as SLURM tells them (one process per node)."""
+    port = str(free_port())
+    procs = []
+    for i in range(n_proc):
+        env = {
+            **os.environ,
+            "WANDB_MODE": "disabled",
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_dev}",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(POD), os.environ.get("PYTHONPATH")])),
+            "STABILITY_FAKE_GCS": str(root),
+            "STABILITY_FAKE_POD": "1",
+            "SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": str(n_proc),
+            "SLURM_PROCID": str(i), "SLURM_LOCALID": "0", "JAX_COORDINATOR_PORT": port,
+        }
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
 
 
-def finish(procs) -> list[str]:
-    """Wait for every process; their stderr."""
+def finish(procs, timeout=900) -> list[str]:
+    """Wait for every process (exit 0); their stderr."""
     errs = []
     for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[:3000] + "\n...\n" + err[-2000:]
+        _, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[:3000] + "\n...\n" + err[-3000:]
         errs.append(err)
     return errs
 
 
-def kill_when(procs, ready) -> None:
-    """SIGKILL every process once ``ready()`` (polled), before they finish."""
+def sigterm_one(procs, ready, seed: int) -> list[str]:
+    """Once ``ready()``, after a random delay, SIGTERM one process (chosen at random); every
+    process exits 0 within GRACE seconds. Their stderr."""
+    rng = random.Random(seed)
     deadline = time.time() + 600
-    while not ready() and time.time() < deadline:
-        assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+    while not ready():
+        assert time.time() < deadline and all(p.poll() is None for p in procs), \
+            procs[0].communicate()[1][-3000:]
         time.sleep(0.05)
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-    for p in procs:
-        assert p.wait() == -signal.SIGKILL
+    time.sleep(rng.random() * 0.3)
+    procs[rng.randrange(len(procs))].send_signal(signal.SIGTERM)
+    t = time.time()
+    errs = finish(procs, timeout=GRACE)
+    assert time.time() - t < GRACE
+    return errs
 
 
-def lines(path: Path) -> int:
-    return path.read_text().count("\n") if path.exists() else 0
+def interrupted_at(errs: list[str]) -> int:
+    """The step every process says it stopped at (the same line in each)."""
+    lines = [re.findall(r"^interrupted at step (\d+); rerun the same command to continue$", e, re.M)
+             for e in errs]
+    assert all(len(x) == 1 for x in lines) and len({x[0] for x in lines}) == 1, "\n\n".join(
+        "\n".join(e.splitlines()[-6:]) for e in errs)
+    return int(lines[0][0])
 
 
 def assert_close(a: list[dict], b: list[dict]) -> None:
-    """Equal records up to the float rounding of another device layout: rtol 1e-5 (atol 1e-6
-    for near-zero values), except gradient statistics (``grad/*``): a data-parallel gradient is
-    a sum in another order, and ``grad/rms_over_eps`` divides its rounding by ε = 1e-8 (a
-    norm scale's came out 1.3e-5 apart), so those get rtol 1e-4."""
     strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs]
+    steps = [r["step"] for r in b]
+    assert steps == sorted(set(steps)), steps  # no step logged twice
     assert_records_close(strip(a), strip(b), rtol=1e-5, atol=1e-6, rtol_for={"grad/": 1e-4})
 
 
-def test_sweep_on_4_processes_killed_and_rerun_equals_one_process(setup):
-    tmp, _, config_py, sweep_py, env = setup
-    one_per_call = ("train.steps_per_call", "1")
-    ref = run_sweep(sweep_py, tmp / "one", config_spec=config_py, overrides=[one_per_call],
-                    strategy="vmap", progress=False, report=False)
-    args = ["sweep", "--sweep", sweep_py, "--config", config_py, "--workdir", str(tmp / "four"),
-            "--strategy", "vmap", "--config.{}={}".format(*one_per_call)]
-    procs = start(args, 4, 2, env)
-    histories = lambda d: sorted((d / "runs").glob("*/metrics.jsonl"))
-    kill_when(procs, lambda: any(lines(p) >= 4 for p in histories(tmp / "four")))
-    assert lines(tmp / "four" / "results.jsonl") == 0  # killed mid-sweep
-    procs = start(args, 4, 2, env)
-    errs = finish(procs)
-    mesh = "[mesh run×data×model 2×4×1 on 8 cpu device(s) in 4 processes; fsdp on"
-    assert f"train step (vmapped, up to 1 per call) {mesh}" in errs[0]
-    four = {r["run_id"]: r for r in read_jsonl(tmp / "four" / "results.jsonl")[0]}
-    assert sorted(four) == sorted(r["run_id"] for r in ref)
-    for r in ref:
-        np.testing.assert_allclose(four[r["run_id"]]["final_loss"], r["final_loss"], rtol=1e-5)
-        assert four[r["run_id"]]["steps"] == STEPS
-        a = read_jsonl(tmp / "one" / "runs" / r["run_id"] / "metrics.jsonl")[0]
-        b = read_jsonl(tmp / "four" / "runs" / r["run_id"] / "metrics.jsonl")[0]
-        assert_close(a, b)
+def test_pod_sweep_on_4_processes_sigterm_one_then_rerun(setup):
+    tmp, root, cfgs, files, sweep_py = setup
+    ref = run_sweep(sweep_py, tmp / "ref", config_spec=files["local"], strategy="vmap",
+                    overrides=[("train.steps_per_call", "1")], progress=False, report=False)
+    cmd = ["sweeps/pod_worker.sh", sweep_py, "gs://b/runs/pod", f"--config={files['bucket']}"]
+    runs = root / "b" / "runs" / "pod" / "runs"
+    flushed = lambda: any(p.stat().st_size for p in runs.glob("*/metrics.jsonl"))
+    errs = sigterm_one(start(cmd, 4, 1, root), flushed, seed=0)
+    stop = interrupted_at(errs)
+    assert 0 < stop < STEPS
+    assert "[2 run(s) left] default lr=0.001…0.003: 2 run(s), run×data×model mesh 2×2×1" in errs[0]
+    # XLA's check asked a device of each process for its memory (another host's would refuse)
+    assert all("train call per device: 0.00 GiB of 16.00 GiB" in e for e in errs)
+    errs = finish(start(cmd, 4, 1, root))
+    assert "train call (vmapped over 2 run(s), up to 8 updates, 3 metric rows) [mesh " \
+           "run×data×model 2×2×1 on 4 cpu device(s) in 4 processes; fsdp on" in errs[0]
+    assert "resuming default-lr0.001" in errs[0] and f"at step {stop}" in errs[0]
+    got = sorted(read_jsonl(root / "b" / "runs" / "pod" / "results.jsonl")[0], key=lambda r: r["lr"])
+    ref = sorted(ref, key=lambda r: r["lr"])  # run ids differ: the configs name other paths
+    assert [r["lr"] for r in got] == [r["lr"] for r in ref]
+    for r, g in zip(ref, got, strict=True):
+        np.testing.assert_allclose(g["final_loss"], r["final_loss"], rtol=1e-5)
+        assert g["steps"] == STEPS
+        assert_close(read_jsonl(tmp / "ref" / "runs" / r["run_id"] / "metrics.jsonl")[0],
+                     read_jsonl(runs / g["run_id"] / "metrics.jsonl")[0])
 
 
-def test_train_on_2_processes_killed_and_rerun_equals_one_process(setup):
-    tmp, cfg, config_py, _, env = setup
-    T.train(cfg, tmp / "train_one", progress=False)
-    args = ["train", "--config", config_py, "--workdir", str(tmp / "train_two")]
-    procs = start(args, 2, 4, env)
-    kill_when(procs, lambda: lines(tmp / "train_two" / "metrics.jsonl") >= 4)
-    assert lines(tmp / "train_two" / "metrics.jsonl") < STEPS // 2  # killed mid-run
-    procs = start(args, 2, 4, env)
-    errs = finish(procs)
-    mesh = "[mesh run×data×model 1×8×1 on 8 cpu device(s) in 2 processes; fsdp on"
-    assert f"train step (up to 2 per call) {mesh}" in errs[0]
-    assert_close(T.read_metrics(tmp / "train_one"), T.read_metrics(tmp / "train_two"))
-    meta = json.loads(next((tmp / "train_two" / "checkpoints" / str(STEPS)).glob("meta/*")).read_text())
-    assert sorted(r[0] for r in meta["stream"]["rows"]) == list(range(8))  # every row's state
+def test_train_on_2_processes_sigterm_one_then_rerun(setup):
+    tmp, root, cfgs, files, _ = setup
+    local = cfgs["local"]
+    T.train(replace(local, train=replace(local.train, steps_per_call=1)), tmp / "train_ref",
+            progress=False)
+    cmd = [sys.executable, "-m", "stability", "train", f"--config={files['bucket']}",
+           "--workdir=gs://b/runs/train", "--distributed", "--no-progress"]
+    metrics = root / "b" / "runs" / "train" / "metrics.jsonl"
+    errs = sigterm_one(start(cmd, 2, 2, root), lambda: metrics.exists() and metrics.stat().st_size,
+                       seed=1)
+    stop = interrupted_at(errs)
+    errs = finish(start(cmd, 2, 2, root))
+    assert "[mesh run×data×model 1×4×1 on 4 cpu device(s) in 2 processes; fsdp on" in errs[0]
+    assert f"resuming train at step {stop}" in errs[0]
+    assert_close(T.read_metrics(tmp / "train_ref"), read_jsonl(metrics)[0])

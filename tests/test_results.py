@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_config_file
-from stability import plots, results
+from stability import plots, report, results
 from stability.cli import main
 from stability.config import ConfigError
 from stability.sweep import build_runs, chunks_of
-from stability.tracking import Tracker, to_jsonable
+from stability.tracking import Tracker
+from stability.workdir import to_jsonable
 
 # The hand-written workdirs hold torn lines on purpose; tests that check the warning use
 # pytest.warns, the others need not see it.
@@ -325,9 +326,9 @@ def test_seed_spread_and_report_mark_where_seeds_disagree(tmp_path):
     assert cells[2].endswith(" †") and cells[3].endswith("(1/3 div) †")
     assert cells[4] == f"{np.mean(per_seed):.3f} ± {np.std(per_seed, ddof=1):.3f}"
     assert cells[5] == "1 |"
-    report = plots.write_report(d).read_text()
-    assert "Up to 3 seeds per LR" in report and table_md in report
-    assert "| setting | lr | seed | max attn logit |" in report
+    text = report.write_report(d).read_text()
+    assert "Up to 3 seeds per LR" in text and table_md in text
+    assert "| setting | lr | seed | max attn logit |" in text
     assert (d / "lr_sensitivity.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -500,8 +501,7 @@ def test_offline_wandb_run_holds_the_sweep_conventions_and_reads_back(tmp_path, 
         tags=("qk_norm", "z_loss"),
     )
     logged = history(cfg.optim.lr)
-    for rec in logged:
-        tracker.log(rec)
+    tracker.log(logged)
     tracker.summary({"loss_at_init": 4.2})
     tracker.close()
 

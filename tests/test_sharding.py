@@ -1,4 +1,4 @@
-"""Mesh, rules and sharded train steps (stability/sharding.py).
+"""Mesh, rules and sharded train steps (stability/sharding.py, stability/programs.py).
 
 The multi-device checks run in child processes with 8 forced CPU devices (the pytest process
 has one): this file is also their program (``python tests/test_sharding.py eight DIR``).
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -19,8 +20,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_config_file
+from stability import programs as Pr
 from stability import sharding as S
-from stability import train as T
+from stability import step as St
 from stability.config import ConfigError, size_preset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +51,8 @@ def reference(cfg) -> list[dict]:
     uses)."""
     one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tensor_parallel=1))
     mesh = S.make_mesh(one, devices=jax.devices()[:1])
-    state = S.shard_train_fns(one, mesh).init(np.int32(cfg.train.seed))
-    return _run_sharded(one, mesh, state, T.hyperparams(cfg), batches(cfg))[1]
+    state = Pr.build(one, mesh).init(np.int32(cfg.train.seed))
+    return _run_sharded(one, mesh, state, St.hyperparams(cfg), batches(cfg))[1]
 
 
 def assert_same(got: list[dict], want: list[dict], what: str) -> None:
@@ -99,6 +101,28 @@ def test_rules_map_logical_names_with_divisibility_fallback():
     assert S.spec((None,), (64,), sizes, fsdp) == S.P()
 
 
+def test_device_memory_is_asked_of_this_processs_devices_only():
+    """On a pod, memory_stats() of another host's device raises: the limit comes from one of
+    this process's devices, wherever the mesh starts."""
+    from types import SimpleNamespace
+
+    class Device:
+        def __init__(self, process_index):
+            self.process_index = process_index
+
+        def memory_stats(self):
+            if self.process_index != jax.process_index():
+                raise RuntimeError("INVALID_ARGUMENT: MemoryStats is only supported for "
+                                   "addressable PjRt devices")
+            return {"bytes_limit": 123}
+
+    devices = np.array([Device(jax.process_index() + 1), Device(jax.process_index())], object)
+    mesh = SimpleNamespace(devices=devices, shape={"run": 2})
+    assert S.local_devices(mesh) == [devices[1]] and S.device_limit_bytes(mesh) == 123
+    with pytest.raises(ValueError, match="no device of the mesh"):
+        S.local_devices(SimpleNamespace(devices=devices[:1], shape={"run": 1}))
+
+
 def test_tensor_parallel_must_divide_heads():
     with pytest.raises(ConfigError, match=r"train.tensor_parallel=3 must divide config.model.n_heads=4"):
         small(tensor_parallel=3)
@@ -119,7 +143,7 @@ def test_remat_modes_give_identical_losses_and_gradients():
 
         def loss(params, graphdef=graphdef, rest=rest):
             logits_BTV, _ = nnx.merge(graphdef, params, rest, copy=True)(tokens[:, :-1])
-            return T.cross_entropy(logits_BTV, tokens[:, 1:])[0].mean()
+            return St.cross_entropy(logits_BTV, tokens[:, 1:])[0].mean()
 
         grad_fn = jax.value_and_grad(loss)
         jaxpr = str(jax.make_jaxpr(grad_fn)(params))
@@ -178,10 +202,10 @@ def assert_same_records(got: list[dict], want: list[dict], what: str) -> None:
 
 def test_eight_devices_fsdp_tensor_parallel_runs_checkpoints_and_memory(tmp_path, capsys):
     from stability.sweep import read_results
-    from stability.tracking import read_jsonl
+    from stability.workdir import read_jsonl
 
-    S._shard_train_fns.cache_clear()  # count this test's compiles
-    S._base_fns.cache_clear()
+    Pr._build.cache_clear()  # count this test's compiles
+    Pr._base.cache_clear()
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
         proc = _child(["eight", str(tmp_path)], 8, out, err)
         run_commands(tmp_path, "one")  # the same commands on this process's one device
@@ -192,10 +216,11 @@ def test_eight_devices_fsdp_tensor_parallel_runs_checkpoints_and_memory(tmp_path
     print(out)  # per-device memory numbers of w4096 (pytest -s shows them)
     assert "w4096 step memory per device" in out
     # Each program compiled once (the memory check reuses the call it runs), naming its mesh.
-    assert one_err.count("compiled train step (up to 1 per call) [mesh run×data×model 1×1×1") == 1
+    one_run = "train call (vmapped over 1 run(s), up to 1 updates, 1 metric rows) [mesh run×data×model"
+    assert one_err.count(f"compiled {one_run} 1×1×1") == 1
     assert "3 run(s), run×data×model mesh 2×4×1" in err  # runs 2 ways (one padded), batch 4 ways
-    assert "train step (vmapped, up to 1 per call) [mesh run×data×model 2×4×1 on 8 cpu" in err
-    assert "compiled train step (up to 1 per call) [mesh run×data×model 1×8×1" in err
+    assert "train call (vmapped over 4 run(s), up to 1 updates, 1 metric rows) [mesh run×data×model 2×4×1 on 8 cpu" in err
+    assert f"compiled {one_run} 1×8×1" in err
     # stability train with fsdp on 8 devices, and a vmapped sweep on run 2 × fsdp 4: the
     # records of the single-device commands.
     metrics = lambda d: read_jsonl(d / "metrics.jsonl")[0]
@@ -223,21 +248,24 @@ def test_train_check_prints_xla_memory_and_refuses_what_does_not_fit(tmp_path, c
     assert "train call per device: " in out and "mesh run×data×model 1×1×1" in out, out
     assert "config OK" in out and not (tmp_path / "w").exists()
     # The same compiled program (no second compile) on a device of 1 MiB: refused, exit 2, by
-    # XLA's numbers (the quick estimate, which would refuse first, is switched off here).
+    # XLA's numbers; the hand estimate only warns.
     monkeypatch.setattr(S, "device_limit_bytes", lambda mesh: 2**20)
-    monkeypatch.setattr("stability.train.check_memory", lambda *args, **kwargs: None)
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "does not fit: the compiled train step needs per device:" in err
+    assert "warning: a hand estimate" in err and "XLA's numbers decide" in err
+    assert "does not fit: the compiled train call needs per device:" in err
     assert "of 0.00 GiB" in err and "mesh run×data×model 1×1×1" in err
-    assert "compiled train step (up to" not in err
-    assert main(["sweep", f"--sweep={sweep_py}", f"--config={config_py}", f"--workdir={tmp_path / 's'}",
-                 "--strategy=vmap", "--check"]) == 2
-    assert "3 runs) does not fit" in capsys.readouterr().err
+    assert not re.search(r"^compiled train call", err, re.M)  # no second compile
+    sweep = ["sweep", f"--sweep={sweep_py}", f"--config={config_py}", f"--workdir={tmp_path / 's'}",
+             "--strategy=vmap", "--check"]
+    assert main(sweep) == 2
+    err = capsys.readouterr().err
+    assert "chunk default lr=0.003…0.03 ×3 (model.d_model=32" in err and "does not fit" in err
+    assert "--max-runs-per-program" in err and not (tmp_path / "s").exists()
 
 
 def _run_sharded(cfg, mesh, state, hp, bs, start=0, runs=None):
-    fns = S.shard_train_fns(cfg, mesh, runs=runs)
+    fns = Pr.build(cfg, mesh, runs=runs)
     hp = jax.device_put(hp, fns.hp)
     out = []
     for b in bs[start:]:
@@ -271,8 +299,8 @@ def eight_devices(tmp: Path) -> None:
     want = reference(cfg)
     mesh = S.make_mesh(cfg)
     assert tuple(mesh.shape.values()) == (1, 4, 2), mesh.shape
-    fns = S.shard_train_fns(cfg, mesh)
-    state, hp, bs = fns.init(np.int32(0)), T.hyperparams(cfg), batches(cfg)
+    fns = Pr.build(cfg, mesh)
+    state, hp, bs = fns.init(np.int32(0)), St.hyperparams(cfg), batches(cfg)
     assert_bytes_split(state, 8, "fsdp 4 × model 2")
     state, got = _run_sharded(cfg, mesh, state, hp, bs[:10])
     with tempfile.TemporaryDirectory() as ckpt_dir:
@@ -284,8 +312,8 @@ def eight_devices(tmp: Path) -> None:
         fsdp_only = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tensor_parallel=1))
         for n in (2, 1):
             small_mesh = S.make_mesh(fsdp_only, devices=devs[:n])
-            like = S.shard_train_fns(fsdp_only, small_mesh).abstract_state
-            restored, _ = ckpt.restore(10, like)
+            like = Pr.build(fsdp_only, small_mesh).abstract_state
+            restored = ckpt.restore(10, like)
             assert {d for x in jax.tree.leaves(restored) for d in x.devices()} == set(devs[:n])
             assert_bytes_split(restored, n, f"restored on fsdp {n}")
             _, cont = _run_sharded(fsdp_only, small_mesh, restored, hp, bs, start=10)
@@ -303,13 +331,13 @@ def eight_devices(tmp: Path) -> None:
         data=dataclasses.replace(small().data, seq_len=512, batch_size=256),
     )
     mesh = S.make_mesh(cfg)
-    fns = S.shard_train_fns(cfg, mesh)
+    fns = Pr.build(cfg, mesh)
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(fns.abstract_state))
-    report = S.step_memory(cfg, mesh, k_max=1)
+    report = Pr.step_memory(cfg, mesh)
     print(f"w4096 step memory per device: {report.line()}", flush=True)
     assert abs(report.argument / (state_bytes / 8) - 1) < 0.05, (report, state_bytes)
     try:
-        S.check_step_memory(cfg, mesh, limit=2**30, k_max=1)
+        Pr.refuse_unless_fits(Pr.step_memory(cfg, mesh, limit=2**30), cfg)
         raise AssertionError("a 1 GiB device was not refused")
     except ConfigError as e:
         assert "does not fit" in str(e) and "mesh run×data×model 1×8×1" in str(e), e

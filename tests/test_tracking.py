@@ -35,9 +35,11 @@ def offline(tmp_path, monkeypatch):
 
 
 def segment(run_dir, steps, resume):
-    tracker = Tracker(run_dir, WandbConfig(), {"lr": 0.1}, name="r", resume=resume)
+    """A start of the run (resuming after the step before ``steps`` when ``resume``)."""
+    keep = steps[0] - 1 if resume else 0
+    tracker = Tracker(run_dir, WandbConfig(), {"lr": 0.1}, name="r", keep_step=keep)
     for s in steps:
-        tracker.log({"step": s, "train/loss": 1.0 / s})
+        tracker.log([{"step": s, "train/loss": 1.0 / s}])
     tracker.close()
 
 

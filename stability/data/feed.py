@@ -17,7 +17,9 @@ import jax
 import numpy as np
 
 
-def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...], axis: int) -> list[int]:
+def process_rows(
+    sharding: jax.sharding.Sharding, global_shape: tuple[int, ...], axis: int
+) -> list[int]:
     """The indices along ``axis`` (the batch rows) held by this process's devices."""
     rows: set[int] = set()
     for idx in sharding.addressable_devices_indices_map(global_shape).values():
@@ -111,3 +113,27 @@ def gather_stream_state(state: dict[str, Any]) -> dict[str, Any]:
     every = np.asarray(multihost_utils.process_allgather(table))  # [processes, B, fields]
     merged = every.max(axis=0)
     return {**state, "rows": merged[merged[:, 0] >= 0].tolist()}
+
+
+class Feed:
+    """Batches of one training stream as global arrays ``[k_max, B, T+1]`` on ``sharding``
+    (batch rows on axis 1), this process reading only the rows its devices hold."""
+
+    def __init__(self, source, seed: int, batch_size: int, sharding, k_max: int):
+        self.k_max, self.sharding = k_max, sharding
+        self.global_rows = (k_max, batch_size)
+        self.rows = process_rows(sharding, self.global_rows, 1)
+        self.stream = source.train_stream(seed, self.rows)
+
+    def prepare(self, host: dict) -> dict:
+        return {
+            k: place(v, self.rows, self.sharding, (*self.global_rows, *v.shape[2:]), 1)
+            for k, v in host.items()
+        }
+
+    def single(self, host: dict, i: int) -> dict:
+        """Batch ``i`` of a prepared ``host`` stack alone, at position 0 (for a replay)."""
+        return self.prepare(stack_padded([{k: v[i] for k, v in host.items()}], self.k_max))
+
+    def prefetch(self, sizes: list[int]) -> Prefetcher:
+        return Prefetcher(self.stream, sizes, self.k_max, self.prepare)

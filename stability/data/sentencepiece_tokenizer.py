@@ -1,4 +1,5 @@
-"""SentencePiece tokenization from a model file (e.g. the T5 vocabulary of Wortsman et al.)."""
+"""SentencePiece tokenization from a model file (e.g. the T5 vocabulary of Wortsman et al.),
+local or on a bucket (``gs://...``: the file is read through ``etils.epath``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import numpy as np
 import sentencepiece as spm
 
+from stability import workdir as W
 from stability.config import ConfigError
 
 
@@ -24,13 +26,13 @@ class SentencePieceTokenizer:
                 f"{field}='' is empty; data.tokenizer='sentencepiece' needs the path of a "
                 f"SentencePiece .model file"
             )
-        full = os.path.expanduser(path)
-        if not os.path.isfile(full):
+        full = W.path(os.path.expanduser(path))
+        if not full.exists() or full.is_dir():
             raise ConfigError(
                 f"{field}={path!r} does not exist; give the path of a SentencePiece .model file"
             )
         try:
-            self._sp = spm.SentencePieceProcessor(model_file=full)
+            self._sp = spm.SentencePieceProcessor(model_proto=full.read_bytes())
         except RuntimeError as err:
             reason = str(err).splitlines()[0]
             raise ConfigError(

@@ -1,4 +1,5 @@
-"""Byte-level text: local files, or the Python standard library's own sources.
+"""Byte-level text: files (local or on a bucket, through ``etils.epath``), or the Python
+standard library's own sources.
 
 The corpus is read once into one uint8 array (documents joined by a newline), split into a
 train stream and a held-out tail. The batch at step s is a pure function of (seed, s): its
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stability import workdir as W
 from stability.config import ConfigError, DataConfig
 from stability.data import IndexedStream
 
@@ -33,15 +35,13 @@ def stdlib_files() -> tuple[Path, ...]:
     return tuple(sorted(files))
 
 
-def find_files(paths: tuple[str, ...], include: tuple[str, ...]) -> list[Path]:
+def find_files(paths: tuple[str, ...], include: tuple[str, ...]) -> list[W.Path]:
     """Files named in ``paths``; directories are searched recursively for ``include`` globs."""
-    found: list[Path] = []
+    found: list[W.Path] = []
     for raw in paths:
-        p = Path(os.path.expanduser(raw))
-        if p.is_file():
-            found.append(p)
-        elif p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file())
+        p = W.path(os.path.expanduser(raw))
+        if p.is_dir():
+            files = sorted(W.path(d) / name for d, _, names in p.walk() for name in names)
             matched = [f for f in files if any(fnmatch.fnmatch(f.name, g) for g in include)]
             if not matched:
                 held = ", ".join(str(f.relative_to(p)) for f in files[:5])
@@ -52,13 +52,15 @@ def find_files(paths: tuple[str, ...], include: tuple[str, ...]) -> list[Path]:
                     + (f" ({held}{more})" if files else "")
                 )
             found += matched
+        elif p.exists():
+            found.append(p)
         else:
             raise ConfigError(f"config.data.paths: {raw!r} does not exist")
     return found
 
 
 @functools.lru_cache(maxsize=4)
-def _read_corpus(files: tuple[Path, ...]) -> np.ndarray:
+def _read_corpus(files: tuple) -> np.ndarray:
     chunks = []
     for f in files:
         data = f.read_bytes()

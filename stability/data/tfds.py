@@ -31,6 +31,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from stability import workdir as W
 from stability.config import ConfigError
 from stability.data.sentencepiece_tokenizer import SentencePieceTokenizer
 
@@ -98,8 +99,8 @@ def open_split(name: str, split: str, data_dir: str, field: str) -> Sequence[dic
             "config.data.tfds_data_dir='' is empty; give the directory where the dataset was "
             "prepared (tfds build NAME --data_dir=DIR --file_format=array_record)"
         )
-    full_dir = os.path.expanduser(data_dir)
-    if not os.path.isdir(full_dir):
+    full_dir = W.path(os.path.expanduser(data_dir))  # local or gs://
+    if not full_dir.is_dir():
         raise ConfigError(
             f"config.data.tfds_data_dir={data_dir!r} is not a directory; give the directory "
             f"where the dataset was prepared"
@@ -110,7 +111,7 @@ def open_split(name: str, split: str, data_dir: str, field: str) -> Sequence[dic
             "'c4/en:3.1.0'"
         )
     try:
-        builder = tfds.builder(name, data_dir=full_dir, try_gcs=False)
+        builder = tfds.builder(name, data_dir=os.fspath(full_dir), try_gcs=False)
     except ValueError as err:  # includes tfds' DatasetNotFoundError
         raise ConfigError(
             f"config.data.tfds_name={name!r} is neither a registered tfds dataset nor prepared "

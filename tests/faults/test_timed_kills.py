@@ -158,7 +158,7 @@ def test_train_killed_inside_checkpoint_write(train_reference, tmp_path, capsys,
     assert main(train_args(config, workdir)) == 0
     err = capsys.readouterr().err
     if n > 1:
-        assert f"resuming {workdir} from step {CKPT_STEPS[n - 2]}" in err
+        assert f"resuming {workdir.name} at step {CKPT_STEPS[n - 2]}" in err
     else:  # no finalised checkpoint: a clean restart, not a resume from the unfinished one
         assert "resuming" not in err
     assert strip_perf(workdir / "metrics.jsonl") == strip_perf(ref / "metrics.jsonl")

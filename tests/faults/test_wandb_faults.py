@@ -78,8 +78,10 @@ def runs(tmp_path_factory):
     feeds (it equals a W&B-disabled run's, as test_train_faults checks); one run fewer to wait for.
     """
     tmp = tmp_path_factory.mktemp("wandb")
+    # One record per call: W&B sees them one at a time, as a long run's, so that its
+    # transaction log holds several blocks when the service is killed.
     cfg = tiny_config(train={"steps": STEPS, "log_every": LOG_EVERY, "eval_every": 50,
-                             "checkpoint_every": STEPS})
+                             "checkpoint_every": STEPS, "steps_per_call": LOG_EVERY})
     config = write_config_file(tmp / "cfg.py", cfg)
     procs = {}
     for name in ("healthy", "killed"):
@@ -237,7 +239,7 @@ def test_service_death_first_seen_by_finish(tmp_path):
         from stability.tracking import Tracker
 
         tracker = Tracker({str(tmp_path)!r}, WandbConfig(mode="offline"), {{}}, name="t")
-        tracker.log({{"step": 1, "loss": 1.0}})
+        tracker.log([{{"step": 1, "loss": 1.0}}])
         pids = service_pids(os.getpid())
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
@@ -257,9 +259,11 @@ SEGMENT = """
 import sys
 from stability.config import WandbConfig
 from stability.tracking import Tracker
-tracker = Tracker(sys.argv[1], WandbConfig(), {}, name="r", resume=sys.argv[2] == "1")
-for step in map(int, sys.argv[3].split(",")):
-    tracker.log({"step": step, "train/loss": 1.0 / step})
+steps = list(map(int, sys.argv[3].split(",")))
+keep = steps[0] - 1 if sys.argv[2] == "1" else 0
+tracker = Tracker(sys.argv[1], WandbConfig(), {}, name="r", keep_step=keep)
+for step in steps:
+    tracker.log([{"step": step, "train/loss": 1.0 / step}])
 tracker.close()
 """
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from stability import train as T
+from stability import step as St
 from stability.data import make_source
+from stability.programs import one_device
 
 VARIANTS = {
     "softmax": {},
@@ -18,8 +19,8 @@ VARIANTS = {
 
 
 def train_steps(cfg, steps):
-    _, _, init, step, _ = T.compiled_fns(T.static_config(cfg))
-    state, hp = init(0), T.hyperparams(cfg)
+    progs = one_device(cfg)
+    step, state, hp = progs.step, progs.init(np.int32(0)), St.hyperparams(cfg)
     stream = make_source(cfg.data, cfg.model.vocab_size).train_stream(0)
     outs = []
     for _ in range(steps):
@@ -43,11 +44,12 @@ def test_no_T_by_T_tensor_in_the_compiled_step():
     T_ = 48  # a sequence length no other dimension of the tiny model has
     for impl, expect in (("xla", True), ("pallas", False)):
         cfg = tiny_config(model={"attention_impl": impl}, data={"seq_len": T_})
-        graphdef, tx, _, _, _ = T.compiled_fns(T.static_config(cfg))
-        state = jax.eval_shape(lambda cfg=cfg, tx=tx: T.init_state(cfg, 0, tx))
+        progs = one_device(cfg)
+        graphdef, tx = progs.graphdef, progs.tx
+        state = jax.eval_shape(lambda cfg=cfg, tx=tx: St.init_state(cfg, 0, tx))
         batch = {"tokens": jax.ShapeDtypeStruct((4, T_ + 1), np.int32)}
-        step = T.make_train_step(cfg, graphdef, tx)
-        hlo = jax.jit(step).lower(state, T.hyperparams(cfg), batch).as_text()
+        step = St.make_train_step(cfg, graphdef, tx)
+        hlo = jax.jit(step).lower(state, St.hyperparams(cfg), batch).as_text()
         has_tt = re.search(rf"(?<![0-9]){T_}x{T_}(?![0-9])", hlo) is not None
         assert has_tt == expect, impl
 

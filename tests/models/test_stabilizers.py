@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stability import train as T
+from stability import step as St
 from stability.config import (
     ConfigError,
     ModelConfig,
@@ -361,19 +361,19 @@ def train_steps(tiny_config, model_fields: dict, steps: int):
     ``tiny_config`` with ``model_fields``."""
     cfg = tiny_config(model=model_fields, train={"steps": max(steps, 5)})
     tx = make_optimizer(cfg.optim)
-    graphdef = T.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))[0]
-    state0 = T.init_state(cfg, 0, tx)
+    graphdef = St.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))[0]
+    state0 = St.init_state(cfg, 0, tx)
     source = make_source(cfg.data, cfg.model.vocab_size)
-    stream, hp = source.train_stream(0), T.hyperparams(cfg)
+    stream, hp = source.train_stream(0), St.hyperparams(cfg)
     batch = stream.next()
-    step = fast_jit(T.make_train_step(cfg, graphdef, tx), state0, hp, batch)
+    step = fast_jit(St.make_train_step(cfg, graphdef, tx), state0, hp, batch)
     state = state0
     for _ in range(steps):
         state, out = step(state, hp, batch)
         batch = stream.next()
     eval_batch = source.eval_batches(1)[0]
     args = (state.params, state.gstats, state.rest, eval_batch)
-    total, count = fast_jit(T.make_eval_step(cfg, graphdef), *args)(*args)
+    total, count = fast_jit(St.make_eval_step(cfg, graphdef), *args)(*args)
     return state0, state, out, float(total / count)
 
 

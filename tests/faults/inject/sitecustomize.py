@@ -65,12 +65,12 @@ def _matches(fault: str, event: str, args: tuple) -> bool:
 
 
 def _record_being_appended() -> str | None:
-    """The line that the caller (tracking.append_jsonl) is about to write, if it can be seen."""
+    """The line that the caller (workdir.Jsonl.flush) is about to write, if it can be seen."""
     frame = sys._getframe(2)
     for _ in range(6):
         if frame is None:
             return None
-        line = frame.f_locals.get("line")
+        line = frame.f_locals.get("text")
         if isinstance(line, str) and line.endswith("\n"):
             return line
         frame = frame.f_back

@@ -1,0 +1,467 @@
+"""THE training loop: a stack of N >= 1 runs of one static config, K updates per device call.
+
+Every command that trains comes here: ``stability train`` is a stack of one run,
+``stability sweep`` and ``reproduce`` a stack per chunk of a sweep. The stack always carries a
+run axis (of size 1 for ``train``), in its programs and in its checkpoints.
+
+One device call (``step.make_call``) runs up to K updates, ending at an eval, checkpoint or
+WSD-S decay end (or at K); the metrics of the logged steps inside it come back from it. The
+host never makes the device wait: call c+1 is dispatched before the host fetches call c's
+outputs, and everything the host does with them (records, W&B, progress, early warnings,
+divergence replay, handing a checkpoint to orbax's asynchronous save) overlaps call c+1.
+
+- Divergence is detected inside the step, the run frozen there (its updates masked), and
+  recorded at its exact update: the host learns of it one call later and, if that update was
+  not logged, replays it on the frozen state for its record. A stack whose runs have all
+  diverged stops.
+- Checkpoints: at each checkpoint step a copy of the state is made on the device (so the next
+  call can take the state) and handed to orbax, with the records flushed first.
+- Preemption (:class:`Preemption`) is honoured at the next call boundary; every host stops at
+  the same step and saves one checkpoint there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stability import programs as P
+from stability import sharding as S
+from stability import step as St
+from stability import workdir as W
+from stability.checkpoint import Checkpointer
+from stability.config import Config, ConfigError
+from stability.data import feed as F
+from stability.data import make_source
+from stability.optim.schedules import decay_ends
+from stability.tracking import Tracker
+
+FORMAT = 2  # checkpoint format: a run axis in every state, meta with "format"
+# Seconds between a preemption notice and the end of the save that a pod leaves (a TPU VM's
+# maintenance event gives about 30). A stop waits for the call running when the notice comes
+# (up to train.steps_per_call updates) and the next boundary's save: a call that takes longer
+# is reported once, with the K that would fit.
+PREEMPTION_GRACE_SECONDS = 30.0
+RELEASE = "0.2.0"  # the release that wrote FORMAT
+
+
+class Preemption:
+    """Stop requests, honoured at the next call boundary with a checkpoint, then exit 0.
+
+    One process: SIGTERM (a preemption notice) and a first Ctrl-C set a flag. Several JAX
+    processes (a pod): SIGTERM belongs to JAX's preemption notifier (installed by
+    ``jax.distributed.initialize``), and every process learns the same stop step from
+    ``multihost_utils.reached_preemption_sync_point``; a Ctrl-C is turned into a SIGTERM of
+    this process, so it takes the same path. A second Ctrl-C exits at once (status 130).
+    Nestable: an inner ``with`` of the same object changes nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict = {}
+        self._depth = 0
+        self._boundaries = 0  # call boundaries seen by this process (JAX's sync-point ids)
+
+    def __enter__(self):
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
+            signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+            self._old = {s: signal.signal(s, self._handle) for s in signals}
+        return self
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.requested:
+                sys.stderr.write("interrupted again: exiting without a checkpoint\n")
+                sys.stderr.flush()
+                os._exit(130)
+            if jax.process_count() > 1:
+                self.requested = True  # the notifier makes it every process's decision
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+        self.requested = True
+
+    def stop(self) -> bool:
+        """Whether to stop before the next call (the same answer on every process: call it
+        at every call boundary). JAX's sync point is the boundary after the latest one any
+        process had reached when the notice came, so it counts boundaries one by one."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        self._boundaries += 1
+        return bool(multihost_utils.reached_preemption_sync_point(self._boundaries))
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0:
+            for s, old in self._old.items():
+                signal.signal(s, old)
+            self._old = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run of a stack: its config and where its records go."""
+
+    name: str  # run id (sweep) or the workdir's name (train): W&B name, messages
+    config: Config
+    directory: W.Path  # metrics.jsonl, events.jsonl, versions.json, wandb_id
+    wandb_config: dict  # what W&B records as the run's config
+    group: str = ""
+    tags: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    status: Literal["finished", "diverged", "preempted"]
+    steps: int  # the last logged step (a diverged run's: its failing update)
+    last: dict  # the run's last metric record ({} if none)
+    loss_at_init: float  # eval loss at initialisation (NaN if unknown)
+    diverged_step: int | None
+
+
+@dataclasses.dataclass
+class StackResult:
+    runs: list[RunOutcome]
+    start: int  # the step it resumed from (0: a fresh start)
+    position: int  # updates the stack went through (the data position; checkpointed)
+    preempted: bool
+    wall_seconds: float
+
+
+@dataclasses.dataclass
+class _Call:
+    """A dispatched call whose outputs the host has not read yet."""
+
+    begin: int
+    end: int
+    out: dict  # device arrays: metrics rows, alive, diverged_step (+ eval)
+    host: dict  # the call's batches on the host (for a replay)
+    stream_state: dict  # the data position after the call (for its checkpoint)
+    snapshot: Any  # a device copy of the state after the call, when it is checkpointed
+
+
+def boundaries(cfg: Config):
+    """(is_log, is_eval, is_ckpt, decay ends) of ``cfg``'s schedule: every eval step (each
+    ``eval_every``, the last step and every WSD-S decay end) is logged and ends a call; every
+    checkpoint step (each ``checkpoint_every``, the last step and every decay end) ends one."""
+    t = cfg.train
+    ends = decay_ends(cfg.optim, t.steps)
+    is_eval = lambda s: s % t.eval_every == 0 or s == t.steps or s in ends
+    is_log = lambda s: s % t.log_every == 0 or is_eval(s)
+    is_ckpt = lambda s: s % t.checkpoint_every == 0 or s == t.steps or s in ends
+    return is_log, is_eval, is_ckpt, ends
+
+
+def call_ends(start: int, steps: int, is_boundary, k_max: int) -> list[int]:
+    """The last step of each call from ``start`` to ``steps``: a call ends on the next
+    boundary step (``is_boundary``) or after ``k_max`` updates, whichever comes first."""
+    ends, s = [], start
+    while s < steps:
+        e = s + 1
+        while e < steps and e - s < k_max and not is_boundary(e):
+            e += 1
+        ends.append(e)
+        s = e
+    return ends
+
+
+def stack_programs(cfg: Config, n_runs: int) -> P.Programs:
+    """The programs of a stack of ``n_runs`` runs of ``cfg`` (mesh from ``programs.plan``)."""
+    mesh, padded = P.plan(cfg, n_runs)
+    return P.build(cfg, mesh, runs=padded, k_max=St.steps_per_call_max(cfg.train))
+
+
+def train_stack(
+    runs: list[RunSpec],
+    checkpoints: W.PathLike,
+    *,
+    label: str,
+    preemption: Preemption,
+    progress: bool = True,
+    programs: P.Programs | None = None,
+) -> StackResult:
+    """Train (or resume from ``checkpoints``) a stack of runs sharing a static config; their
+    records go to each run's directory (process 0 writes them). ``label`` names the stack on
+    the progress bar. ``programs``: the stack's compiled programs, if already built."""
+    cfg = runs[0].config
+    static = St.static_config(cfg)
+    for r in runs:
+        if St.static_config(r.config) != static:
+            raise ValueError(f"run {r.name} does not share the stack's static config")
+    t, n = cfg.train, len(runs)
+    progs = programs or stack_programs(cfg, n)
+    # XLA's memory check before anything runs (compiled once: the program is kept in progs)
+    P.refuse_unless_fits(P.compile_call(cfg, progs), cfg)
+    pad = lambda values, dtype: S.from_host(
+        np.asarray(values + [values[-1]] * (progs.runs - n), dtype), progs.hp
+    )
+    hp = {
+        k: pad([float(St.hyperparams(r.config)[k]) for r in runs], np.float32)
+        for k in St.HYPERPARAMS.values()
+    }
+    source = make_source(cfg.data, cfg.model.vocab_size)
+    feed = F.Feed(source, cfg.data.seed, cfg.data.batch_size, progs.batches, progs.k_max)
+    eval_batches = [
+        {k: S.from_host(v, progs.batch) for k, v in b.items()}
+        for b in source.eval_batches(t.eval_batches)
+    ]
+    ckpt = Checkpointer(checkpoints, t.max_to_keep, keep_steps=boundaries(cfg)[3])
+    t0 = time.time()
+    try:
+        restored = ckpt.restore_latest(lambda meta: _restore_target(meta, cfg, progs, checkpoints))
+        if restored is None:
+            start, state = 0, progs.init(pad([r.config.train.seed for r in runs], np.int32))
+            loss0 = S.to_host(progs.evaluate(state, eval_batches))[:n]
+        else:  # a resume runs no init
+            start, state, meta = restored
+            if meta.get("format") != FORMAT:
+                state = _add_run_axis(state, progs)
+            feed.stream.restore(meta["stream"])
+            loss0 = np.asarray(meta.get("loss_at_init", [math.nan] * n), np.float64)
+        loop = _Loop(cfg, runs, progs, state, hp, feed, eval_batches, ckpt, loss0, source)
+        position, preempted = start, False
+        if start < t.steps and not loop.all_dead():
+            trackers = _trackers(runs, source, start) if jax.process_index() == 0 else []
+            try:
+                position, preempted = loop.run(start, preemption, trackers, progress, label)
+            finally:
+                for tr in trackers:
+                    tr.close()
+    finally:
+        ckpt.close()
+    outcomes = []
+    for i, r in enumerate(runs):
+        last = loop.last[i] or _last_record(r.directory)
+        died = loop.died[i]
+        status = (
+            "diverged" if died is not None else "finished" if position >= t.steps else "preempted"
+        )
+        step = int(last.get("step", position))
+        outcomes.append(RunOutcome(status, step, last, float(loss0[i]), died))
+    return StackResult(outcomes, start, position, preempted, time.time() - t0)
+
+
+def _restore_target(meta: dict, cfg: Config, progs: P.Programs, where) -> Any:
+    """The abstract state a checkpoint with sidecar ``meta`` restores onto: this format's
+    (a run axis), a sweep chunk's of release 0.1.0 (the same), or a single run's of 0.1.0 (no
+    run axis: restored as is, then given one)."""
+    fmt = meta.get("format")
+    if fmt == FORMAT or (fmt is None and "loss_at_init" in meta):
+        return progs.abstract_state
+    if fmt is None and "diverged" in meta:  # `stability train` of 0.1.0
+        return P.build(cfg, progs.mesh, runs=None, k_max=1).abstract_state
+    raise ConfigError(
+        f"{where}: checkpoint format {fmt!r} is not one this release ({RELEASE}, format "
+        f"{FORMAT}) reads; resume it with the release that wrote it, or use another workdir"
+    )
+
+
+def _add_run_axis(state: Any, progs: P.Programs) -> Any:
+    """A state without a run axis (a single run's checkpoint of release 0.1.0) as a stack."""
+    stack = lambda x: jnp.broadcast_to(x[None], (progs.runs, *x.shape))
+    return jax.jit(lambda s: jax.tree.map(stack, s), out_shardings=progs.state)(state)
+
+
+def _trackers(runs: list[RunSpec], source, start: int) -> list[Tracker]:
+    out = []
+    for r in runs:
+        W.write_run_config(r.directory, W.to_jsonable(r.config.to_dict()))
+        out.append(
+            Tracker(
+                r.directory,
+                r.config.wandb,
+                {**r.wandb_config, "data_description": source.description},
+                name=r.name,
+                group=r.group,
+                tags=r.tags,
+                keep_step=start,
+            )
+        )
+    return out
+
+
+def _last_record(run_dir: W.Path) -> dict:
+    records = W.metrics(run_dir)[0]
+    return records[-1] if records else {}
+
+
+class _Loop:
+    """The state of one stack's training (:func:`train_stack`)."""
+
+    def __init__(self, cfg, runs, progs, state, hp, feed, eval_batches, ckpt, loss0, source):
+        self.cfg, self.runs, self.progs, self.state, self.hp = cfg, runs, progs, state, hp
+        self.feed, self.eval_batches, self.ckpt, self.loss0 = feed, eval_batches, ckpt, loss0
+        self.floor = source.loss_floor
+        self.n = len(runs)
+        self.trackers: list[Tracker] = []
+        self.last: list[dict] = [{} for _ in runs]
+        flags = S.to_host({"alive": state.alive, "died": state.diverged_step})
+        # Runs dead at a resumed checkpoint logged their last record before it was written.
+        self.died: list[int | None] = [
+            None if flags["alive"][i] else int(flags["died"][i]) for i in range(self.n)
+        ]
+        self.is_log, self.is_eval, self.is_ckpt, self.ends = boundaries(cfg)
+        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len  # of one run
+        self.saved: set[int] = set(ckpt.all_steps())
+        self.slow_call_reported = False
+
+    def all_dead(self) -> bool:
+        return all(d is not None for d in self.died)
+
+    def run(self, start: int, preemption: Preemption, trackers, progress: bool, label: str):
+        """Train from ``start``; (position reached, preempted)."""
+        from tqdm import tqdm
+
+        t, progs = self.cfg.train, self.progs
+        self.trackers = trackers
+        plan = call_ends(start, t.steps, lambda s: self.is_eval(s) or self.is_ckpt(s), progs.k_max)
+        sizes = [e - s for s, e in zip([start, *plan], plan, strict=False)]
+        self.bar = tqdm(
+            total=t.steps,
+            initial=start,
+            disable=not progress or jax.process_index() != 0,
+            dynamic_ncols=True,
+            desc=label,
+            file=sys.stderr,
+            unit="step",
+        )
+        if start > 0 and jax.process_index() == 0:
+            for r in self.runs:
+                print(f"resuming {r.name} at step {start}", file=sys.stderr)
+        prefetch = self.feed.prefetch(sizes)
+        pending: _Call | None = None
+        position, preempted = start, False
+        self.fetched_at = time.time()
+        try:
+            for end, n in zip(plan, sizes, strict=True):
+                begin = end - n
+                if self.all_dead():
+                    break
+                if preemption.stop():
+                    preempted = True
+                    break
+                batches, host, stream_state = prefetch.next()
+                logged = np.array([self.is_log(begin + 1 + i) for i in range(progs.k_max)])
+                self.state, out = progs.call(
+                    self.state,
+                    self.hp,
+                    batches,
+                    S.from_host(np.int32(n), progs.replicated),
+                    S.from_host(logged, progs.replicated),
+                )
+                if self.is_eval(end):
+                    out["eval"] = progs.evaluate(self.state, self.eval_batches)
+                snapshot = jax.tree.map(jnp.copy, self.state) if self.is_ckpt(end) else None
+                if pending is not None:  # the device runs this call meanwhile
+                    self._finish(pending)
+                pending = _Call(begin, end, out, host, stream_state, snapshot)
+                position = end
+            if pending is not None:
+                self._finish(pending)
+                if position not in self.saved:  # preempted, or every run diverged
+                    self._save(position, self.state, pending.stream_state)
+            return position, preempted
+        finally:
+            prefetch.close()
+            self.bar.close()
+
+    def _finish(self, call: _Call) -> None:
+        """Read a call's outputs; write its records, replay a failing update, checkpoint."""
+        host_out = S.to_host(call.out)
+        now = time.time()
+        n = call.end - call.begin
+        seconds, self.fetched_at = max(now - self.fetched_at, 1e-9), now
+        tokens_per_sec = self.tokens_per_step * n / seconds
+        if seconds > PREEMPTION_GRACE_SECONDS / 2 and not self.slow_call_reported:
+            self.slow_call_reported = True
+            fit = max(1, int(n * PREEMPTION_GRACE_SECONDS / 2 / seconds))
+            print(
+                f"warning: a call of {n} updates took {seconds:.0f} s; a preemption notice "
+                f"leaves about {PREEMPTION_GRACE_SECONDS:.0f} s for the call and the save: set "
+                f"train.steps_per_call={fit} or lower",
+                file=sys.stderr,
+            )
+        alive = host_out["alive"][: self.n]
+        died_now = {
+            i: int(host_out["diverged_step"][i])
+            for i in range(self.n)
+            if not alive[i] and self.died[i] is None
+        }
+        logged = [s for s in range(call.begin + 1, call.end + 1) if self.is_log(s)]
+        replays = {d: self._replay(call, d) for d in set(died_now.values()) if d not in logged}
+        for i in range(self.n):
+            if self.died[i] is not None:
+                continue
+            records = []
+            for j, s in enumerate(logged):
+                if i in died_now and s > died_now[i]:
+                    break
+                records.append(self._record(i, s, host_out["metrics"], j, tokens_per_sec))
+            if i in died_now and died_now[i] not in logged:
+                records.append(
+                    self._record(i, died_now[i], replays[died_now[i]], 0, tokens_per_sec)
+                )
+            if records and "eval" in host_out and records[-1]["step"] == call.end:
+                records[-1]["eval/loss"] = float(host_out["eval"][i])
+            if records:
+                self.last[i] = records[-1]
+                if self.trackers:
+                    self.trackers[i].log(records)
+            if i in died_now:
+                self.died[i] = died_now[i]
+        self.bar.update(n)
+        losses = [r["train/loss"] for r in self.last if r and "train/loss" in r]
+        self.bar.set_postfix(
+            loss=f"{np.nanmin(losses):.3f}" if losses else "…",
+            alive=sum(d is None for d in self.died),
+            tok_s=f"{tokens_per_sec * self.n:.0f}",
+        )
+        if call.snapshot is not None:
+            self._save(call.end, call.snapshot, call.stream_state)
+
+    def _record(self, i: int, step: int, metrics: dict, row: int, tokens_per_sec: float) -> dict:
+        rec = {"step": step, **{k: v[row, i] for k, v in metrics.items()}}
+        rec["perf/tokens_per_sec"] = tokens_per_sec
+        if self.floor is not None:
+            rec["train/loss_floor"] = self.floor
+        return W.to_jsonable(rec)
+
+    def _replay(self, call: _Call, died: int) -> dict:
+        """The metrics of update ``died`` (inside ``call``), computed again on the frozen
+        states of the runs that failed there (the current state holds them unchanged)."""
+        progs = self.progs
+        copy = jax.tree.map(jnp.copy, self.state)
+        one = self.feed.single(call.host, died - call.begin - 1)
+        logged = np.zeros(progs.k_max, bool)
+        logged[0] = True
+        out = progs.call(
+            copy,
+            self.hp,
+            one,
+            S.from_host(np.int32(1), progs.replicated),
+            S.from_host(logged, progs.replicated),
+        )[1]
+        return S.to_host(out["metrics"])
+
+    def _save(self, step: int, state: Any, stream_state: dict) -> None:
+        for tr in self.trackers:
+            tr.flush()
+        meta = {
+            "format": FORMAT,
+            "stream": F.gather_stream_state(stream_state),
+            "loss_at_init": [float(x) for x in self.loss0],
+            "decay_end": step in self.ends,
+        }
+        self.ckpt.save(step, state, meta)
+        self.saved.add(step)
