@@ -209,6 +209,73 @@ class TrainConfig:
     remat: Remat = "none"
 
 
+# Early warning (stability/watch.py: each detector's formula). Detectors read the records
+# already logged; they cost no device work.
+OnWarning = Literal["log", "checkpoint", "stop"]
+
+
+@dataclass(frozen=True)
+class LogitWatch:
+    """Max attention logit growing towards ``threshold`` (watch.LogitGrowth)."""
+
+    enabled: bool = True
+    threshold: float = 1e4  # the paper's: every run whose max logit passed it diverged
+    window: int = 8  # trailing logged steps of the log-linear fit
+    horizon: int = 0  # warn for a crossing within this many steps; 0 = before the end
+    min_logit: float = 30.0  # no warning below this logit (stable runs stay under it)
+
+
+@dataclass(frozen=True)
+class EntropyWatch:
+    """Attention entropy collapse (watch.EntropyCollapse)."""
+
+    enabled: bool = True
+    floor: float = 0.05  # nats: the lowest head's mean row entropy below this
+    drop: float = 0.9  # or below (1 - drop) x its largest value over the first `window`
+    window: int = 5  # logged steps that define the early value
+
+
+@dataclass(frozen=True)
+class LogZWatch:
+    """Output-logit drift: mean log Z trending below ``bound`` (watch.LogZDrift)."""
+
+    enabled: bool = True
+    bound: float = -20.0  # nats
+    window: int = 8  # trailing logged steps of the linear fit
+    horizon: int = 0  # extrapolate this many steps ahead; 0 = to the end of training
+
+
+@dataclass(frozen=True)
+class EpsWatch:
+    """Gradient RMS / Adam's ε below ``ratio`` for a parameter (watch.UpdatesVsEps)."""
+
+    enabled: bool = True
+    ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class LossSpikeWatch:
+    """The common baseline: loss k standard deviations above its running mean
+    (watch.LossSpike)."""
+
+    enabled: bool = True
+    k: float = 3.0
+    window: int = 20  # previous logged steps of the running mean and deviation
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    # What a warning does: log (console line, events.jsonl, W&B alert); checkpoint (also
+    # keeps the checkpoint before the warning from rotation); stop (also freezes the run at
+    # the next call boundary, as a diverged run is frozen, and records it as stopped)
+    on_warning: OnWarning = "log"
+    logit: LogitWatch = field(default_factory=LogitWatch)
+    entropy: EntropyWatch = field(default_factory=EntropyWatch)
+    log_z: LogZWatch = field(default_factory=LogZWatch)
+    eps: EpsWatch = field(default_factory=EpsWatch)
+    loss_spike: LossSpikeWatch = field(default_factory=LossSpikeWatch)
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -216,6 +283,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -330,6 +398,30 @@ def typed_config(cd: ml_collections.ConfigDict | dict) -> Config:
     return _build(Config, cd, "config")
 
 
+# Sections that releases before 0.2.0 did not have: left out of a config's identity while at
+# their defaults, so the run ids and workdir checks of earlier workdirs stay what they were.
+NEW_SECTIONS = ("watch",)
+
+
+def identity(cfg: Config) -> dict[str, Any]:
+    """The config as a JSON-able dict for run ids and workdir comparisons: every field,
+    except the sections of ``NEW_SECTIONS`` while they are at their defaults."""
+    out = _jsonable(cfg.to_dict())
+    default = _jsonable(Config().to_dict())
+    for name in NEW_SECTIONS:
+        if out[name] == default[name]:
+            del out[name]
+    return out
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
 def from_config_dict(cd: ml_collections.ConfigDict | dict) -> Config:
     """Convert and validate. Raises ConfigError (one line) on the first invalid field."""
     cfg = typed_config(cd)
@@ -349,7 +441,21 @@ def validate(cfg: Config) -> None:
     _validate_train(cfg.train, cfg.model)
     _validate_optim(cfg.optim, cfg.train)
     _validate_data(cfg.data, cfg.model)
+    _validate_watch(cfg.watch)
     _refuse_unused(cfg)
+
+
+def _validate_watch(w: WatchConfig) -> None:
+    for name in ("logit", "entropy", "log_z", "eps", "loss_spike"):
+        group = getattr(w, name)
+        for f in dataclasses.fields(group):
+            v, path = getattr(group, f.name), f"config.watch.{name}.{f.name}"
+            if f.name in ("window", "threshold", "ratio", "k", "min_logit") and not v > 0:
+                raise ConfigError(f"{path}={v!r} must be > 0")
+            if f.name in ("horizon", "floor") and v < 0:
+                raise ConfigError(f"{path}={v!r} must be >= 0")
+    if not 0 < w.entropy.drop < 1:
+        raise ConfigError(f"config.watch.entropy.drop={w.entropy.drop!r} must be in (0, 1)")
 
 
 def _validate_signs(cfg: Config) -> None:

@@ -362,7 +362,7 @@ class _Loop:
                 )
                 if self.is_eval(end):
                     out["eval"] = progs.evaluate(self.state, self.eval_batches)
-                snapshot = jax.tree.map(jnp.copy, self.state) if self.is_ckpt(end) else None
+                snapshot = progs.copy(self.state) if self.is_ckpt(end) else None
                 if pending is not None:  # the device runs this call meanwhile
                     self._finish(pending)
                 pending = _Call(begin, end, out, host, stream_state, snapshot)
@@ -441,7 +441,7 @@ class _Loop:
         """The metrics of update ``died`` (inside ``call``), computed again on the frozen
         states of the runs that failed there (the current state holds them unchanged)."""
         progs = self.progs
-        copy = jax.tree.map(jnp.copy, self.state)
+        copy = progs.copy(self.state)
         one = self.feed.single(call.host, died - call.begin - 1)
         logged = np.zeros(progs.k_max, bool)
         logged[0] = True

@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -49,6 +50,7 @@ class Programs:
     call: Any
     step: Any
     evaluate: Any
+    copy: Any  # a device copy of a state (asynchronous, unlike jnp.copy outside jit)
     state: Any
     abstract_state: Any
     hp: NamedSharding  # per-run scalars and metrics: over "run" when stacked
@@ -101,12 +103,14 @@ def _base(static: Config, mesh: Mesh, runs: int | None):
     evaluate = jax.jit(
         S.with_mesh(eval_fn, mesh), in_shardings=(state_sh, batch_sh), out_shardings=per_run
     )
+    copy = jax.jit(lambda st: jax.tree.map(jnp.copy, st), out_shardings=state_sh)
     return dict(
         mesh=mesh,
         runs=runs,
         init=Program(f"init{vm}{where}", init),
         step=step,
         evaluate=Program(f"eval{vm}{where}", evaluate),
+        copy=copy,
         state=state_sh,
         abstract_state=S.abstract(shape, state_sh),
         hp=per_run,

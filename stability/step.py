@@ -52,8 +52,8 @@ HYPERPARAMS = {
 
 
 def static_config(cfg: Config) -> Config:
-    """``cfg`` with every per-run value (hyperparameters, seed, W&B naming) reset to a default:
-    runs with equal static configs share one compiled program."""
+    """``cfg`` with every per-run value (hyperparameters, seed, W&B naming, early-warning
+    settings) reset to a default: runs with equal static configs share one compiled program."""
     base = Config()
     out = cfg
     for section, name in [*HYPERPARAMS, ("train", "seed")]:
@@ -61,7 +61,7 @@ def static_config(cfg: Config) -> Config:
         out = dataclasses.replace(
             out, **{section: dataclasses.replace(getattr(out, section), **{name: default})}
         )
-    return dataclasses.replace(out, wandb=base.wandb)
+    return dataclasses.replace(out, wandb=base.wandb, watch=base.watch)
 
 
 def hyperparams(cfg: Config) -> dict[str, jax.Array]:

@@ -37,7 +37,7 @@ import jax
 from stability import loop as L
 from stability import programs as P
 from stability import workdir as W
-from stability.config import Config, ConfigError, from_config_dict
+from stability.config import Config, ConfigError, from_config_dict, identity, typed_config
 from stability.configfiles import apply_override, load_config_dict, load_sweep, parse_value
 from stability.data import make_source
 from stability.step import static_config
@@ -70,13 +70,21 @@ def check_manifest(workdir: W.Path, runs: list[Run], spec: str) -> None:
     detail = ""
     old_cfg = W.run_config(W.run_dir(workdir, there)) if i < n else None
     if old_cfg is not None:
-        detail = f" ({W.first_difference(old_cfg, W.to_jsonable(runs[i].config.to_dict()))})"
+        detail = f" ({W.first_difference(_identity_of(old_cfg), identity(runs[i].config))})"
     raise ConfigError(
         f"--workdir={workdir} holds a different sweep: {old.get('spec')!r} with {len(old_ids)} "
         f"runs there, {spec!r} with {len(new_ids)} runs now, "
         f"{len(set(old_ids) & set(new_ids))} in common; run {i} is {there} there, {now} now"
         f"{detail}; use another workdir"
     )
+
+
+def _identity_of(config: dict) -> dict:
+    """:func:`config.identity` of a run's config.json (as it is, if it is not a config)."""
+    try:
+        return identity(typed_config(config))
+    except ConfigError:
+        return config
 
 
 def build_runs(
@@ -133,9 +141,7 @@ def build_runs(
         setting = setting or "default"
         for seed in range(seeds) if seeds > 1 else [None]:
             c = cfg if seed is None else replace(cfg, train=replace(cfg.train, seed=seed))
-            digest = hashlib.sha1(
-                json.dumps(W.to_jsonable(c.to_dict()), sort_keys=True).encode()
-            ).hexdigest()
+            digest = hashlib.sha1(json.dumps(identity(c), sort_keys=True).encode()).hexdigest()
             suffix = "" if seed is None else f"-s{seed}"
             run_id = f"{_slug(setting)}-lr{c.optim.lr:g}{suffix}-{digest[:8]}"
             if run_id in seen:

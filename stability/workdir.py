@@ -41,7 +41,7 @@ from typing import Any
 
 from etils import epath
 
-from stability.config import ConfigError
+from stability.config import ConfigError, identity, typed_config
 
 Path = epath.Path
 PathLike = str | os.PathLike
