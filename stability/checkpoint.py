@@ -26,21 +26,35 @@ class CheckpointError(RuntimeError):
     """Checkpoints exist but none can be restored."""
 
 
+class _Kept(cm.PreservationPolicy):
+    """Preserves the checkpoints of a set of steps that may grow while training runs."""
+
+    def __init__(self, steps: set[int]):
+        self.steps = steps
+
+    def should_preserve(self, checkpoints, *, context):
+        return [c.step in self.steps for c in checkpoints]
+
+
 class Checkpointer:
     def __init__(self, directory: W.PathLike, max_to_keep: int, keep_steps: list[int] = ()):
         """Keeps the newest ``max_to_keep`` checkpoints plus every step in ``keep_steps``
         (e.g. the decayed checkpoints of WSD-S cycles)."""
         directory = W.path(directory)
         self.directory = directory if W.is_remote(directory) else directory.absolute()
-        policy = cm.LatestN(max_to_keep)
-        if keep_steps:
-            policy = cm.AnyPreservationPolicy([policy, cm.CustomSteps(sorted(keep_steps))])
+        self._kept = _Kept(set(keep_steps))
+        policy = cm.AnyPreservationPolicy([cm.LatestN(max_to_keep), self._kept])
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=policy, enable_async_checkpointing=True, create=True
             ),
         )
+
+    def keep(self, step: int) -> None:
+        """Keep checkpoint ``step`` from rotation from now on (e.g. the one before an early
+        warning)."""
+        self._kept.steps.add(step)
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()

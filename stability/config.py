@@ -251,6 +251,7 @@ class EpsWatch:
 
     enabled: bool = True
     ratio: float = 1.0
+    window: int = 5  # logged steps of the running median
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from stability.data import feed as F
 from stability.data import make_source
 from stability.optim.schedules import decay_ends
 from stability.tracking import Tracker
+from stability.watch import Watcher
 
 FORMAT = 2  # checkpoint format: a run axis in every state, meta with "format"
 # Seconds between a preemption notice and the end of the save that a pod leaves (a TPU VM's
@@ -119,15 +120,18 @@ class RunSpec:
     wandb_config: dict  # what W&B records as the run's config
     group: str = ""
     tags: tuple[str, ...] = ()
+    label: str = ""  # how messages name it (a sweep's: its setting and LR); default: name
 
 
 @dataclasses.dataclass
 class RunOutcome:
-    status: Literal["finished", "diverged", "preempted"]
+    status: Literal["finished", "diverged", "stopped", "preempted"]
     steps: int  # the last logged step (a diverged run's: its failing update)
     last: dict  # the run's last metric record ({} if none)
     loss_at_init: float  # eval loss at initialisation (NaN if unknown)
     diverged_step: int | None
+    stopped_step: int | None = None  # frozen there by watch.on_warning="stop"
+    warnings: list[dict] = dataclasses.field(default_factory=list)  # its "warn" events
 
 
 @dataclasses.dataclass
@@ -243,12 +247,19 @@ def train_stack(
     outcomes = []
     for i, r in enumerate(runs):
         last = loop.last[i] or _last_record(r.directory)
-        died = loop.died[i]
+        died, stopped = loop.died[i], loop.stopped[i]
         status = (
-            "diverged" if died is not None else "finished" if position >= t.steps else "preempted"
+            "diverged"
+            if died is not None
+            else "stopped"
+            if stopped is not None
+            else "finished"
+            if position >= t.steps
+            else "preempted"
         )
         step = int(last.get("step", position))
-        outcomes.append(RunOutcome(status, step, last, float(loss0[i]), died))
+        warned = [e for e in loop.events[i] if e["event"] == "warn"]
+        outcomes.append(RunOutcome(status, step, last, float(loss0[i]), died, stopped, warned))
     return StackResult(outcomes, start, position, preempted, time.time() - t0)
 
 
@@ -307,17 +318,43 @@ class _Loop:
         self.trackers: list[Tracker] = []
         self.last: list[dict] = [{} for _ in runs]
         flags = S.to_host({"alive": state.alive, "died": state.diverged_step})
-        # Runs dead at a resumed checkpoint logged their last record before it was written.
+        # Runs dead at a resumed checkpoint logged their last record before it was written:
+        # diverged (their failing update) or frozen by an early warning (no failing update).
+        dead = [not flags["alive"][i] for i in range(self.n)]
         self.died: list[int | None] = [
-            None if flags["alive"][i] else int(flags["died"][i]) for i in range(self.n)
+            int(flags["died"][i]) if dead[i] and flags["died"][i] >= 0 else None
+            for i in range(self.n)
         ]
         self.is_log, self.is_eval, self.is_ckpt, self.ends = boundaries(cfg)
+        self.watchers = [Watcher(r.config.watch, cfg.train.steps) for r in runs]
+        self.events: list[list[dict]] = [[] for _ in runs]
+        # watch.on_warning="stop": the call boundary from which a run is frozen, and whether
+        # the freeze is on the device yet; the first step of a frozen run it never trained.
+        self.freeze_at: list[int | None] = [None] * self.n
+        self.frozen = [dead[i] and self.died[i] is None for i in range(self.n)]
+        self.stopped: list[int | None] = [None] * self.n
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len  # of one run
         self.saved: set[int] = set(ckpt.all_steps())
         self.slow_call_reported = False
 
     def all_dead(self) -> bool:
-        return all(d is not None for d in self.died)
+        return all(d is not None or f for d, f in zip(self.died, self.frozen, strict=True))
+
+    def replay_watch(self, start: int) -> None:
+        """Rebuild the detectors' state from the records up to ``start`` (a resume), and the
+        actions of the warnings they raised, without raising them again."""
+        if not start:
+            return
+        plan = call_ends(0, self.cfg.train.steps, self._ends_call, self.progs.k_max)
+        for i, r in enumerate(self.runs):
+            history = [x for x in W.metrics(r.directory)[0] if x.get("step", 0) <= start]
+            for event in self.watchers[i].update(history):
+                self._act(i, event, plan)
+            if self.frozen[i]:
+                self.stopped[i] = self.freeze_at[i] or (history[-1]["step"] if history else 0)
+
+    def _ends_call(self, step: int) -> bool:
+        return self.is_eval(step) or self.is_ckpt(step)
 
     def run(self, start: int, preemption: Preemption, trackers, progress: bool, label: str):
         """Train from ``start``; (position reached, preempted)."""
@@ -325,7 +362,9 @@ class _Loop:
 
         t, progs = self.cfg.train, self.progs
         self.trackers = trackers
-        plan = call_ends(start, t.steps, lambda s: self.is_eval(s) or self.is_ckpt(s), progs.k_max)
+        plan = call_ends(start, t.steps, self._ends_call, progs.k_max)
+        self.plan = call_ends(0, t.steps, self._ends_call, progs.k_max)
+        self.replay_watch(start)
         sizes = [e - s for s, e in zip([start, *plan], plan, strict=False)]
         self.bar = tqdm(
             total=t.steps,
@@ -351,6 +390,7 @@ class _Loop:
                 if preemption.stop():
                     preempted = True
                     break
+                self._apply_freezes(begin)
                 batches, host, stream_state = prefetch.next()
                 logged = np.array([self.is_log(begin + 1 + i) for i in range(progs.k_max)])
                 self.state, out = progs.call(
@@ -366,7 +406,7 @@ class _Loop:
                 if pending is not None:  # the device runs this call meanwhile
                     self._finish(pending)
                 pending = _Call(begin, end, out, host, stream_state, snapshot)
-                position = end
+                position = self.position = end
             if pending is not None:
                 self._finish(pending)
                 if position not in self.saved:  # preempted, or every run diverged
@@ -393,15 +433,15 @@ class _Loop:
                 file=sys.stderr,
             )
         alive = host_out["alive"][: self.n]
-        died_now = {
+        died_now = {  # runs frozen by an early warning are not alive either, but never failed
             i: int(host_out["diverged_step"][i])
             for i in range(self.n)
-            if not alive[i] and self.died[i] is None
+            if not alive[i] and self.died[i] is None and not self.frozen[i]
         }
         logged = [s for s in range(call.begin + 1, call.end + 1) if self.is_log(s)]
         replays = {d: self._replay(call, d) for d in set(died_now.values()) if d not in logged}
         for i in range(self.n):
-            if self.died[i] is not None:
+            if self.died[i] is not None or (self.frozen[i] and self.stopped[i] <= call.begin):
                 continue
             records = []
             for j, s in enumerate(logged):
@@ -418,17 +458,64 @@ class _Loop:
                 self.last[i] = records[-1]
                 if self.trackers:
                     self.trackers[i].log(records)
+                for event in self.watchers[i].update(records):
+                    self._act(i, event, self.plan)
+                    self._tell(i, event)
             if i in died_now:
                 self.died[i] = died_now[i]
         self.bar.update(n)
         losses = [r["train/loss"] for r in self.last if r and "train/loss" in r]
         self.bar.set_postfix(
             loss=f"{np.nanmin(losses):.3f}" if losses else "…",
-            alive=sum(d is None for d in self.died),
+            alive=sum(d is None and not f for d, f in zip(self.died, self.frozen, strict=True)),
+            warned=sum(w.warned for w in self.watchers),
             tok_s=f"{tokens_per_sec * self.n:.0f}",
         )
         if call.snapshot is not None:
             self._save(call.end, call.snapshot, call.stream_state)
+
+    def _act(self, i: int, event: dict, plan: list[int]) -> None:
+        """What a warning does besides being told (``watch.on_warning``): keep the latest
+        checkpoint strictly before its step from rotation, or freeze the run from the call boundary after the call
+        that is running when the warning is read (the end of the call after the warning's)."""
+        self.events[i].append(event)
+        action = self.runs[i].config.watch.on_warning
+        if event["event"] != "warn" or action == "log":
+            return
+        if action == "checkpoint":
+            before = [s for s in self.saved if s < event["step"]]
+            if before:
+                self.ckpt.keep(max(before))
+        elif self.freeze_at[i] is None:
+            after = [e for e in plan if e >= event["step"]]
+            self.freeze_at[i] = after[1] if len(after) > 1 else plan[-1]
+
+    def _apply_freezes(self, begin: int) -> None:
+        """Freeze on the device the runs whose freeze boundary is ``begin`` or earlier."""
+        due = [
+            i
+            for i in range(self.n)
+            if self.freeze_at[i] is not None and self.freeze_at[i] <= begin and not self.frozen[i]
+        ]
+        if not due:
+            return
+        mask = np.zeros(self.progs.runs, bool)
+        mask[due] = True
+        self.state = self.progs.freeze(self.state, S.from_host(mask, self.progs.hp))
+        for i in due:
+            self.frozen[i], self.stopped[i] = True, begin
+
+    def _tell(self, i: int, event: dict) -> None:
+        """One console line (process 0), an events.jsonl record and a W&B alert."""
+        run = self.runs[i]
+        label = run.label or run.name
+        kind = "warning" if event["event"] == "warn" else "cleared"
+        line = f"{kind}: {label} step {event['step']}: {event['detector']}: {event['message']}"
+        if jax.process_index() == 0:
+            self.bar.write(line, file=sys.stderr)
+        if self.trackers:
+            record = {**event, "run": run.name, "label": label}
+            self.trackers[i].event(record, f"{event['detector']} ({kind}): {label}", line)
 
     def _record(self, i: int, step: int, metrics: dict, row: int, tokens_per_sec: float) -> dict:
         rec = {"step": step, **{k: v[row, i] for k, v in metrics.items()}}

@@ -51,6 +51,7 @@ class Programs:
     step: Any
     evaluate: Any
     copy: Any  # a device copy of a state (asynchronous, unlike jnp.copy outside jit)
+    freeze: Any  # freeze(state, mask[runs]): the masked runs stop updating (alive = False)
     state: Any
     abstract_state: Any
     hp: NamedSharding  # per-run scalars and metrics: over "run" when stacked
@@ -104,6 +105,12 @@ def _base(static: Config, mesh: Mesh, runs: int | None):
         S.with_mesh(eval_fn, mesh), in_shardings=(state_sh, batch_sh), out_shardings=per_run
     )
     copy = jax.jit(lambda st: jax.tree.map(jnp.copy, st), out_shardings=state_sh)
+    freeze = jax.jit(
+        lambda st, mask: st._replace(alive=st.alive & ~mask),
+        in_shardings=(state_sh, per_run),
+        out_shardings=state_sh,
+        donate_argnums=0,
+    )
     return dict(
         mesh=mesh,
         runs=runs,
@@ -111,6 +118,7 @@ def _base(static: Config, mesh: Mesh, runs: int | None):
         step=step,
         evaluate=Program(f"eval{vm}{where}", evaluate),
         copy=copy,
+        freeze=freeze,
         state=state_sh,
         abstract_state=S.abstract(shape, state_sh),
         hp=per_run,

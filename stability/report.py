@@ -44,12 +44,57 @@ def run_record(run_dir: W.PathLike) -> tuple[dict, list[int]]:
     return rec, bad
 
 
+def _run_dirs(workdir: W.Path, records: list[dict]) -> dict[str, W.Path]:
+    if W.kind(workdir) == "run":
+        return {r["run_id"]: workdir for r in records}
+    return {r["run_id"]: W.run_dir(workdir, r["run_id"]) for r in records}
+
+
+def warnings_section(records: list[dict], hists: dict[str, list[dict]], dirs) -> list[str]:
+    """The early warnings of each run (events.jsonl) with the lead time to what happened to
+    it (``watch.instability``, the band being its setting's lowest loss at each step)."""
+    from stability.watch import BAND_NATS, instability, lowest_losses
+
+    rows = []
+    for setting, runs in plots.by_setting(records).items():
+        band = lowest_losses([hists[r["run_id"]] for r in runs]) if len(runs) > 1 else None
+        for r in runs:
+            events = W.events(dirs[r["run_id"]])
+            if not events:
+                continue
+            happened = instability(hists[r["run_id"]], band)
+            outcome = f"{happened[0]} at {happened[1]}" if happened else "stable"
+            cleared = {}
+            for e in events:
+                if e["event"] == "clear":
+                    cleared.setdefault(e["detector"], e["step"])
+            for e in (e for e in events if e["event"] == "warn"):
+                lead = happened[1] - e["step"] if happened else None
+                rows.append(
+                    f"| {setting} | {r['lr']:g} | {e['detector']} | {e['step']} | "
+                    f"{e.get('predicted_step') or ''} | {cleared.get(e['detector'], '')} | "
+                    f"{outcome} | {'' if lead is None else lead} |"
+                )
+    if not rows:
+        return ["", "## Early warnings", "", "No run raised an early warning."]
+    return [
+        "",
+        "## Early warnings",
+        "",
+        "Warnings raised while the runs trained (`stability/watch.py`; `events.jsonl` of each",
+        "run). Outcome: where the run diverged, or the first logged step from which its train",
+        f"loss stayed more than {BAND_NATS} nats above its setting's lowest train loss at the same",
+        "step (its own lowest so far for a lone run); lead = outcome step − warning step.",
+        "",
+        "| setting | lr | detector | warned at step | predicted crossing | cleared at | outcome | lead (steps) |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def histories(workdir: W.PathLike, records: list[dict]) -> dict[str, list[dict]]:
     """The metric records of each run of ``records`` (a sweep's, or a single run's)."""
-    workdir = W.path(workdir)
-    if W.kind(workdir) == "run":
-        return {r["run_id"]: W.metrics(workdir)[0] for r in records}
-    return {r["run_id"]: W.metrics(W.run_dir(workdir, r["run_id"]))[0] for r in records}
+    return {rid: W.metrics(d)[0] for rid, d in _run_dirs(W.path(workdir), records).items()}
 
 
 def write_report(workdir: W.PathLike) -> W.Path:
@@ -73,9 +118,8 @@ def write_report(workdir: W.PathLike) -> W.Path:
             raise FileNotFoundError(f"{workdir / W.RESULTS} holds no results")
     plots.plot_lr_sensitivity(records, workdir / "lr_sensitivity.png")
     plots.plot_max_attn_logit(records, workdir / "max_attn_logit.png")
-    plots.plot_entropy_over_training(
-        records, histories(workdir, records), workdir / "attn_entropy.png"
-    )
+    hists = histories(workdir, records)
+    plots.plot_entropy_over_training(records, hists, workdir / "attn_entropy.png")
     seeds = plots.n_seeds(records)
     lines = [
         f"# {'Sweep' if kind == 'sweep' else 'Run'} report: {workdir.name}",
@@ -113,6 +157,7 @@ def write_report(workdir: W.PathLike) -> W.Path:
                 + f" {'' if ml is None else f'{ml:.3g}'} | "
                 f"{'' if me is None else f'{me:.3f}'} | {r.get('diverged_step') or '-'} |"
             )
+    lines += warnings_section(records, hists, _run_dirs(workdir, records))
     lines += [
         "",
         "![LR sensitivity](lr_sensitivity.png)",

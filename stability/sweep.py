@@ -178,6 +178,14 @@ def chunks_of(runs: list[Run], strategy: str, max_runs: int) -> list[list[Run]]:
 # Chunks: their programs, compiled up front, and their training.
 
 
+def run_label(run: Run) -> str:
+    """How messages name a run: its setting and LR (and seed, with --seeds)."""
+    seeded = f"-s{run.config.train.seed}-" in run.run_id
+    return f"{run.setting} lr={run.config.optim.lr:g}" + (
+        f" seed={run.config.train.seed}" if seeded else ""
+    )
+
+
 def chunk_id(chunk: list[Run]) -> str:
     return hashlib.sha1(",".join(r.run_id for r in chunk).encode()).hexdigest()[:12]
 
@@ -230,6 +238,7 @@ def train_chunk(
             },
             group=r.config.wandb.group or sweep_name,
             tags=tuple(_tags(r.config)),
+            label=run_label(r),
         )
         for r in chunk
     ]
@@ -268,7 +277,8 @@ def _finite(x: Any) -> float | None:
 
 
 def result_record(run: Run, out: L.RunOutcome, wall: float) -> dict[str, Any]:
-    """The ``results.jsonl`` record of a finished or diverged run."""
+    """The ``results.jsonl`` record of a finished, diverged or stopped run (a stopped run
+    has no final loss: LR sensitivity counts it as a diverged one)."""
     rec, L_ = out.last, run.config.model.n_layers
     diverged = out.status == "diverged"
     max_logit = [v for i in range(L_) if (v := rec.get(f"attn/max_logit/layer_{i}")) is not None]
@@ -277,13 +287,20 @@ def result_record(run: Run, out: L.RunOutcome, wall: float) -> dict[str, Any]:
         "run_id": run.run_id,
         "setting": run.setting,
         "lr": run.config.optim.lr,
-        "final_loss": None if diverged else _finite(rec.get("eval/loss")),
+        "final_loss": None
+        if diverged or out.status == "stopped"
+        else _finite(rec.get("eval/loss")),
         "loss_at_init": out.loss_at_init,
         "diverged": diverged,
         "diverged_step": out.diverged_step if diverged else None,
         "max_attn_logit": _finite(max(max_logit)) if max_logit else None,
         "min_attn_entropy": _finite(min(min_ent)) if min_ent else None,
         "steps": rec.get("step"),
+        "stopped": out.status == "stopped",  # frozen by an early warning (watch.on_warning)
+        "stopped_step": out.stopped_step,
+        "warnings": [
+            {k: e[k] for k in ("detector", "step", "predicted_step")} for e in out.warnings
+        ],
         "wall_seconds": wall,
         "overrides": W.to_jsonable(run.overrides),
         "config": W.to_jsonable(run.config.to_dict()),

@@ -253,16 +253,17 @@ def check_run_dir(config: dict, workdir: PathLike, overwrite: bool) -> bool:
         return False
     if overwrite:
         return True
-    try:
-        old = read_json(cfg_path)
-    except ValueError as e:
+    try:  # compared field by field, defaults filled in (a config.json of an older release)
+        old = identity(typed_config(read_json(cfg_path)))
+    except ValueError as e:  # not JSON, or not a config (ConfigError is a ValueError)
         raise ConfigError(
-            f"{cfg_path} is not valid JSON ({e}); pass --overwrite to delete the run"
+            f"{cfg_path} is unreadable ({e}); pass --overwrite to delete the run"
         ) from e
-    if old != config:
+    new = identity(typed_config(config))
+    if old != new:
         raise ConfigError(
             f"--workdir={workdir} holds a run with a different config "
-            f"({first_difference(old, config)}); use another workdir or pass --overwrite to delete it"
+            f"({first_difference(old, new)}); use another workdir or pass --overwrite to delete it"
         )
     return False
 

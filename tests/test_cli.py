@@ -173,7 +173,8 @@ def fake_compile(chunks):
 
 def fake_train(chunk, *args):
     """Stands in for sweep.train_chunk: every run of the chunk finishes at once."""
-    out = SimpleNamespace(status="finished", last={}, loss_at_init=4.0, diverged_step=None)
+    out = SimpleNamespace(status="finished", last={}, loss_at_init=4.0, diverged_step=None,
+                          stopped_step=None, warnings=[])
     return SimpleNamespace(preempted=False, position=2, wall_seconds=0.0, runs=[out] * len(chunk))
 
 

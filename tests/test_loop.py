@@ -186,3 +186,67 @@ def test_many_steps_per_call_equal_one_with_a_run_dying_mid_call(tmp_path):
         hist = lambda d, rid: strip_perf(read_jsonl(d / "runs" / rid / "metrics.jsonl")[0])
         assert_records_close(hist(workdirs[1], rid_a), hist(workdirs[0], rid_b),
                              rtol_for={"grad/": 1e-5})
+
+
+# ---------------------------------------------------------------------------------------
+# Early warnings inside the loop (watch.on_warning).
+
+
+def watch_sweep(tmp_path, name: str, on_warning: str, max_to_keep: int = 1) -> dict:
+    """A vmapped sweep of 3 LRs without qk-layernorm, a checkpoint every 2 steps: at LR 0.3
+    the attention entropy collapses at step 4 and the logits climb (warnings at 4 and 6); the
+    other runs raise none. {lr: (result record, history, events)}."""
+    from stability import workdir as W
+
+    cfg = tiny_config(model={"qk_norm": False}, optim={"warmup_steps": 0, "grad_clip": 0.0},
+                      train={"steps": 40, "log_every": 2, "eval_every": 20, "checkpoint_every": 2,
+                             "max_to_keep": max_to_keep},
+                      watch={"on_warning": on_warning})
+    config_py = write_config_file(tmp_path / f"{name}.py", cfg)
+    sweep_py = tmp_path / "sweep3.py"
+    sweep_py.write_text("def get_sweep(arg=''):\n    return [{'optim.lr': lr} for lr in (1e-3, 1e-2, 0.3)]\n")
+    run_sweep(str(sweep_py), tmp_path / name, config_spec=config_py, strategy="vmap",
+              progress=False, report=False)
+    out = {}
+    for r in read_results(tmp_path / name)[0]:
+        run_dir = W.run_dir(tmp_path / name, r["run_id"])
+        events = [{k: v for k, v in e.items() if k != "run"} for e in W.events(run_dir)]
+        out[r["lr"]] = (r, strip_perf(W.metrics(run_dir)[0]), events)  # run ids differ
+    return out
+
+
+def test_stop_and_checkpoint_on_warning_in_a_vmapped_sweep(tmp_path):
+    log = watch_sweep(tmp_path, "log", "log")
+    assert [(e["step"], e["detector"], e["event"]) for e in log[0.3][2]][:2] == [
+        (4, "entropy_collapse", "warn"), (6, "logit_growth", "warn")]
+    assert not log[1e-3][2] and not log[1e-2][2]
+    assert not log[0.3][0]["stopped"] and log[0.3][0]["steps"] == 40
+    # stop: frozen from the call boundary after the one running when the warning was read
+    # (the warning at step 4 is read while the call (4, 6] runs): its records end at step 6.
+    stop = watch_sweep(tmp_path, "stop", "stop")
+    rec, hist, events = stop[0.3]
+    assert rec["stopped"] and rec["stopped_step"] == 6 and not rec["diverged"]
+    assert rec["final_loss"] is None and hist == log[0.3][1][:3] and [h["step"] for h in hist] == [2, 4, 6]
+    assert events == [e for e in log[0.3][2] if e["step"] <= 6]
+    for lr in (1e-3, 1e-2):  # the other runs of the program: bitwise unaffected
+        assert stop[lr][1] == log[lr][1] and stop[lr][0]["final_loss"] == log[lr][0]["final_loss"]
+    # checkpoint: the checkpoints before the warnings at steps 4 and 6 outlive max_to_keep=1.
+    kept = watch_sweep(tmp_path, "kept", "checkpoint")
+    assert checkpoint_steps(tmp_path / "kept") == [2, 4, 40]
+    assert all(kept[lr][1] == log[lr][1] for lr in log)
+
+
+def test_resume_neither_repeats_nor_loses_a_warning(tmp_path):
+    """A stopping sweep crashed after step 36 (its later checkpoints and results gone) and
+    rerun: its histories and events.jsonl equal the uninterrupted sweep's."""
+    ref = watch_sweep(tmp_path, "ref", "stop", max_to_keep=3)
+    crashed = watch_sweep(tmp_path, "crashed", "stop", max_to_keep=3)
+    (chunk,) = (tmp_path / "crashed" / "chunks").iterdir()
+    for step in (38, 40):
+        shutil.rmtree(chunk / "checkpoints" / str(step))
+    (tmp_path / "crashed" / "results.jsonl").unlink()
+    again = watch_sweep(tmp_path, "crashed", "stop", max_to_keep=3)
+    assert crashed.keys() == again.keys() == ref.keys()
+    for lr in ref:
+        assert again[lr][1] == ref[lr][1] and again[lr][2] == ref[lr][2], lr
+    assert again[0.3][0]["stopped_step"] == 6

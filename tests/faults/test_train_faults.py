@@ -18,6 +18,7 @@ import pytest
 
 from conftest import tiny_config, write_config_file
 from stability.cli import main
+from stability.config import LossSpikeWatch
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -26,8 +27,11 @@ STEPS = 40
 
 
 def config_file(tmp_path: Path) -> str:
+    """40 steps, a record every 2; a loss-spike detector so sensitive (1 std over the last 4
+    records) that the run raises and clears several early warnings (events.jsonl)."""
     cfg = tiny_config(train={"steps": STEPS, "log_every": 2, "eval_every": 10, "checkpoint_every": 4,
-                             "max_to_keep": 3})
+                             "max_to_keep": 3},
+                      watch={"loss_spike": LossSpikeWatch(k=1.0, window=4)})
     return write_config_file(tmp_path / "cfg.py", cfg)
 
 
@@ -52,14 +56,21 @@ def metrics(workdir: Path) -> list[dict]:
     return out
 
 
+def events(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "events.jsonl").open()]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """(config file, records of its uninterrupted run at one update per call): the faulted
-    runs train up to 4 updates per call, and must log the same records, bitwise."""
+    """(config file, records of its uninterrupted run at one update per call, its early-warning
+    events): the faulted runs train up to 4 updates per call, and must log the same records,
+    bitwise, and the same events."""
     tmp = tmp_path_factory.mktemp("ref")
     config = config_file(tmp)
     assert main([*train_args(config, tmp / "run"), "--config.train.steps_per_call=1"]) == 0
-    return config, metrics(tmp / "run")
+    warned = events(tmp / "run")
+    assert [e["event"] for e in warned].count("warn") >= 2  # the events compared below
+    return config, metrics(tmp / "run"), warned
 
 
 def wait_for_records(workdir: Path, n: int, timeout: float = 300) -> None:
@@ -74,7 +85,7 @@ def wait_for_records(workdir: Path, n: int, timeout: float = 300) -> None:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(reference, tmp_path, seed):
-    config, ref = reference
+    config, ref, warned = reference
     workdir = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(config, workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "disabled"})
@@ -84,11 +95,12 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(reference, tmp
     assert proc.wait() == -signal.SIGKILL
     assert main(train_args(config, workdir)) == 0
     assert metrics(workdir) == ref  # bitwise on CPU, nothing lost or duplicated
+    assert events(workdir) == warned  # no warning repeated or lost
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_sigterm_or_ctrl_c_checkpoints_and_exits_zero(reference, tmp_path, signum):
-    config, ref = reference
+    config, ref, warned = reference
     workdir = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(config, workdir), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
@@ -109,7 +121,7 @@ def test_sigterm_or_ctrl_c_checkpoints_and_exits_zero(reference, tmp_path, signu
 def test_second_ctrl_c_exits_at_once_with_130(reference, tmp_path):
     """The first Ctrl-C lands while the programs are compiled or loaded, the second 0.3 s later
     exits at once: status 130, one line, no traceback; the rerun is the reference."""
-    config, ref = reference
+    config, ref, warned = reference
     workdir = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(config, workdir), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
@@ -128,7 +140,7 @@ def test_second_ctrl_c_exits_at_once_with_130(reference, tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path):
-    config, ref = reference
+    config, ref, warned = reference
     workdir = tmp_path / "run"
     assert main(train_args(config, workdir)) == 0
     ckpts = workdir / "checkpoints"
@@ -157,7 +169,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path):
 
 
 def test_no_readable_checkpoint_is_a_clear_error_not_a_silent_restart(reference, tmp_path):
-    config, _ = reference
+    config, _, _ = reference
     workdir = tmp_path / "run"
     assert main(train_args(config, workdir)) == 0
     before = (workdir / "metrics.jsonl").read_bytes()
@@ -173,7 +185,7 @@ def test_no_readable_checkpoint_is_a_clear_error_not_a_silent_restart(reference,
 
 
 def test_wandb_online_without_network_warns_once_and_keeps_jsonl(reference, tmp_path):
-    config, ref = reference
+    config, ref, warned = reference
     workdir = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9",
            "WANDB_API_KEY": "x" * 40, "WANDB_INIT_TIMEOUT": "5"}
