@@ -13,7 +13,7 @@ LOCK := requirements/lock.txt
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[test]"
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[test]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 lock:

@@ -15,6 +15,10 @@ what happened to the run:
   (``watch.instability``);
 - a *hit* is a warning at or before the event step; the lead time is event − warning, in
   steps; a *false alarm* is a warning on a run that ended stable.
+
+Unstable runs below their setting's best LR are mostly undertrained (they start above the
+band and never catch up), not instabilities in the paper's sense; the table also counts the
+unstable runs above the best LR (where the detectors are meant to act) separately.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ def evaluate(workdirs: list[Path], margin: float) -> tuple[dict, list[dict]]:
         for setting, runs in plots.by_setting(records).items():
             hists = {r["run_id"]: W.metrics(W.run_dir(wd, r["run_id"]))[0] for r in runs}
             band = lowest_losses(list(hists.values()))
-            finals = [r["final_loss"] for r in runs if r["final_loss"] is not None]
-            best = min(finals, default=math.inf)
+            finals = [(r["final_loss"], r["lr"]) for r in runs if r["final_loss"] is not None]
+            best, best_lr = min(finals, default=(math.inf, math.inf))
             for r in runs:
                 hist = hists[r["run_id"]]
                 cfg = from_config_dict(r["config"])
@@ -68,6 +72,7 @@ def evaluate(workdirs: list[Path], margin: float) -> tuple[dict, list[dict]]:
                         "lr": r["lr"],
                         "unstable": bool(ended_high),
                         "diverged": bool(r["diverged"]),
+                        "above_best_lr": r["lr"] > best_lr,
                         "event_step": happened[1] if happened else None,
                         "warnings": first_warnings(hist, cfg.train.steps),
                         "steps": cfg.train.steps,
@@ -90,9 +95,15 @@ def evaluate(workdirs: list[Path], margin: float) -> tuple[dict, list[dict]]:
             for r in unstable
             if first(r) is not None and r["event_step"] is not None and first(r) <= r["event_step"]
         ]
+        high = [r for r in unstable if r["above_best_lr"]]
         table[name] = {
             "unstable_runs": len(unstable),
             "hits": len(leads),
+            "unstable_above_best_lr": len(high),
+            "hits_above_best_lr": sum(
+                first(r) is not None and r["event_step"] is not None and first(r) <= r["event_step"]
+                for r in high
+            ),
             "median_lead_steps": statistics.median(leads) if leads else None,
             "false_alarms": sum(first(r) is not None for r in stable),
             "stable_runs": len(stable),
@@ -122,16 +133,16 @@ def main():
         "above their setting's best"
     )
     print(
-        "| detector | unstable runs warned (of n) | median lead (steps) | false alarms (of stable runs) |"
+        "| detector | unstable runs warned in time | of them above the best LR | "
+        "median lead (steps) | false alarms (stable runs) |"
     )
-    print("|---|---|---|---|")
+    print("|---|---|---|---|---|")
     for name, t in table.items():
         lead = "" if t["median_lead_steps"] is None else f"{t['median_lead_steps']:g}"
         print(
-            f"| {name} | {t['hits']} of {t['unstable_runs']} | {lead} | "
-            f"{t['false_alarms']} of {t['stable_runs']} |"
+            f"| {name} | {t['hits']} of {t['unstable_runs']} | {t['hits_above_best_lr']} of "
+            f"{t['unstable_above_best_lr']} | {lead} | {t['false_alarms']} of {t['stable_runs']} |"
         )
-
 
 if __name__ == "__main__":
     main()

@@ -28,6 +28,10 @@ CONFIG_HELP = "\n".join(
 )
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written; every option's default after its help."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's own convention)
         raise ConfigError(message)
@@ -35,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    raw = argparse.RawDescriptionHelpFormatter
+    raw = _Formatter
     parser = _Parser(
         prog="stability",
         description="Train one run, a sweep of many runs, or a report.\n\n" + CONFIG_HELP,
@@ -70,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         help="run (or resume) a sweep of many runs",
         description="Train every point of a sweep file's get_sweep(ARG) grid into --workdir; "
         "rerunning skips finished runs.\nShipped sweeps (sweeps/*.py) take ARG "
-        "PRESET[,steps=N], PRESET cpu or accelerator.\n\n" + CONFIG_HELP,
+        "PRESET[,steps=N], PRESET cpu or accelerator; without a PRESET, cpu on a host\n"
+        "without an accelerator and accelerator on one (said in one line on stderr).\n\n"
+        + CONFIG_HELP,
         formatter_class=raw,
     )
     p_sweep.add_argument("--sweep", required=True, help="PATH[:ARG] of a get_sweep() file")
@@ -85,20 +91,20 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "vmap", "sequential"],
         default="auto",
         help="vmap: the runs of a group as one vmapped program; sequential: one run after "
-        "another with the same compiled step; auto (default): sequential on CPU, else vmap",
+        "another with the same compiled step; auto: sequential on CPU, else vmap",
     )
     p_sweep.add_argument(
         "--max-runs-per-program",
         type=int,
         default=16,
         metavar="K",
-        help="vmap: at most K runs in one program (default 16)",
+        help="vmap: at most K runs in one program",
     )
     p_sweep.add_argument(
         "--seeds",
         type=int,
         default=1,
-        help="runs per sweep point, with train.seed = 0..N-1 and the same batches (default 1)",
+        help="runs per sweep point, with train.seed = 0..N-1 and the same batches",
     )
     p_sweep.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p_sweep.add_argument(
@@ -115,8 +121,19 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(
             "--coordinator", default=None, help="HOST:PORT of process 0 (implies --distributed)"
         )
-        p.add_argument("--num-processes", type=int, default=None)
-        p.add_argument("--process-id", type=int, default=None)
+        p.add_argument(
+            "--num-processes",
+            type=int,
+            default=None,
+            help="with --coordinator: how many processes (one per host) take part",
+        )
+        p.add_argument(
+            "--process-id",
+            type=int,
+            default=None,
+            help="with --coordinator: this process's rank, 0 .. num-processes − 1 (0 hosts "
+            "the coordinator)",
+        )
         p.add_argument(
             "--compilation-cache",
             default=None,
@@ -125,17 +142,29 @@ def main(argv: list[str] | None = None) -> int:
             "~/.cache/stability/jax; off: none)",
         )
     p_report = sub.add_parser(
-        "report", help="write report.md and figures for a sweep or single-run workdir"
+        "report",
+        help="write report.md and figures for sweep or single-run workdirs",
+        description="Writes report.md and its figures for a sweep's workdir (LR sensitivity, "
+        "max attention\nlogit, attention entropy, early warnings) or a single run's (its "
+        "curves against steps).\nSeveral workdirs are pooled: single runs of one setting at "
+        "several LRs form one LR curve.",
+        formatter_class=raw,
     )
-    p_report.add_argument("workdir")
+    p_report.add_argument("workdirs", nargs="+", metavar="DIR", help="sweep or run workdirs")
+    p_report.add_argument(
+        "--out",
+        default=None,
+        help="where to write them (default: the only DIR; needed for several)",
+    )
     p_forecast = sub.add_parser(
         "forecast",
         help="fit max attention logit and grad RMS/ε vs model size; predict a target size",
         description="Per setting and LR, a least-squares quadratic of log10(max attention "
         "logit at --step) in log10(non-embedding parameters) over sweeps spanning >= 3 sizes, "
-        "extrapolated to --target-params with a 95%% prediction interval; the same for "
+        "extrapolated to --target-params with a 95% prediction interval; the same for "
         "gradient RMS / Adam's eps (section 3.4); optimal LR and LR sensitivity vs size. "
         "Writes forecast.md, forecast.png, forecast.json.",
+        formatter_class=raw,
     )
     p_forecast.add_argument("dirs", nargs="+", metavar="DIR", help="sweep workdirs")
     p_forecast.add_argument(
@@ -164,16 +193,37 @@ def main(argv: list[str] | None = None) -> int:
         description="Runs (or resumes) the sweeps of Wortsman et al. 2023's findings under "
         "--workdir and writes paper_report.md: per finding the claim, the measured numbers, "
         "a verdict from a stated rule, and a figure.",
+        formatter_class=raw,
     )
     p_reproduce.add_argument(
-        "--preset", choices=["tiny", "cpu", "accelerator"], default="cpu", help="sweep sizes"
+        "--preset",
+        choices=["tiny", "cpu", "accelerator"],
+        default="cpu",
+        help="tiny: a smoke test of the machinery (seconds, not evidence); cpu: this "
+        "machine's proxies of each finding (see docs/findings.md for its measured time); "
+        "accelerator: the paper's sizes on C4 (needs --config.data.tfds_data_dir and "
+        "--config.data.tokenizer_path)",
     )
     p_reproduce.add_argument("--workdir", required=True, help="one sweep workdir per finding")
     p_reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
     p_reproduce.add_argument(
         "--report-only", action="store_true", help="train nothing; report the finished runs"
     )
-    for p in (p_train, p_sweep, p_report, p_forecast, p_reproduce):
+    p_prepare = sub.add_parser(
+        "prepare-data",
+        help="build a tfds text dataset (C4, lm1b, ...) as ArrayRecord for data.source=tfds",
+        description="Builds the tfds dataset --name under --data-dir in ArrayRecord format, the "
+        "format data.source=tfds reads\n(no TensorFlow needed), from files downloaded to "
+        "--manual-dir when the dataset needs them.\nThen copy --data-dir to a bucket for a pod "
+        "(gsutil -m cp -r DIR gs://BUCKET/tfds).",
+        formatter_class=raw,
+    )
+    p_prepare.add_argument("--name", required=True, help="tfds name, e.g. c4/en:3.1.0 or lm1b")
+    p_prepare.add_argument("--data-dir", required=True, help="where to write the dataset")
+    p_prepare.add_argument(
+        "--manual-dir", default=None, help="the downloaded source files, if the dataset needs them"
+    )
+    for p in (p_train, p_sweep, p_report, p_forecast, p_reproduce, p_prepare):
         p.error = parser.error  # type: ignore[method-assign]
     try:
         rest, overrides = split_overrides(argv)
@@ -186,12 +236,14 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, overrides)
         if args.command == "sweep":
             return _sweep(args, overrides)
+        if args.command == "reproduce":
+            return _reproduce(args, overrides)
         if overrides:
             raise ConfigError(f"`stability {args.command}` takes no --config overrides")
         if args.command == "forecast":
             return _forecast(args)
-        if args.command == "reproduce":
-            return _reproduce(args)
+        if args.command == "prepare-data":
+            return _prepare(args)
         return _report(args)
     except ConfigError as e:
         print(f"stability: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -294,15 +346,18 @@ def _report(args) -> int:
     from stability import report
     from stability import workdir as W
 
-    workdir = W.path(args.workdir)
-    if W.kind(workdir) is None:
-        raise ConfigError(
-            f"{workdir}: neither a sweep workdir (results.jsonl, runs/) nor a run workdir "
-            "(config.json, metrics.jsonl)"
-        )
+    dirs = [W.path(d) for d in args.workdirs]
+    for d in dirs:
+        if W.kind(d) is None:
+            raise ConfigError(
+                f"{d}: neither a sweep workdir (results.jsonl, runs/) nor a run workdir "
+                "(config.json, metrics.jsonl)"
+            )
+    if len(dirs) > 1 and args.out is None:
+        raise ConfigError("--out=DIR is needed to pool several workdirs into one report")
     try:
-        out = report.write_report(workdir)
-    except FileNotFoundError as e:  # a sweep with no finished run yet
+        out = report.write_report(dirs if len(dirs) > 1 else dirs[0], out=args.out)
+    except FileNotFoundError as e:  # a sweep with no run yet
         raise ConfigError(str(e)) from e
     print(out.read_text())
     return 0
@@ -331,11 +386,24 @@ def _forecast(args) -> int:
     return 0
 
 
-def _reproduce(args) -> int:
+def _prepare(args) -> int:
+    from stability.data.tfds import prepare
+
+    splits = prepare(args.name, args.data_dir, args.manual_dir)
+    counts = ", ".join(f"{split} {n} examples" for split, n in sorted(splits.items()))
+    print(f"{args.name} prepared under {args.data_dir} (ArrayRecord): {counts}")
+    return 0
+
+
+def _reproduce(args, overrides) -> int:
     from stability.reproduce import reproduce
 
     report = reproduce(
-        args.preset, args.workdir, progress=not args.no_progress, report_only=args.report_only
+        args.preset,
+        args.workdir,
+        overrides=overrides,
+        progress=not args.no_progress,
+        report_only=args.report_only,
     )
     print(report.read_text())
     return 0

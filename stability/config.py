@@ -423,10 +423,14 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def from_config_dict(cd: ml_collections.ConfigDict | dict) -> Config:
-    """Convert and validate. Raises ConfigError (one line) on the first invalid field."""
+def from_config_dict(
+    cd: ml_collections.ConfigDict | dict, explicit: frozenset[str] | set[str] = frozenset()
+) -> Config:
+    """Convert and validate. Raises ConfigError (one line) on the first invalid field.
+    ``explicit``: dotted keys the user set (command line, sweep points): a field that does
+    nothing under the other settings is refused when set, even to its default."""
     cfg = typed_config(cd)
-    validate(cfg)
+    validate(cfg, explicit)
     return cfg
 
 
@@ -435,15 +439,16 @@ def _positive(path: str, value: float) -> None:
         raise ConfigError(f"{path}={value!r} must be > 0")
 
 
-def validate(cfg: Config) -> None:
-    """Every check, section by section; raises ConfigError naming the first invalid field."""
+def validate(cfg: Config, explicit: frozenset[str] | set[str] = frozenset()) -> None:
+    """Every check, section by section; raises ConfigError naming the first invalid field.
+    ``explicit``: the keys the user set (see :func:`from_config_dict`)."""
     _validate_signs(cfg)
     _validate_model(cfg.model, cfg.optim)
     _validate_train(cfg.train, cfg.model)
     _validate_optim(cfg.optim, cfg.train)
     _validate_data(cfg.data, cfg.model)
     _validate_watch(cfg.watch)
-    _refuse_unused(cfg)
+    _refuse_unused(cfg, explicit)
 
 
 def _validate_watch(w: WatchConfig) -> None:
@@ -694,15 +699,15 @@ def _unused_fields(cfg: Config) -> list[tuple[str, str, bool]]:
     return [(key, setting, on) for key, (on, setting) in needs.items()]
 
 
-def _refuse_unused(cfg: Config) -> None:
-    """A field set away from its default that does nothing without another setting is refused
-    (it would be silently ignored), naming both."""
+def _refuse_unused(cfg: Config, explicit: frozenset[str] | set[str] = frozenset()) -> None:
+    """A field that does nothing without another setting is refused (it would be silently
+    ignored), naming both, when it was set explicitly or differs from its default."""
     default = Config()
     for key, setting, on in _unused_fields(cfg):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if not on and value != getattr(getattr(default, section), name):
+        if not on and (key in explicit or value != getattr(getattr(default, section), name)):
             raise ConfigError(
                 f"config.{key}={value!r} has no effect without config.{setting}; "
-                "set that too, or leave the field at its default"
+                "set that too, or leave the field out"
             )

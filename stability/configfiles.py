@@ -32,12 +32,27 @@ DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 SWEEP_SHAPE = "a list of dicts such as [{'optim.lr': 1e-3}, {'optim.lr': 1e-2}]"
 
 
+SHIPPED = Path(__file__).resolve().parent.parent  # a checkout: sweeps/ and configs/ beside
+
+
+def _shipped_hint(path: Path, what: str) -> str:
+    """The closest shipped file's name and the list of them (sweeps/*.py, configs/*.py)."""
+    folder = SHIPPED / ("sweeps" if what == "sweep" else "configs")
+    names = sorted(p.name for p in folder.glob("*.py")) if folder.is_dir() else []
+    if not names:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.5)
+    rel = folder.relative_to(SHIPPED)
+    first = f"; did you mean {rel}/{close[0]}?" if close else ""
+    return f"{first} shipped: {', '.join(names)}"
+
+
 def load_module(path_text: str, what: str):
     """Import the Python file ``path_text`` (the PATH of ``--{what}=PATH[:ARG]``)."""
     path = Path(path_text)
     flag = f"--{what}={path_text}"
     if not path.exists():
-        raise ConfigError(f"{flag}: no such file")
+        raise ConfigError(f"{flag}: no such file{_shipped_hint(path, what)}")
     if not path.is_file() or path.suffix != ".py":
         kind = "a directory" if path.is_dir() else "not a .py file"
         raise ConfigError(f"{flag}: is {kind}; expected a Python file defining get_{what}()")
@@ -242,4 +257,4 @@ def build_config(spec: str | None, overrides: list[tuple[str, str]]) -> Config:
     cd = load_config_dict(spec)
     for key, value in overrides:
         apply_override(cd, key, parse_value(value))
-    return from_config_dict(cd)
+    return from_config_dict(cd, {key for key, _ in overrides})

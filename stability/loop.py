@@ -229,7 +229,7 @@ def train_stack(
             loss0 = S.to_host(progs.evaluate(state, eval_batches))[:n]
         else:  # a resume runs no init
             start, state, meta = restored
-            if meta.get("format") != FORMAT:
+            if _single_run_of_0_1(meta):
                 state = _add_run_axis(state, progs)
             feed.stream.restore(meta["stream"])
             loss0 = np.asarray(meta.get("loss_at_init", [math.nan] * n), np.float64)
@@ -270,12 +270,17 @@ def _restore_target(meta: dict, cfg: Config, progs: P.Programs, where) -> Any:
     fmt = meta.get("format")
     if fmt == FORMAT or (fmt is None and "loss_at_init" in meta):
         return progs.abstract_state
-    if fmt is None and "diverged" in meta:  # `stability train` of 0.1.0
+    if _single_run_of_0_1(meta):
         return P.build(cfg, progs.mesh, runs=None, k_max=1).abstract_state
     raise ConfigError(
         f"{where}: checkpoint format {fmt!r} is not one this release ({RELEASE}, format "
         f"{FORMAT}) reads; resume it with the release that wrote it, or use another workdir"
     )
+
+
+def _single_run_of_0_1(meta: dict) -> bool:
+    """Whether a checkpoint is a `stability train` one of release 0.1.0 (no run axis)."""
+    return meta.get("format") is None and "diverged" in meta and "loss_at_init" not in meta
 
 
 def _add_run_axis(state: Any, progs: P.Programs) -> Any:

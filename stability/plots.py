@@ -153,10 +153,18 @@ def _fmt_sens(mean: float, std: float) -> str:
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
-def summary_table(records: list[dict], tolerance: float = SEED_TOLERANCE) -> str:
+def summary_table(
+    records: list[dict],
+    tolerance: float = SEED_TOLERANCE,
+    grid: dict[str, list[float]] | None = None,
+) -> str:
     """Markdown: per setting, the final loss at each LR ('div' = diverged), LR sensitivity and
     diverged LRs. With several seeds a cell reads "mean ± std" of the counted losses, "(k/n
-    div)" when k of n seeds diverged, and "†" where the seeds disagree (module docstring)."""
+    div)" when k of n seeds diverged, and "†" where the seeds disagree (module docstring).
+
+    The LR sensitivity needs the setting's whole LR grid: ``grid`` maps a setting to its
+    planned LRs (a sweep's manifest); where some are missing it reads "n/a (k of n LRs)", and
+    without a grid, for fewer than two LRs, "n/a (1 LR)"."""
     groups = by_setting(records)
     lrs = sorted({r["lr"] for r in records if "lr" in r})
     head = (
@@ -167,7 +175,14 @@ def summary_table(records: list[dict], tolerance: float = SEED_TOLERANCE) -> str
         at = {p.lr: p for p in lr_points(runs, tolerance)}
         cells = [_cell(at[lr]) if lr in at else "" for lr in lrs]
         diverged = ", ".join(f"{p.lr:g}" for p in at.values() if p.n_diverged) or "-"
-        sens = _fmt_sens(*sensitivity_over_seeds(runs)[:2])
+        have = sorted(at)
+        planned = (grid or {}).get(setting)
+        if planned is not None and len(set(planned) - set(have)):
+            sens = f"n/a ({len(set(have) & set(planned))} of {len(set(planned))} LRs)"
+        elif planned is None and len(have) < 2:
+            sens = f"n/a ({len(have)} LR)"
+        else:
+            sens = _fmt_sens(*sensitivity_over_seeds(runs)[:2])
         rows.append(f"| {setting} | " + " | ".join(cells) + f" | {sens} | {diverged} |")
     return "\n".join(rows)
 
@@ -184,13 +199,23 @@ def _cell(p: LRPoint) -> str:
     return cell + (" †" if p.disagree else "")
 
 
+# Settings are told apart by line style and marker as well as colour (greyscale, colour-blind).
+STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 3)), "P")]
+
+
+def style(i: int) -> dict:
+    """Line style and marker of the i-th setting of a figure."""
+    ls, marker = STYLES[i % len(STYLES)]
+    return {"linestyle": ls, "marker": marker}
+
+
 def plot_lr_sensitivity(records: list[dict], path: Path | None = None, ax=None):
     """Final loss vs LR, one curve per setting (log-x): the mean counted loss over seeds with
     a ±std bar; a cross at ℓ0 (at the top edge when ℓ0 is unknown) where a seed diverged, a
     ring where the seeds disagree."""
     fig, ax = _axes(ax)
     rings = False
-    for setting, runs in by_setting(records).items():
+    for i, (setting, runs) in enumerate(by_setting(records).items()):
         pts = lr_points(runs)
         l0 = loss_at_init(runs)
         mean, std, n = sensitivity_over_seeds(runs)
@@ -200,9 +225,9 @@ def plot_lr_sensitivity(records: list[dict], path: Path | None = None, ax=None):
             [p.lr for p in known],
             [p.mean for p in known],
             yerr=[0.0 if math.isnan(p.std) else p.std for p in known],
-            fmt="o-",
             capsize=3,
             label=label,
+            **style(i),
         )
         color = line[0].get_color()
         div = [p.lr for p in pts if p.n_diverged]
@@ -235,7 +260,7 @@ def plot_max_attn_logit(records: list[dict], path: Path | None = None, ax=None):
     their min–max as a band."""
     fig, ax = _axes(ax)
     band = False
-    for setting, runs in by_setting(records).items():
+    for i, (setting, runs) in enumerate(by_setting(records).items()):
         xs, mid, lo, hi = [], [], [], []
         for p in lr_points(runs):
             vals = sorted(r["max_attn_logit"] for r in p.runs if r.get("max_attn_logit"))
@@ -245,7 +270,7 @@ def plot_max_attn_logit(records: list[dict], path: Path | None = None, ax=None):
                 lo.append(vals[0])
                 hi.append(vals[-1])
         if xs:
-            (line,) = ax.plot(xs, mid, "o-", label=setting)
+            (line,) = ax.plot(xs, mid, label=setting, **style(i))
             if any(a != b for a, b in zip(lo, hi, strict=True)):
                 band = True
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
@@ -272,29 +297,77 @@ def plot_entropy_over_training(
     records: list[dict], histories: dict[str, list[dict]], path=None, n_lrs: int = 3, ax=None
 ):
     """Min attention entropy (min over layers and heads) vs step, for up to ``n_lrs`` LRs per
-    setting (the largest ones: where collapse happens); the seeds of an LR share a colour.
-    ``histories``: each run's metric records, by run_id."""
+    setting (the largest ones: where collapse happens). A setting has one colour; its LRs
+    differ by line style and marker; the seeds of an LR share both. ``histories``: each run's
+    metric records, by run_id."""
     fig, ax = _axes(ax)
-    for setting, runs in by_setting(records).items():
-        for p in lr_points(runs)[-n_lrs:]:
-            color, n = None, len(p.runs)
-            for r in p.runs:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (setting, runs) in enumerate(by_setting(records).items()):
+        color = colors[k % len(colors)]
+        for j, p in enumerate(lr_points(runs)[-n_lrs:]):
+            n = len(p.runs)
+            for m, r in enumerate(p.runs):
                 hist = histories.get(r["run_id"], [])
                 pts = [(h["step"], min_over_layers(h, "attn/entropy_min")) for h in hist]
                 pts = [(s, v) for s, v in pts if v is not None]
                 if not pts:
                     continue
                 label = (
-                    None
-                    if color
-                    else f"{setting}, lr={p.lr:g}" + (f" ({n} seeds)" if n > 1 else "")
+                    None if m else f"{setting}, lr={p.lr:g}" + (f" ({n} seeds)" if n > 1 else "")
                 )
-                (line,) = ax.plot(*zip(*pts, strict=True), color=color, label=label)
-                color = line.get_color()
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    color=color,
+                    label=label,
+                    markevery=max(1, len(pts) // 8),
+                    **style(j),
+                )
     ax.set_xlabel("step")
-    ax.set_ylabel("min attention entropy (nats)")
+    ax.set_ylabel("min attention entropy (nats; min over layers and heads)")
     ax.set_title("Attention entropy over training")
     _legend(ax)
+    return _save(fig, path)
+
+
+def plot_run(history: list[dict], title: str = "", path=None):
+    """One run against steps, four panels: train and eval loss; max attention logit (max over
+    layers and heads, log scale); min attention entropy (min over layers and heads); mean
+    log Z of the output logits."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    panels = [
+        (
+            axes[0, 0],
+            [("train/loss", "train loss"), ("eval/loss", "eval loss")],
+            "loss (nats)",
+            False,
+        ),
+        (axes[0, 1], [("attn/max_logit", "max attention logit")], "max attention logit", True),
+        (axes[1, 0], [("attn/entropy_min", "min attention entropy")], "entropy (nats)", False),
+        (axes[1, 1], [("logits/log_z_mean", "mean log Z")], "log Z", False),
+    ]
+    for ax, keys, ylabel, logy in panels:
+        for j, (key, label) in enumerate(keys):
+            if key.startswith("attn/"):
+                reduce = max_over_layers if "max" in key else min_over_layers
+                pts = [(h["step"], reduce(h, key)) for h in history]
+            else:
+                pts = [(h["step"], h.get(key)) for h in history]
+            pts = [(s, v) for s, v in pts if isinstance(v, (int, float)) and math.isfinite(v)]
+            if pts:
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    label=label,
+                    markevery=max(1, len(pts) // 8),
+                    **style(j),
+                )
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if logy:
+            ax.set_yscale("log")
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -65,20 +65,39 @@ def width(size: str) -> dict:
 PRESETS = {"accelerator": ACCELERATOR, "cpu": CPU}
 
 
+def default_preset() -> str:
+    """ "cpu" on a host without an accelerator, else "accelerator"."""
+    import jax
+
+    return "cpu" if jax.default_backend() == "cpu" else "accelerator"
+
+
 def parse_arg(
-    arg: str, sweep: str, default: str = "accelerator", presets: dict | None = None
+    arg: str, sweep: str, default: str | None = None, presets: dict | None = None
 ) -> tuple[str, dict]:
     """The ARG of every shipped sweep file, ``PRESET[,steps=N]``: (preset name, its overrides).
 
-    PRESET is "cpu" or "accelerator" (``default`` when ARG is empty), looked up in ``presets``
-    (default ``PRESETS``, the same names; a sweep may adjust them); ``steps=N`` sets
-    train.steps to N and scales the preset's warmup, eval and checkpoint intervals with it.
-    Anything else is a ConfigError of one line naming the sweep file and the valid ARGs.
+    PRESET is one of ``presets`` (default ``PRESETS``: "cpu" or "accelerator"; a sweep may
+    adjust them). Without one, ``default``, else :func:`default_preset`, said in one line on
+    stderr. ``steps=N`` sets train.steps to N and scales the preset's warmup, eval and
+    checkpoint intervals with it. Anything else is a ConfigError of one line naming the sweep
+    file and the valid ARGs.
     """
     presets = presets or PRESETS
-    valid = f"valid: PRESET[,steps=N] with PRESET {' or '.join(presets)} (default {default})"
-    preset, *extras = arg.split(",") if arg else [default]
-    preset = preset or default
+    preset, *extras = arg.split(",") if arg else [""]
+    if not preset:
+        chosen = default or default_preset()
+        if default is None:
+            import sys
+
+            why = "this host has no accelerator" if chosen == "cpu" else "this host has one"
+            print(
+                f"sweeps/{sweep}.py: no PRESET in its ARG: using {chosen!r} ({why}; "
+                f"valid: {', '.join(presets)})",
+                file=sys.stderr,
+            )
+        preset = chosen
+    valid = f"valid: PRESET[,steps=N] with PRESET {' or '.join(presets)}"
     if preset not in presets:
         raise ConfigError(f"--sweep=sweeps/{sweep}.py:{arg}: unknown preset {preset!r}; {valid}")
     out = dict(presets[preset])
@@ -102,6 +121,6 @@ def with_steps(overrides: dict, steps: int) -> dict:
     return out
 
 
-def common(arg: str, sweep: str, default: str = "accelerator") -> dict:
+def common(arg: str, sweep: str, default: str | None = None) -> dict:
     """The overrides named by a sweep file's ARG (``parse_arg``)."""
     return parse_arg(arg, sweep, default)[1]

@@ -71,6 +71,11 @@ def build(cfg: Config, mesh: Mesh, *, runs: int | None = None, k_max: int = 1) -
     return _build(St.static_config(cfg), mesh, runs, k_max)
 
 
+def stack_name(runs: int | None) -> str:
+    """How compile lines name a program's stack of runs."""
+    return "unstacked" if runs is None else "one run" if runs == 1 else f"{runs} runs vmapped"
+
+
 @functools.lru_cache(maxsize=32)
 def _base(static: Config, mesh: Mesh, runs: int | None):
     """Everything of :func:`build` that does not depend on ``k_max``."""
@@ -93,7 +98,7 @@ def _base(static: Config, mesh: Mesh, runs: int | None):
     per_run = S.run_sharding(mesh, stacked=stacked)
     batch_sh = S.batch_sharding(mesh)
     where = f" [{S.describe(mesh, static.train)}]"
-    vm = " (vmapped)" if stacked else ""
+    vm = f" ({stack_name(runs)})"
     init = jax.jit(S.with_mesh(init_fn, mesh), in_shardings=per_run, out_shardings=state_sh)
     step = jax.jit(
         S.with_mesh(step_fn, mesh),
@@ -151,8 +156,7 @@ def _build(static: Config, mesh: Mesh, runs: int | None, k_max: int) -> Programs
         ),
         donate_argnums=0,
     )
-    vm = f"vmapped over {runs} run(s), " if runs is not None else ""
-    name = f"train call ({vm}up to {k_max} updates, {rows} metric rows){where}"
+    name = f"train call ({stack_name(runs)}, up to {k_max} updates, {rows} metric rows){where}"
     return Programs(**base, call=Program(name, call), batches=batches_sh, k_max=k_max, rows=rows)
 
 

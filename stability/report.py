@@ -1,21 +1,32 @@
-"""``stability report``: report.md and its figures for a sweep's or a single run's workdir.
+"""``stability report``: report.md and its figures for sweep or single-run workdirs.
 
 Reads through ``workdir.py`` (local or gs://) and draws with ``plots.py`` (data in, PNG out).
+A report never says more than its data support: an LR sensitivity needs the setting's whole
+planned LR grid, a sweep or run still training is reported with what it holds and marked
+partial, and a single run is shown against its steps, not as a one-point LR curve.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass, field
 
 from stability import plots
 from stability import workdir as W
+from stability.tracking import flatten
+
+PER_RUN = ("optim.lr", "train.seed")  # config leaves that never make a setting
+RUN_ID = re.compile(
+    r"^(?P<slug>.*)-lr(?P<lr>[0-9.]+(?:e[-+]?\d+)?)(?:-s(?P<seed>\d+))?-[0-9a-f]{8}$"
+)
 
 
 def run_record(run_dir: W.PathLike) -> tuple[dict, list[int]]:
-    """(result record, unreadable line numbers) of a single-run workdir (``stability train``),
-    from its config.json and metrics.jsonl. ``status``: finished (logged the last step with
-    its eval loss), diverged (last record has alive=False) or unfinished. Its setting is the
-    workdir's name; its loss at init is not recorded there (None)."""
+    """(result record, unreadable line numbers) of a run directory, from its config.json and
+    metrics.jsonl. ``status``: finished (logged the last step with its eval loss), diverged
+    (last record has alive=False) or unfinished. Its setting is the directory's name; its loss
+    at init is not recorded there (None)."""
     run_dir = W.path(run_dir)
     config = W.run_config(run_dir) or {}
     hist, bad = W.metrics(run_dir)
@@ -44,10 +55,91 @@ def run_record(run_dir: W.PathLike) -> tuple[dict, list[int]]:
     return rec, bad
 
 
-def _run_dirs(workdir: W.Path, records: list[dict]) -> dict[str, W.Path]:
-    if W.kind(workdir) == "run":
-        return {r["run_id"]: workdir for r in records}
-    return {r["run_id"]: W.run_dir(workdir, r["run_id"]) for r in records}
+def pooled_settings(configs: list[dict], names: list[str]) -> list[str]:
+    """Settings of single runs read together: the config leaves they differ in besides the LR,
+    the seed and W&B naming ("leaf=value,..."), "default" if none, the name if alone."""
+    leaves = [flatten(c) for c in configs]
+    keys = sorted({k for lv in leaves for k in lv})
+    varying = [
+        k
+        for k in keys
+        if k not in PER_RUN
+        and not k.startswith("wandb.")
+        and len({repr(lv.get(k)) for lv in leaves}) > 1
+    ]
+    fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+    out = [",".join(f"{k.split('.')[-1]}={fmt(lv.get(k))}" for k in varying) for lv in leaves]
+    return [s or (n if len(configs) == 1 else "default") for s, n in zip(out, names, strict=True)]
+
+
+@dataclass
+class Pool:
+    """What a report reads: result records (finished, diverged, stopped, and unfinished
+    runs), where each run's directory is, the planned LR grid per setting, what is missing."""
+
+    records: list[dict] = field(default_factory=list)
+    dirs: dict[str, W.Path] = field(default_factory=dict)  # run_id -> its run directory
+    grid: dict[str, list[float]] = field(default_factory=dict)  # setting -> planned LRs
+    planned: int = 0  # runs planned (sweep manifests; single runs count themselves)
+    bad: list[str] = field(default_factory=list)  # "FILE: lines [...]" skipped
+
+
+def read(workdirs: list[W.Path]) -> Pool:
+    """The records of sweep and single-run workdirs; several sweeps' settings are prefixed
+    by their workdir's name, single runs are pooled (:func:`pooled_settings`)."""
+    pool = Pool()
+    sweeps = [d for d in workdirs if W.kind(d) == "sweep"]
+    singles = [d for d in workdirs if W.kind(d) == "run"]
+    for d in sweeps:
+        prefix = f"{d.name}: " if len(workdirs) > 1 else ""
+        records, bad = W.results(d)
+        if bad:
+            pool.bad.append(f"{d / W.RESULTS}: lines {bad}")
+        latest = {r["run_id"]: r for r in records if "run_id" in r and "setting" in r}
+        slug_setting = {}
+        for r in latest.values():
+            if m := RUN_ID.match(r["run_id"]):
+                slug_setting[m["slug"]] = r["setting"]
+        manifest = W.manifest(d) or {"run_ids": list(latest)}
+        pool.planned += len(manifest["run_ids"])
+        for rid in manifest["run_ids"]:
+            m = RUN_ID.match(rid)
+            rec = latest.get(rid)
+            if rec is None:  # planned, not finished: what its directory holds, if anything
+                run_dir = W.run_dir(d, rid)
+                if not (run_dir / W.CONFIG).exists():
+                    continue
+                rec, _ = run_record(run_dir)
+                rec["run_id"] = rid
+                rec["setting"] = slug_setting.get(m["slug"], m["slug"]) if m else rid
+            rec = {**rec, "setting": prefix + rec["setting"]}
+            pool.records.append(rec)
+            pool.dirs[rid] = W.run_dir(d, rid)
+            if m:
+                lr_grid = pool.grid.setdefault(prefix + slug_setting.get(m["slug"], m["slug"]), [])
+                lr_grid.append(float(m["lr"]))
+    runs = []
+    for d in singles:
+        rec, bad = run_record(d)
+        if bad:
+            pool.bad.append(f"{d / W.METRICS}: lines {bad}")
+        runs.append(rec)
+        pool.dirs[rec["run_id"]] = d
+    for rec, setting in zip(
+        runs, pooled_settings([r["config"] for r in runs], [r["run_id"] for r in runs]), strict=True
+    ):
+        rec["setting"] = setting
+        pool.records.append(rec)
+    pool.planned += len(runs)
+    return pool
+
+
+def _status(r: dict) -> str:
+    if r.get("diverged"):
+        return "diverged"
+    if r.get("stopped"):
+        return "stopped"
+    return r.get("status") or "finished"
 
 
 def warnings_section(records: list[dict], hists: dict[str, list[dict]], dirs) -> list[str]:
@@ -92,80 +184,123 @@ def warnings_section(records: list[dict], hists: dict[str, list[dict]], dirs) ->
     ]
 
 
-def histories(workdir: W.PathLike, records: list[dict]) -> dict[str, list[dict]]:
-    """The metric records of each run of ``records`` (a sweep's, or a single run's)."""
-    return {rid: W.metrics(d)[0] for rid, d in _run_dirs(W.path(workdir), records).items()}
+def _describe(records: list[dict]) -> str:
+    """Steps, model sizes and data of the runs (from their configs; what is known)."""
+    configs = [c for c in (r.get("config") for r in records) if c]
+    steps = sorted({c["train"]["steps"] for c in configs if "steps" in c.get("train", {})})
+    models = sorted(
+        {
+            f"d={m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads"
+            for m in (c.get("model", {}) for c in configs)
+            if {"d_model", "n_layers", "n_heads"} <= m.keys()
+        }
+    )
+    data = sorted(
+        {
+            f"{d['source']}, batch {d['batch_size']} × {d['seq_len']} tokens"
+            for d in (c.get("data", {}) for c in configs)
+            if {"source", "batch_size", "seq_len"} <= d.keys()
+        }
+    )
+    parts = [
+        f"runs of {', '.join(map(str, steps))} steps" if steps else "",
+        f"model {'; '.join(models)}" if models else "",
+        f"data {'; '.join(data)}" if data else "",
+    ]
+    text = "; ".join(p for p in parts if p)
+    return text[:1].upper() + text[1:] + "." if text else ""
 
 
-def write_report(workdir: W.PathLike) -> W.Path:
-    """``report.md`` plus lr_sensitivity.png, max_attn_logit.png, attn_entropy.png in a sweep
-    workdir or a single run's workdir."""
-    workdir = W.path(workdir)
-    kind = W.kind(workdir)
-    if kind == "run":
-        rec, bad = run_record(workdir)
-        source = "metrics.jsonl"
-        if rec["status"] == "unfinished":
-            raise FileNotFoundError(
-                f"{workdir}: the run is unfinished (last logged step {rec['steps']} of "
-                f"{rec['config'].get('train', {}).get('steps')}); rerun `stability train` on it"
-            )
-        records = [rec]
+def write_report(workdirs: W.PathLike | list[W.PathLike], out: W.PathLike | None = None) -> W.Path:
+    """``report.md`` and its figures in ``out`` (default: the only workdir) for one or several
+    sweep or single-run workdirs. FileNotFoundError when they hold no run yet."""
+    dirs = [W.path(w) for w in (workdirs if isinstance(workdirs, list) else [workdirs])]
+    out = W.path(out) if out is not None else dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    pool = read(dirs)
+    records = pool.records
+    if not records:
+        raise FileNotFoundError(f"{', '.join(map(str, dirs))}: no run has started yet")
+    hists = {r["run_id"]: W.metrics(pool.dirs[r["run_id"]])[0] for r in records}
+    done = [r for r in records if _status(r) != "unfinished"]
+    name = dirs[0].name if len(dirs) == 1 else ", ".join(d.name for d in dirs)
+    single = len(records) == 1 and W.kind(dirs[0]) == "run"
+    if single:
+        r = records[0]
+        steps = (r["config"].get("train") or {}).get("steps")
+        partial = f" (partial: step {r['steps']} of {steps})" if _status(r) == "unfinished" else ""
+        lines = [f"# Run report: {name}{partial}", "", _describe(records), ""]
+        plots.plot_run(hists[r["run_id"]], name, out / "run.png")
+        last = hists[r["run_id"]][-1] if hists[r["run_id"]] else {}
+        lines += [
+            f"Status: {_status(r)}. At the last logged step ({r['steps']}): train loss "
+            f"{_fmt(last.get('train/loss'), '.4f')}, max attention logit {_fmt(r['max_attn_logit'], '.3g')} "
+            f"(max over layers and heads), min attention entropy {_fmt(r['min_attn_entropy'], '.3f')} nats "
+            f"(min over layers and heads), last eval loss "
+            f"{_fmt(next((h['eval/loss'] for h in reversed(hists[r['run_id']]) if 'eval/loss' in h), None), '.4f')}.",
+            "An LR sensitivity needs several LRs: report several runs together "
+            "(`stability report DIR DIR ... --out=DIR`).",
+            "",
+            "![the run against its steps](run.png)",
+        ]
     else:
-        records, bad = W.results(workdir)
-        source = W.RESULTS
-        if not records:
-            raise FileNotFoundError(f"{workdir / W.RESULTS} holds no results")
-    plots.plot_lr_sensitivity(records, workdir / "lr_sensitivity.png")
-    plots.plot_max_attn_logit(records, workdir / "max_attn_logit.png")
-    hists = histories(workdir, records)
-    plots.plot_entropy_over_training(records, hists, workdir / "attn_entropy.png")
-    seeds = plots.n_seeds(records)
-    lines = [
-        f"# {'Sweep' if kind == 'sweep' else 'Run'} report: {workdir.name}",
-        "",
-        "Final eval loss per learning rate ('div' = diverged). LR sensitivity = mean over the",
-        "grid of min(loss, loss at init) − best loss (Wortsman et al. 2023).",
-    ]
-    if kind == "run" and records[0]["diverged"]:
-        lines += [
-            "A single run's workdir holds no loss at init: the LR sensitivity of a",
-            "diverged run is n/a.",
+        partial = (
+            f" (partial: {len(done)} of {pool.planned} runs finished)"
+            if len(done) < pool.planned
+            else ""
+        )
+        plots.plot_lr_sensitivity(done, out / "lr_sensitivity.png")
+        plots.plot_max_attn_logit(done, out / "max_attn_logit.png")
+        plots.plot_entropy_over_training(records, hists, out / "attn_entropy.png")
+        seeds = plots.n_seeds(done)
+        lines = [
+            f"# {'Sweep' if W.kind(dirs[0]) == 'sweep' else 'Runs'} report: {name}{partial}",
+            "",
+            _describe(records),
+            "",
+            "Final eval loss per setting and learning rate ('div' = diverged; a run stopped by",
+            "an early warning counts as diverged). LR sensitivity = mean over the LR grid of",
+            "min(loss, loss at init) − best loss (Wortsman et al. 2023); it reads n/a when the",
+            "setting's planned LR grid is not complete (k of n LRs finished).",
         ]
-    if seeds > 1:
+        if seeds > 1:
+            lines += [
+                f"Up to {seeds} seeds per LR: a cell is the mean ± std (ddof 1) over seeds of",
+                "min(loss, loss at init), with a diverged seed counted at the loss at init and",
+                "'(k/n div)' when k of n seeds diverged; LR sensitivity is computed per seed, then",
+                "mean ± std. † marks an LR where the seeds disagree: some diverged and others",
+                f"not, or their losses span more than {plots.SEED_TOLERANCE:g} nats.",
+            ]
+        lines += ["", plots.summary_table(done, grid=pool.grid or None), ""]
         lines += [
-            f"Up to {seeds} seeds per LR: a cell is the mean ± std (ddof 1) over seeds of",
-            "min(loss, loss at init), with a diverged seed counted at the loss at init and",
-            "'(k/n div)' when k of n seeds diverged; LR sensitivity is computed per seed, then",
-            "mean ± std. † marks an LR where the seeds disagree: some diverged and others",
-            f"not, or their losses span more than {plots.SEED_TOLERANCE:g} nats.",
+            "Per run: status (finished, diverged, stopped by an early warning, unfinished), the",
+            "last logged step, and at that step the max attention logit (max over layers and",
+            "heads of the scaled pre-softmax logit) and the min attention entropy (min over",
+            "layers and heads of the mean row entropy, nats).",
+            "",
+            "| setting | lr | seed | status | last step | max attn logit | min attn entropy | diverged at |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-    lines += ["", plots.summary_table(records), ""]
-    seed_col = seeds > 1
-    lines += [
-        "| setting | lr |"
-        + (" seed |" if seed_col else "")
-        + " max attn logit | min attn entropy | diverged at |",
-        "|---|---|" + ("---|" if seed_col else "") + "---|---|---|",
-    ]
-    for setting, runs in plots.by_setting(records).items():
-        for r in runs:
-            ml, me = r.get("max_attn_logit"), r.get("min_attn_entropy")
-            lines.append(
-                f"| {setting} | {r['lr']:g} |"
-                + (f" {plots.seed_of(r)} |" if seed_col else "")
-                + f" {'' if ml is None else f'{ml:.3g}'} | "
-                f"{'' if me is None else f'{me:.3f}'} | {r.get('diverged_step') or '-'} |"
-            )
-    lines += warnings_section(records, hists, _run_dirs(workdir, records))
-    lines += [
-        "",
-        "![LR sensitivity](lr_sensitivity.png)",
-        "![max attention logit](max_attn_logit.png)",
-        "![attention entropy](attn_entropy.png)",
-    ]
-    if bad:
-        lines += ["", f"Skipped unreadable lines of {source}: {bad}"]
-    out = workdir / "report.md"
-    W.write_text(out, "\n".join(lines) + "\n")
-    return out
+        for setting, runs in plots.by_setting(records).items():
+            for r in runs:
+                lines.append(
+                    f"| {setting} | {r['lr']:g} | {plots.seed_of(r)} | {_status(r)} | "
+                    f"{r.get('steps') or ''} | {_fmt(r.get('max_attn_logit'), '.3g')} | "
+                    f"{_fmt(r.get('min_attn_entropy'), '.3f')} | {r.get('diverged_step') or '-'} |"
+                )
+        lines += [
+            "",
+            "![LR sensitivity](lr_sensitivity.png)",
+            "![max attention logit](max_attn_logit.png)",
+            "![attention entropy](attn_entropy.png)",
+        ]
+    lines += warnings_section(records, hists, pool.dirs)
+    if pool.bad:
+        lines += ["", f"Skipped unreadable lines: {'; '.join(pool.bad)}"]
+    path = out / "report.md"
+    W.write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _fmt(v, spec: str) -> str:
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)

@@ -18,7 +18,7 @@ import numpy as np
 
 from stability import workdir as W
 from stability.config import ConfigError, from_config_dict, size_preset
-from stability.presets import ACCELERATOR, PAPER_LRS
+from stability.presets import ACCELERATOR, PAPER_LRS, parse_arg
 
 PRESETS = ("tiny", "cpu", "accelerator")
 
@@ -78,43 +78,37 @@ _PAIR = {
 }
 
 
-def _check(preset: str, sweep: str) -> None:
-    if preset not in PRESETS:
-        raise ConfigError(
-            f"--sweep=sweeps/{sweep}.py:{preset}: unknown preset; valid: {', '.join(PRESETS)}"
-        )
-
-
 def _model(size: dict[str, int]) -> dict[str, int]:
     return {f"model.{k}": v for k, v in size.items()}
 
 
-def preset_base(preset: str, sweep: str) -> dict[str, Any]:
+def _parse(arg: str, sweep: str, bases: dict) -> tuple[str, dict[str, Any]]:
+    """(preset, base overrides) of a sweep's ARG, ``PRESET[,steps=N]`` as every shipped sweep
+    takes it (``presets.parse_arg``; without a PRESET: "cpu")."""
+    return parse_arg(arg, sweep, default="cpu", presets=bases)
+
+
+def preset_base(arg: str, sweep: str) -> dict[str, Any]:
     """Overrides shared by every run of a preset's size sweep (data, steps, logging)."""
-    _check(preset, sweep)
-    return dict(_BASES[preset])
+    return _parse(arg, sweep, _BASES)[1]
 
 
-def preset_lrs(preset: str, sweep: str) -> tuple[float, ...]:
+def preset_lrs(arg: str, sweep: str) -> tuple[float, ...]:
     """The LR grid of the preset's size sweep."""
-    _check(preset, sweep)
-    return _LRS[preset]
+    return _LRS[_parse(arg, sweep, _BASES)[0]]
 
 
-def preset_sizes(preset: str, sweep: str) -> list[dict[str, int]]:
+def preset_sizes(arg: str, sweep: str) -> list[dict[str, int]]:
     """The preset's model sizes as ``model.*`` overrides, smallest first."""
-    _check(preset, sweep)
-    return [_model(s) for s in _SIZES[preset]]
+    return [_model(s) for s in _SIZES[_parse(arg, sweep, _BASES)[0]]]
 
 
-def finding_grid(preset: str, sweep: str) -> tuple[dict[str, Any], tuple[float, ...], list[dict]]:
-    """(base overrides, LR grid, two model sizes smallest first) of a single-effect sweep."""
-    _check(preset, sweep)
-    return (
-        {**_BASES[preset], **_FINDING[preset]},
-        _FINDING_LRS[preset],
-        [_model(s) for s in _PAIR[preset]],
-    )
+def finding_grid(arg: str, sweep: str) -> tuple[str, dict[str, Any], tuple[float, ...], list[dict]]:
+    """(preset, base overrides, LR grid, two model sizes smallest first) of a single-effect
+    sweep."""
+    bases = {k: {**_BASES[k], **_FINDING[k]} for k in PRESETS}
+    preset, base = _parse(arg, sweep, bases)
+    return preset, base, _FINDING_LRS[preset], [_model(s) for s in _PAIR[preset]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,25 +523,52 @@ def sweep_file(name: str) -> Path:
     return SWEEPS_DIR / ("sizes.py" if name == "sizes" else f"reproduce_{name}.py")
 
 
+OVERRIDABLE = ("data.", "wandb.")  # where the data, the tokenizer and logging live
+
+
 def reproduce(
-    preset: str, workdir: str | Path, *, progress: bool = True, report_only: bool = False
+    preset: str,
+    workdir: str | Path,
+    *,
+    overrides: list[tuple[str, str]] = (),
+    progress: bool = True,
+    report_only: bool = False,
 ) -> Path:
     """Run (or resume) every sweep of ``preset`` into ``workdir/<sweep>`` and write
     ``workdir/paper_report.md`` (with ``paper_report.json`` and figures/); returns its path.
+    ``overrides``: ``--config.data.*`` and ``--config.wandb.*`` (the dataset, the tokenizer,
+    logging: the accelerator preset needs ``data.tfds_data_dir`` and
+    ``data.tokenizer_path``); any other field is refused, the findings' sweeps fix it.
     ``report_only``: train nothing, report the runs finished so far."""
+    from stability.loop import Preemption
     from stability.sweep import run_sweep
 
     if preset not in PRESETS:
         raise ConfigError(f"--preset={preset!r} is unknown; valid: {', '.join(PRESETS)}")
+    for key, _ in overrides:
+        if not key.startswith(OVERRIDABLE):
+            raise ConfigError(
+                f"--config.{key}: `stability reproduce` takes only --config.data.* and "
+                "--config.wandb.* overrides (the dataset, the tokenizer, logging); the "
+                "findings' sweeps set every other field"
+            )
     workdir = W.path(workdir)
-    for name in SWEEPS:
-        path = sweep_file(name)
-        if not path.is_file():
-            raise ConfigError(f"{path} is missing: `stability reproduce` runs from a checkout")
-        if not report_only:
-            run_sweep(f"{path}:{preset}", workdir / name, progress=progress)
+    with Preemption() as stop:  # one handler for every sweep: Ctrl-C stops within one call
+        for name in SWEEPS:
+            path = sweep_file(name)
+            if not path.is_file():
+                raise ConfigError(f"{path} is missing: `stability reproduce` runs from a checkout")
+            if not report_only and not stop.requested:
+                run_sweep(
+                    f"{path}:{preset}",
+                    workdir / name,
+                    pinned=overrides,
+                    progress=progress,
+                    preemption=stop,
+                )
     rows = {name: load_rows(workdir / name) for name in SWEEPS}
-    return write_report(evaluate(rows), rows, workdir, preset, partial=report_only)
+    partial = report_only or stop.requested
+    return write_report(evaluate(rows), rows, workdir, preset, partial=partial)
 
 
 def _commit() -> str:

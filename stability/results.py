@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import re
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -38,7 +37,6 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
 
 from stability import plots, report
 from stability import workdir as W
-from stability.tracking import flatten
 from stability.workdir import read_jsonl
 
 RUN_COLUMNS = (
@@ -63,10 +61,7 @@ RUN_COLUMNS = (
 HISTORY_COLUMNS = ("workdir", "run_id", "label", "setting", "lr", "seed", "step", "key", "value")
 Curve = tuple[np.ndarray, np.ndarray]
 
-_RUN_ID = re.compile(
-    r"^(?P<slug>.*)-lr(?P<lr>[0-9.]+(?:e[-+]?\d+)?)(?:-s(?P<seed>\d+))?-[0-9a-f]{8}$"
-)
-_PER_RUN = ("optim.lr", "train.seed")  # leaves that never make a setting
+_RUN_ID = report.RUN_ID
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,28 +142,15 @@ def _single_runs(dirs: list[Path], warn: bool) -> list[dict[str, Any]]:
         if warn:
             _warn_bad(d / W.METRICS, bad)
         runs.append(rec)
-    leaves = [flatten(r["config"]) for r in runs]
-    keys = sorted({k for lv in leaves for k in lv})
-    varying = [
-        k
-        for k in keys
-        if k not in _PER_RUN
-        and not k.startswith("wandb.")
-        and len({repr(lv.get(k)) for lv in leaves}) > 1
-    ]
-    for r, lv in zip(runs, leaves, strict=True):
-        setting = ",".join(f"{k.split('.')[-1]}={_fmt_value(lv.get(k))}" for k in varying)
-        r["setting"] = setting or (r["run_id"] if len(runs) == 1 else "default")
+    settings = report.pooled_settings([r["config"] for r in runs], [r["run_id"] for r in runs])
+    for r, setting in zip(runs, settings, strict=True):
+        r["setting"] = setting
         r["workdir"] = str(W.path(r["metrics_path"]).parent)
         r["label"] = r["setting"]
         r["loss_at_init"] = math.nan
         for k in ("final_loss", "max_attn_logit", "min_attn_entropy", "wall_seconds"):
             r[k] = _float(r[k])
     return runs
-
-
-def _fmt_value(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _workdir_runs(workdir: Path, prefix: str | None, warn: bool) -> list[dict[str, Any]]:

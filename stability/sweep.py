@@ -92,9 +92,11 @@ def build_runs(
     config_spec: str | None,
     cli_overrides: list[tuple[str, str]],
     seeds: int = 1,
+    pinned: list[tuple[str, str]] = (),
 ) -> list[Run]:
     """Configs for every sweep point: base config, then command-line overrides, then the
-    point's own overrides (so a point's LR is never collapsed by a global override).
+    point's own overrides (so a point's LR is never collapsed by a global override), then
+    ``pinned`` overrides, which win over the points (``stability reproduce``'s data).
 
     seeds > 1: every point becomes ``seeds`` runs with train.seed = 0 … seeds−1 (data.seed is
     kept: the seeds of a point see the same batches) and run ids
@@ -123,8 +125,11 @@ def build_runs(
                 apply_override(cd, key, value)
             except ConfigError as e:
                 raise ConfigError(f"sweep point {i}: {e}") from e
+        for key, value in pinned:
+            apply_override(cd, key, parse_value(value))
         try:
-            configs.append(from_config_dict(cd))
+            explicit = {k for k, _ in [*cli_overrides, *pinned]} | set(point)
+            configs.append(from_config_dict(cd, explicit))
         except ConfigError as e:
             raise ConfigError(f"sweep point {i} {point}: {e}") from e
     varying = sorted(
@@ -316,12 +321,12 @@ def read_results(workdir: W.PathLike) -> tuple[list[dict], list[int]]:
     return W.results(workdir)
 
 
-def _plan(sweep_spec, config_spec, overrides, strategy, max_runs_per_program, seeds=1):
+def _plan(sweep_spec, config_spec, overrides, strategy, max_runs_per_program, seeds, pinned):
     """(sweep name, runs, strategy) after validating every run's config and data."""
     if max_runs_per_program < 1:
         raise ConfigError(f"--max-runs-per-program={max_runs_per_program} must be >= 1")
     name, points = load_sweep(sweep_spec)
-    runs = build_runs(points, config_spec, list(overrides), seeds)
+    runs = build_runs(points, config_spec, list(overrides), seeds, list(pinned))
     for r in runs:  # validate every data source before anything is written
         make_source(r.config.data, r.config.model.vocab_size)
     return name, runs, choose_strategy(strategy)
@@ -340,14 +345,16 @@ def run_sweep(
     check_only: bool = False,
     seeds: int = 1,
     preemption: L.Preemption | None = None,
+    pinned: list[tuple[str, str]] = (),
 ) -> list:
     """Run (or resume) a sweep into ``workdir``; returns the result records (with
     ``check_only``: validate everything and compile every program, write nothing, return the
-    runs). ``seeds``: runs per sweep point (``build_runs``). SIGTERM or Ctrl-C checkpoints the
+    runs). ``seeds``: runs per sweep point, ``pinned``: overrides that win over the points
+    (``build_runs``). SIGTERM or Ctrl-C checkpoints the
     running chunk at its next call boundary and returns."""
     with preemption or L.Preemption() as pre:
         name, runs, strat = _plan(
-            sweep_spec, config_spec, overrides, strategy, max_runs_per_program, seeds
+            sweep_spec, config_spec, overrides, strategy, max_runs_per_program, seeds, pinned
         )
         workdir = W.path(workdir)
         check_manifest(workdir, runs, sweep_spec)

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 if ! test -x .venv/bin/stability; then
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c requirements/lock.txt -e '.[data,tpu]'
+  .venv/bin/python -m pip install -q -c requirements/lock.txt -e '.[data,tpu]' --config-settings editable_mode=compat
 fi
 CACHE=${STABILITY_COMPILATION_CACHE:-${WORKDIR%/}_jax_cache}
 WANDB_MODE=${WANDB_MODE:-offline} exec .venv/bin/stability sweep --sweep="$SWEEP" \

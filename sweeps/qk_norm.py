@@ -1,6 +1,6 @@
 """Wortsman et al. 2023, Figure 1: qk-layernorm on/off × model sizes × the paper's LR grid.
 
-ARG: PRESET[,steps=N] (``presets.parse_arg``): "accelerator" (default; the width-scaling
+ARG: PRESET[,steps=N] (``presets.parse_arg``): "accelerator" (the default on a host with an accelerator; the width-scaling
 family w256…w4096 at 6 layers, head dim 64, on C4, bf16, FSDP/remat per ``presets.width``) or "cpu" (sizes xs, s, m on the stdlib
 bytes, 500 steps).
 """

@@ -10,6 +10,6 @@ NAME = "eps"
 
 
 def get_sweep(arg: str = "cpu"):
-    base, lrs, sizes = finding_grid(arg, "reproduce_eps")
-    pair = (1e-8, 1e-15) if arg == "accelerator" else (1e-4, 1e-8)
+    preset, base, lrs, sizes = finding_grid(arg, "reproduce_eps")
+    pair = (1e-8, 1e-15) if preset == "accelerator" else (1e-4, 1e-8)
     return [{**base, **sizes[-1], "optim.eps": eps, "optim.lr": lr} for eps in pair for lr in lrs]

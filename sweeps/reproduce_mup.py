@@ -9,7 +9,7 @@ NAME = "mup"
 
 
 def get_sweep(arg: str = "cpu"):
-    base, lrs, sizes = finding_grid(arg, "reproduce_mup")
+    preset, base, lrs, sizes = finding_grid(arg, "reproduce_mup")
     base_d = sizes[0]["model.d_model"]
     points = []
     for param, qk, widths in (

@@ -8,7 +8,7 @@ NAME = "warmup"
 
 
 def get_sweep(arg: str = "cpu"):
-    base, lrs, sizes = finding_grid(arg, "reproduce_warmup")
+    preset, base, lrs, sizes = finding_grid(arg, "reproduce_warmup")
     steps = base["train.steps"]
     return [
         {

@@ -8,7 +8,7 @@ NAME = "weight_decay"
 
 
 def get_sweep(arg: str = "cpu"):
-    base, lrs, sizes = finding_grid(arg, "reproduce_weight_decay")
+    preset, base, lrs, sizes = finding_grid(arg, "reproduce_weight_decay")
     return [
         {
             **base,

@@ -10,8 +10,8 @@ NAME = "z_loss"
 
 
 def get_sweep(arg: str = "cpu"):
-    base, lrs, sizes = finding_grid(arg, "reproduce_z_loss")
-    if arg == "cpu":
+    preset, base, lrs, sizes = finding_grid(arg, "reproduce_z_loss")
+    if preset == "cpu":
         base = {**base, "model.vocab_size": 4096}
     return [
         {**base, **sizes[-1], "train.z_loss": z, "optim.weight_decay": wd, "optim.lr": lr}

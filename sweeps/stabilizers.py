@@ -2,7 +2,7 @@
 
 All settings start from the paper's recipe with qk-layernorm off (the unstable baseline), so
 each row shows what one intervention buys on its own. ARG: PRESET[,steps=N]
-(``presets.parse_arg``), PRESET "accelerator" (default) or "cpu".
+(``presets.parse_arg``), PRESET "accelerator" or "cpu" (without one: "cpu" on a host without an accelerator).
 """
 
 from stability.presets import PAPER_LRS, common

@@ -2,7 +2,7 @@
 
 Without weight decay the output logits drift very negative and training fails at high LR;
 z-loss (1e-4·log²Z) prevents it. qk-layernorm stays on so attention-logit growth is excluded.
-ARG: PRESET[,steps=N] (``presets.parse_arg``), PRESET "accelerator" (default) or "cpu".
+ARG: PRESET[,steps=N] (``presets.parse_arg``), PRESET "accelerator" or "cpu" (without one: "cpu" on a host without an accelerator).
 """
 
 from stability.presets import PAPER_LRS, common

@@ -120,8 +120,9 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
 
 def test_a_single_runs_checkpoint_of_the_previous_release_resumes_and_others_are_refused(tiny, tmp_path):
     """A `stability train` checkpoint of release 0.1.0 (no run axis; meta with "diverged") is
-    restored and given a run axis: the run continues as if uninterrupted. A checkpoint of an
-    unknown format is refused, naming this release, and nothing is moved or deleted."""
+    restored and given a run axis, and a sweep chunk's (stacked, meta without "format") as it
+    is: both continue as if uninterrupted. A checkpoint of an unknown format is refused,
+    naming this release, and nothing is moved or deleted."""
     cfg = tiny()
     T.train(cfg, tmp_path / "ref", progress=False)
     run = tmp_path / "old"
@@ -140,6 +141,23 @@ def test_a_single_runs_checkpoint_of_the_previous_release_resumes_and_others_are
     ckpt.close()
     T.train(cfg, run, progress=False)
     assert strip_perf(T.read_metrics(run)) == strip_perf(T.read_metrics(tmp_path / "ref"))
+
+    # A sweep chunk's checkpoint of 0.1.0 (stacked; meta without "format") resumes as it is.
+    sweep_py = tmp_path / "one.py"
+    sweep_py.write_text(f"def get_sweep(arg=''):\n    return [{{'optim.lr': {cfg.optim.lr!r}}}]\n")
+    config_py = write_config_file(tmp_path / "cfg.py", cfg)
+    for name in ("ref_sweep", "old_sweep"):
+        run_sweep(str(sweep_py), tmp_path / name, config_spec=config_py, progress=False, report=False)
+    (chunk,) = (tmp_path / "old_sweep" / "chunks").iterdir()
+    shutil.rmtree(chunk / "checkpoints" / "20")
+    (tmp_path / "old_sweep" / "results.jsonl").unlink()
+    meta = next((chunk / "checkpoints" / "10").glob("meta/*"))
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items()
+                                if k in ("stream", "loss_at_init")}))
+    (got,) = run_sweep(str(sweep_py), tmp_path / "old_sweep", config_spec=config_py,
+                       progress=False, report=False)
+    (want,) = read_results(tmp_path / "ref_sweep")[0]
+    assert got["final_loss"] == want["final_loss"] and got["steps"] == 20
 
     shutil.rmtree(run / "checkpoints" / "20")
     meta = next((run / "checkpoints" / "10").glob("meta/*"))

@@ -146,7 +146,7 @@ def test_pod_sweep_on_4_processes_sigterm_one_then_rerun(setup):
     # XLA's check asked a device of each process for its memory (another host's would refuse)
     assert all("train call per device: 0.00 GiB of 16.00 GiB" in e for e in errs)
     errs = finish(start(cmd, 4, 1, root))
-    assert "train call (vmapped over 2 run(s), up to 8 updates, 3 metric rows) [mesh " \
+    assert "train call (2 runs vmapped, up to 8 updates, 3 metric rows) [mesh " \
            "run×data×model 2×2×1 on 4 cpu device(s) in 4 processes; fsdp on" in errs[0]
     assert "resuming default-lr0.001" in errs[0] and f"at step {stop}" in errs[0]
     got = sorted(read_jsonl(root / "b" / "runs" / "pod" / "results.jsonl")[0], key=lambda r: r["lr"])

@@ -118,3 +118,39 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     assert main(["reproduce", "--preset=tiny", f"--workdir={work}", "--no-progress"]) == 0
     assert (work / "sizes" / "results.jsonl").read_text() == lines
     assert main(["reproduce", "--preset=big", f"--workdir={work}"]) == 2
+
+
+def test_accelerator_preset_takes_data_overrides_and_plans_up_to_its_first_program(
+    tmp_path, monkeypatch, capsys
+):
+    """`reproduce --preset=accelerator` on a tfds ArrayRecord dataset and a SentencePiece model
+    the test builds (data.* overrides win over the preset's), as far as its first compiled
+    program (the largest, w1024; then stopped). Other overrides are refused, naming why."""
+    from data import train_sentencepiece
+    from data.test_tfds import EVAL_DOCS, TRAIN_DOCS, StabilityTestText
+
+    from stability import sweep
+
+    assert main(["reproduce", "--preset=accelerator", f"--workdir={tmp_path / 'x'}",
+                 "--config.model.d_model=64"]) == 2
+    assert "takes only --config.data.* and --config.wandb.* overrides" in capsys.readouterr().err
+    StabilityTestText(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    data = [f"--config.data.tfds_data_dir={tmp_path / 'tfds'}", "--config.data.tfds_name=stability_test_text",
+            f"--config.data.tokenizer_path={train_sentencepiece(tmp_path, TRAIN_DOCS + EVAL_DOCS)}",
+            "--config.data.batch_size=8", "--config.data.seq_len=32"]
+
+    class Compiled(Exception):
+        pass
+
+    compile_call = sweep.P.compile_call
+
+    def first(cfg, progs, limit=None):
+        report = compile_call(cfg, progs, limit)
+        raise Compiled(cfg.model.d_model, cfg.data.tfds_name, report.line())
+
+    monkeypatch.setattr(sweep.P, "compile_call", first)
+    with pytest.raises(Compiled) as got:
+        main(["reproduce", "--preset=accelerator", f"--workdir={tmp_path / 'w'}", "--no-progress", *data])
+    d_model, name, line = got.value.args
+    assert d_model == 1024 and name == "stability_test_text" and "per device" in line
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").rglob("*"))  # nothing written

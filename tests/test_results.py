@@ -328,7 +328,7 @@ def test_seed_spread_and_report_mark_where_seeds_disagree(tmp_path):
     assert cells[5] == "1 |"
     text = report.write_report(d).read_text()
     assert "Up to 3 seeds per LR" in text and table_md in text
-    assert "| setting | lr | seed | max attn logit |" in text
+    assert "| setting | lr | seed | status | last step | max attn logit |" in text
     assert (d / "lr_sensitivity.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -372,7 +372,7 @@ def test_single_runs_are_pooled_into_settings(tmp_path):
     recs = [r for r in results.records(table.reset_index()) if "/sweep/" not in r["run_id"]]
     assert len(recs) == 3
     md = plots.summary_table(recs)
-    assert "| qk_norm=False | 3.200 |  | 0.000 | - |" in md  # one LR: sensitivity 0
+    assert "| qk_norm=False | 3.200 |  | n/a (1 LR) | - |" in md  # one LR: no sensitivity
     assert "| qk_norm=True | 3.200 | div | n/a | 1 |" in md  # diverged, ℓ0 unknown
     hist = results.histories([a, b], keys=["train/loss"])
     assert set(hist["run_id"]) == {"a", "b"} and len(hist) == 4 + 3
@@ -380,16 +380,24 @@ def test_single_runs_are_pooled_into_settings(tmp_path):
     assert list(alone["label"]) == ["a"] and list(alone["status"]) == ["finished"]
 
 
-def test_report_of_a_single_run(tmp_path, capsys):
+def test_report_of_a_single_run_and_of_runs_pooled(tmp_path, capsys):
+    """A single run: its curves against steps, no LR sensitivity; an unfinished one is
+    reported as far as it got, marked partial; several are pooled into one LR curve."""
     a = write_single_run(tmp_path / "base", 0.01)
     assert main(["report", str(a)]) == 0
-    report = (a / "report.md").read_text()
-    assert report.startswith("# Run report: base") and "| base | 3.200 | 0.000 | - |" in report
-    for name in ("lr_sensitivity.png", "max_attn_logit.png", "attn_entropy.png"):
-        assert (a / name).read_bytes()[:4] == b"\x89PNG", name
+    text = (a / "report.md").read_text()
+    assert text.startswith("# Run report: base\n") and "Status: finished" in text
+    assert "LR sensitivity" not in text.split("\n\n", 2)[1] and (a / "run.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (a / "lr_sensitivity.png").exists()
     cut = write_single_run(tmp_path / "cut", 0.1, last=4)
-    assert main(["report", str(cut)]) == 2
-    assert "the run is unfinished (last logged step 4 of 8)" in capsys.readouterr().err
+    assert main(["report", str(cut)]) == 0
+    assert (cut / "report.md").read_text().startswith("# Run report: cut (partial: step 4 of 8)")
+    b = write_single_run(tmp_path / "b", 0.1)
+    assert main(["report", str(a), str(b), str(cut)]) == 2
+    assert "--out=DIR is needed" in capsys.readouterr().err
+    assert main(["report", str(a), str(b), f"--out={tmp_path / 'pooled'}"]) == 0
+    pooled = (tmp_path / "pooled" / "report.md").read_text()
+    assert "| default | 3.200 | 3.200 | 0.000 | - |" in pooled  # one setting, two LRs
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "neither a sweep workdir" in capsys.readouterr().err

@@ -216,10 +216,10 @@ def test_eight_devices_fsdp_tensor_parallel_runs_checkpoints_and_memory(tmp_path
     print(out)  # per-device memory numbers of w4096 (pytest -s shows them)
     assert "w4096 step memory per device" in out
     # Each program compiled once (the memory check reuses the call it runs), naming its mesh.
-    one_run = "train call (vmapped over 1 run(s), up to 1 updates, 1 metric rows) [mesh run×data×model"
+    one_run = "train call (one run, up to 1 updates, 1 metric rows) [mesh run×data×model"
     assert one_err.count(f"compiled {one_run} 1×1×1") == 1
     assert "3 run(s), run×data×model mesh 2×4×1" in err  # runs 2 ways (one padded), batch 4 ways
-    assert "train call (vmapped over 4 run(s), up to 1 updates, 1 metric rows) [mesh run×data×model 2×4×1 on 8 cpu" in err
+    assert "train call (4 runs vmapped, up to 1 updates, 1 metric rows) [mesh run×data×model 2×4×1 on 8 cpu" in err
     assert f"compiled {one_run} 1×8×1" in err
     # stability train with fsdp on 8 devices, and a vmapped sweep on run 2 × fsdp 4: the
     # records of the single-device commands.

@@ -321,3 +321,27 @@ class TfdsSource:
         documents = grain.MapDataset.source(self._eval).repeat().map(self._document_tokens)
         stream = PackedStream(documents, self._cfg.batch_size, self._cfg.seq_len + 1)
         return [stream.next() for _ in range(n)]
+
+
+def prepare(name: str, data_dir: str, manual_dir: str | None = None) -> dict[str, int]:
+    """Build the tfds dataset ``name`` under ``data_dir`` in ArrayRecord format (what
+    ``data.source='tfds'`` reads), from files already downloaded to ``manual_dir`` when the
+    dataset needs them (C4: the c4 json.gz shards; lm1b: its tarball). Nothing is built twice:
+    a prepared dataset is left as it is. Returns the examples per split."""
+    if not name:
+        raise ConfigError(
+            "--name='' is empty; give a tfds dataset name, e.g. 'lm1b' or 'c4/en:3.1.0'"
+        )
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    except ValueError as err:  # includes tfds' DatasetNotFoundError
+        raise ConfigError(f"--name={name!r} is not a tfds dataset ({_first_line(err)})") from None
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+    try:
+        builder.download_and_prepare(download_config=config)
+    except Exception as err:  # noqa: BLE001 - a missing download, a missing package: one line
+        raise ConfigError(
+            f"--name={name!r}: tfds could not prepare it under --data-dir={data_dir!r} "
+            f"({type(err).__name__}: {_first_line(err)})"
+        ) from None
+    return {split: info.num_examples for split, info in builder.info.splits.items()}

@@ -279,4 +279,4 @@ def test_sweep_killed_inside_results_append(sweep_reference, tmp_path, capsys, n
     assert assert_sweep_equals_reference(workdir, ref) == [n]
     assert f"skipped unreadable lines [{n}]" in err
     report = (workdir / "report.md").read_text()
-    assert f"Skipped unreadable lines of results.jsonl: [{n}]" in report
+    assert f"results.jsonl: lines [{n}]" in report
