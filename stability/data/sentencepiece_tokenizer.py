@@ -50,9 +50,13 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str | bytes) -> np.ndarray:
         """int32 ids of ``text`` (bytes are decoded as UTF-8), without BOS/EOS."""
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        return np.asarray(self._sp.encode(text), np.int32)
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str | bytes], threads: int = 1) -> list[np.ndarray]:
+        """:meth:`encode` of each text, ``threads`` of them at once (SentencePiece's own
+        threads, outside the GIL)."""
+        texts = [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t for t in texts]
+        return [np.asarray(ids, np.int32) for ids in self._sp.encode(texts, num_threads=threads)]
 
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])

@@ -22,6 +22,8 @@ split, cycled when ``n`` batches need more tokens than it holds.
 
 from __future__ import annotations
 
+import collections
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -39,7 +41,8 @@ from stability.data.sentencepiece_tokenizer import SentencePieceTokenizer
 BYTES_PER_TOKEN_DOCS = 1000
 # Read-ahead: threads that read and tokenize documents, and documents kept ready (a step of
 # 256 x 512 tokens of C4 is ~300 documents). ~1.5M tokens/s on 2 CPU cores.
-READ_OPTIONS = grain.ReadOptions(num_threads=min(16, os.cpu_count() or 1), prefetch_buffer_size=256)
+READ_THREADS = min(16, os.cpu_count() or 1)
+READ_OPTIONS = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=256)
 
 
 class ByteTokenizer:
@@ -53,6 +56,9 @@ class ByteTokenizer:
         if isinstance(text, str):
             text = text.encode("utf-8")
         return np.frombuffer(text, np.uint8).astype(np.int32)
+
+    def encode_batch(self, texts: list[str | bytes], threads: int = 1) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -168,33 +174,70 @@ class PackedStream:
         self._doc = next(self._iter)
 
 
+def _get(records, keys: list[int]) -> list:
+    """``records[k]`` for every k: one batched read where the source has one (ArrayRecord's
+    ``__getitems__``; the source of ``tfds.testing.mock_data`` has a broken one)."""
+    try:
+        return list(records.__getitems__(keys))
+    except (AttributeError, TypeError):
+        return [records[k] for k in keys]
+
+
+@functools.lru_cache(maxsize=1024)
+def _permutation(seed: int, row: int, epoch: int, n: int) -> np.ndarray:
+    """The order of a row's n documents in one epoch (shared by every stream of the process:
+    the chunks of a sweep read the same rows in the same orders)."""
+    return np.random.default_rng((seed, row, epoch)).permutation(n).astype(np.int32)
+
+
 class RowStreams:
     """Rows ``rows`` of the global batches ``{"tokens": int32[B, window]}`` (module
-    docstring): each row packs its own shuffled share of ``records``."""
+    docstring): each row packs its own shuffled share of ``records``.
 
-    def __init__(self, records, tokens_of, seed: int, rows, batch_size: int, window: int):
+    Reading keeps up by batching: a row that runs out of documents takes the next one from
+    its read-ahead queue, and when a queue is empty every row's queue is refilled to
+    ``lookahead`` documents in one batched read of the data source and one tokenizer call on
+    ``threads`` threads (``tokens_of``: examples → token arrays). The read-ahead is not part
+    of the state, so batches, checkpoints and resumes are those of one document at a time.
+    """
+
+    def __init__(
+        self,
+        records,
+        tokens_of,
+        seed: int,
+        rows,
+        batch_size: int,
+        window: int,
+        lookahead: int = 16,
+        threads: int = 1,
+    ):
         self._records, self._tokens_of, self._seed = records, tokens_of, seed
         self._rows, self._batch_size, self._window = list(rows), batch_size, window
-        self._perm: dict[tuple[int, int], np.ndarray] = {}
+        self._lookahead, self._threads = max(1, lookahead), threads
         self.restore({"batch_size": batch_size, "rows": [[r, 0, 0] for r in self._rows]})
 
     def _document(self, row: int, position: int) -> int:
         """The split index of document ``position`` of ``row``'s endless shuffled order."""
         n = len(range(row, len(self._records), self._batch_size))
         epoch, j = divmod(position, n)
-        perm = self._perm.get((row, epoch))
-        if perm is None:
-            perm = np.random.default_rng((self._seed, row, epoch)).permutation(n)
-            self._perm = {k: v for k, v in self._perm.items() if k[0] != row}
-            self._perm[(row, epoch)] = perm
-        return row + self._batch_size * int(perm[j])
+        return row + self._batch_size * int(_permutation(self._seed, row, epoch, n)[j])
 
-    def _load(self, ks: list[int]) -> None:
-        """Read and tokenize the head documents of local rows ``ks``."""
-        docs = [self._document(self._rows[k], self._position[k]) for k in ks]
-        for k, doc in zip(ks, docs, strict=True):
-            example = self._records[doc]
-            self._tokens[k] = self._tokens_of(example)
+    def _read(self, wanted: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Token arrays of the documents (local row k, position p) of ``wanted``: one batched
+        read, one tokenizer call."""
+        docs = [self._document(self._rows[k], p) for k, p in wanted]
+        return self._tokens_of(_get(self._records, docs), self._threads)
+
+    def _refill(self) -> None:
+        """Every row's read-ahead queue up to ``lookahead`` documents."""
+        wanted = [
+            (k, self._position[k] + 1 + len(q) + i)
+            for k, q in enumerate(self._ahead)
+            for i in range(self._lookahead - len(q))
+        ]
+        for (k, _), tokens in zip(wanted, self._read(wanted), strict=True):
+            self._ahead[k].append(tokens)
 
     def next(self) -> dict[str, np.ndarray]:
         out = np.empty((len(self._rows), self._window), np.int32)
@@ -203,13 +246,13 @@ class RowStreams:
             need = [k for k in range(len(self._rows)) if filled[k] < self._window]
             if not need:
                 return {"tokens": out}
-            spent = [k for k in need if self._offset[k] == len(self._tokens[k])]
-            for k in spent:
-                self._position[k] += 1
-                self._offset[k] = 0
-            if spent:
-                self._load(spent)
             for k in need:
+                if self._offset[k] == len(self._tokens[k]):
+                    if not self._ahead[k]:
+                        self._refill()
+                    self._position[k] += 1
+                    self._offset[k] = 0
+                    self._tokens[k] = self._ahead[k].popleft()
                 take = min(self._window - filled[k], len(self._tokens[k]) - self._offset[k])
                 out[k, filled[k] : filled[k] + take] = self._tokens[k][
                     self._offset[k] : self._offset[k] + take
@@ -234,8 +277,8 @@ class RowStreams:
             )
         self._position = [saved[r][0] for r in self._rows]
         self._offset = [saved[r][1] for r in self._rows]
-        self._tokens: list[np.ndarray] = [np.zeros(0, np.int32)] * len(self._rows)
-        self._load(list(range(len(self._rows))))
+        self._ahead: list[collections.deque] = [collections.deque() for _ in self._rows]
+        self._tokens = self._read(list(enumerate(self._position)))
 
 
 class TfdsSource:
@@ -296,10 +339,17 @@ class TfdsSource:
         return records
 
     def _document_tokens(self, example: dict[str, Any]) -> np.ndarray:
+        return self._documents_tokens([example])[0]
+
+    def _documents_tokens(
+        self, examples: list[dict[str, Any]], threads: int = 1
+    ) -> list[np.ndarray]:
+        """[BOS] + ids + [EOS] of each example's text (no BOS when the tokenizer has none)."""
         tok = self.tokenizer
-        ids = tok.encode(example[self._cfg.tfds_text_feature])
-        bos = [] if tok.bos_id is None else [tok.bos_id]
-        return np.concatenate([np.asarray(bos, np.int32), ids, np.asarray([tok.eos_id], np.int32)])
+        ids = tok.encode_batch([ex[self._cfg.tfds_text_feature] for ex in examples], threads)
+        bos = np.asarray([] if tok.bos_id is None else [tok.bos_id], np.int32)
+        eos = np.asarray([tok.eos_id], np.int32)
+        return [np.concatenate([bos, x, eos]) for x in ids]
 
     def _bytes_per_token(self, records: Sequence[dict[str, Any]]) -> float:
         n_bytes = n_tokens = 0
@@ -313,7 +363,13 @@ class TfdsSource:
         cfg = self._cfg
         rows = range(cfg.batch_size) if rows is None else rows
         return RowStreams(
-            self._train, self._document_tokens, seed, rows, cfg.batch_size, cfg.seq_len + 1
+            self._train,
+            self._documents_tokens,
+            seed,
+            rows,
+            cfg.batch_size,
+            cfg.seq_len + 1,
+            threads=READ_THREADS,
         )
 
     def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
