@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from stability.config import ConfigError
-from stability.data.tfds import ByteTokenizer, TfdsSource, bits_per_byte
+from stability.data.tfds import ByteTokenizer, RowStreams, TfdsSource, bits_per_byte
 
 from . import generated_documents, train_sentencepiece
 
@@ -169,6 +169,21 @@ def test_restore_continues_exactly(data_dir, done):
     for resumed in (fresh, advanced):
         for want, got in zip(expected, take(resumed, 20), strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+def test_read_ahead_gives_the_batches_of_one_document_at_a_time(data_dir, sp_model):
+    """Batched reads, read-ahead and tokenizer threads change nothing in the batches or the
+    states (which a checkpoint stores)."""
+    cfg = make_config(data_dir, tokenizer="sentencepiece", tokenizer_path=sp_model)
+    source = TfdsSource(cfg, vocab_size=96)
+    streams = [RowStreams(source._train, source._documents_tokens, 5, range(4), 4, 16, ahead, threads)
+               for ahead, threads in ((1, 1), (16, 1), (5, 2))]
+    for _ in range(25):  # several epochs of the 41 documents
+        batches = [s.next()["tokens"] for s in streams]
+        states = [s.state() for s in streams]
+        for b, st in zip(batches[1:], states[1:], strict=True):
+            np.testing.assert_array_equal(b, batches[0])
+            assert st == states[0]
 
 
 def test_eval_batches_and_bits_per_byte(data_dir):
