@@ -55,7 +55,8 @@ _BASES: dict[str, dict[str, Any]] = {
 _LRS = {"tiny": (1e-2, 3e-1), "cpu": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1), "accelerator": PAPER_LRS}
 _SIZES = {
     "tiny": [dict(d_model=d, n_layers=1, n_heads=d // 8) for d in (8, 16)],
-    "cpu": [size_preset(f"c{d}") for d in (16, 32, 64, 96)],
+    # five sizes: the forecast holds out the largest and fits the other four
+    "cpu": [size_preset(f"c{d}") for d in (16, 32, 48, 64, 96)],
     "accelerator": [size_preset(f"w{d}") for d in (256, 512, 768, 1024)],
 }
 # The single-effect sweeps (warmup, weight decay, z-loss, μParam, ε) are cheaper on CPU: a
@@ -70,10 +71,15 @@ _FINDING = {
     },
     "accelerator": {},
 }
-_FINDING_LRS = {"tiny": (1e-2, 3e-1), "cpu": (1e-3, 1e-2, 1e-1, 3e-1), "accelerator": PAPER_LRS}
+# Half-decade steps: an optimal-LR shift of half a decade is measurable (μParam).
+_FINDING_LRS = {
+    "tiny": (1e-2, 3e-1),
+    "cpu": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "accelerator": PAPER_LRS,
+}
 _PAIR = {
     "tiny": _SIZES["tiny"][:2],
-    "cpu": [size_preset("c16"), size_preset("c32")],
+    "cpu": [size_preset("c16"), size_preset("c64")],  # 4× in width (μParam's shift shows)
     "accelerator": [size_preset("w256"), size_preset("w1024")],
 }
 
@@ -115,11 +121,21 @@ def finding_grid(arg: str, sweep: str) -> tuple[str, dict[str, Any], tuple[float
 # Measurements: one row per run of a finding's sweep.
 
 SWEEPS = ("sizes", "warmup", "weight_decay", "z_loss", "mup", "eps")
-SENS_TOL = 0.02  # nats: LR-sensitivity differences smaller than this are ties
-LOGIT_THRESHOLD = 1e4  # max attention logit of the paper's diverging runs
+SEEDS = {"tiny": 2, "cpu": 3, "accelerator": 3}  # runs per point (train.seed 0..n-1)
+# A check compares a difference of seed means with a tolerance of Z standard errors of that
+# difference (from the seeds' spread), never less than its floor.
+Z = 2.0
+FLOOR = {
+    "sensitivity": 0.01,  # nats of LR sensitivity
+    "decades": 0.1,  # log10 units (max attention logit, gradient RMS / ε)
+    "entropy": 0.02,  # nats of attention entropy
+    "log_z": 0.5,  # nats of mean log Z
+    "lr_shift": 0.25,  # decades of optimal LR (half a step of a half-decade grid)
+}
+LOGIT_THRESHOLD = 1e4  # max attention logit of the paper's diverging runs (§3.1.1)
 COLLAPSE_NATS = 0.1  # min attention entropy (over heads and layers) of a collapsed run
-DRIFT_NATS = -5.0  # final mean log Z at or below this: output logits drifted
-HELD_NATS = -1.0  # final mean log Z at or above this: the drift was prevented
+DRIFT_NATS = -5.0  # final mean log Z at or below this: output logits drifted (§3.1.2)
+RMS_RATIO = 1.5  # weight decay's mechanism: no-decay / decay final parameter RMS at least this
 GRAD_PARAM = "blocks/0/attn/q/kernel"  # §3.4: the layer-0 query kernel
 
 
@@ -130,6 +146,23 @@ def _finite(v: Any) -> float | None:
 def _last(hist: list[dict], key: str) -> float | None:
     """The last finite value of ``key`` in a metric history."""
     return next((float(h[key]) for h in reversed(hist) if _finite(h.get(key)) is not None), None)
+
+
+def _lowest(hist: list[dict], prefix: str) -> float | None:
+    vals = [
+        v for h in hist for k, v in h.items() if k.startswith(prefix) and _finite(v) is not None
+    ]
+    return min(vals) if vals else None
+
+
+def _mean_of(hist: list[dict], prefix: str, suffix: str) -> float | None:
+    vals = [
+        v
+        for h in hist
+        for k, v in h.items()
+        if k.startswith(prefix) and k.endswith(suffix) and _finite(v) is not None
+    ]
+    return float(np.mean(vals)) if vals else None
 
 
 def load_rows(workdir: str | Path) -> list[dict[str, Any]]:
@@ -172,6 +205,9 @@ def load_rows(workdir: str | Path) -> list[dict[str, Any]]:
                 "min_attn_entropy": min(ents) if ents else None,
                 "log_z_mean": _last(hist, "logits/log_z_mean"),
                 "grad_over_eps": _last(hist, f"grad/rms_over_eps/{GRAD_PARAM}"),
+                "min_grad_over_eps": _lowest(hist[-1:], "grad/rms_over_eps/"),
+                "param_rms": _mean_of(hist[-1:], "param/rms/", "kernel"),
+                "seed": cfg.train.seed,
                 "wall_seconds": _finite(r.get("wall_seconds")),
             }
         )
@@ -179,23 +215,40 @@ def load_rows(workdir: str | Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------
-# Verdict rules. A check compares two measured numbers in the direction the paper claims:
-# "pass" beyond the tolerance, "fail" beyond it the other way, "tie" within it, "missing"
-# without data. A finding holds when every check passes, does not hold when any check fails,
-# and is inconclusive otherwise.
+# Verdict rules, written before the runs they judge. Each check is a claim of the paper that a
+# difference D > 0 (source cited). D is measured per seed (the two arms of a difference share
+# the seed: same initialisation, same batches), and the check compares the seeds' mean of D
+# with a tolerance of Z standard errors of that mean, never less than the floor of its kind:
+# beyond it in the paper's direction the check passes, beyond it the other way it fails,
+# within it it ties; without data it is missing. A finding holds when every check passes,
+# does not hold when any fails, and is inconclusive otherwise. Apart from the verdict, each
+# finding says whether the mechanism the paper blames appears at all in these runs.
 
 
-def _compare(name: str, value: float | None, tol: float, detail: str) -> dict[str, Any]:
-    """A check whose claim is ``value > tol`` (fail below ``-tol``)."""
-    if value is None or not math.isfinite(value):
-        outcome = "missing"
-    elif value > tol:
-        outcome = "pass"
-    elif value < -tol:
-        outcome = "fail"
-    else:
-        outcome = "tie"
-    return {"check": name, "value": value, "outcome": outcome, "detail": detail}
+def _mean_se(values: list[float]) -> tuple[float, float, int]:
+    """(mean, standard error of the mean (NaN for one value), count)."""
+    n = len(values)
+    mean = float(np.mean(values))
+    se = float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return mean, se, n
+
+
+def _check(name: str, source: str, values: list[float | None], kind: str) -> dict[str, Any]:
+    """A check of the claim "mean of ``values`` > 0" (``values``: D per seed)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
+    out = {"check": name, "source": source, "kind": kind, "n": len(vals)}
+    if not vals:
+        return {**out, "mean": None, "se": None, "tol": None, "outcome": "missing"}
+    mean, se, n = _mean_se(vals)
+    tol = max(Z * se, FLOOR[kind]) if n > 1 else FLOOR[kind]
+    outcome = "pass" if mean > tol else "fail" if mean < -tol else "tie"
+    return {
+        **out,
+        "mean": mean,
+        "se": None if math.isnan(se) else se,
+        "tol": tol,
+        "outcome": outcome,
+    }
 
 
 def verdict(checks: list[dict[str, Any]]) -> str:
@@ -211,15 +264,34 @@ def _where(rows: list[dict], **match) -> list[dict]:
     return [r for r in rows if all(r[k] == v for k, v in match.items())]
 
 
-def _sens(rows: list[dict]) -> float | None:
-    from stability.plots import lr_sensitivity
+def _per_seed(rows: list[dict], fn) -> dict[int, float | None]:
+    """``fn`` of each seed's rows."""
+    return {s: fn([r for r in rows if r["seed"] == s]) for s in sorted({r["seed"] for r in rows})}
+
+
+def _paired(a: dict[int, float | None], b: dict[int, float | None]) -> list[float | None]:
+    """a − b per seed (the seeds both have)."""
+    return [
+        None if a[s] is None or b[s] is None else a[s] - b[s] for s in sorted(a.keys() & b.keys())
+    ]
+
+
+def _sens_by_seed(rows: list[dict]) -> dict[int, float | None]:
+    """The LR sensitivity of one setting per seed (ℓ0: the setting's median loss at init)."""
+    from stability.plots import loss_at_init, lr_sensitivity
 
     usable = [r for r in rows if r["loss_at_init"] is not None]
-    return lr_sensitivity(usable) if usable else None
+    l0 = loss_at_init(usable)
+    return _per_seed(usable, lambda rs: lr_sensitivity(rs, l0) if rs else None)
 
 
-def _diff(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a - b
+def _log10(v: float | None) -> float | None:
+    return None if v is None or not v > 0 else math.log10(v)
+
+
+def _one(rows: list[dict], key: str) -> float | None:
+    """``key`` of the single run among ``rows`` (None without one)."""
+    return rows[0][key] if len(rows) == 1 else None
 
 
 def _fmt(v: float | None, spec: str = ".3f") -> str:
@@ -232,139 +304,206 @@ def _sizes(rows: list[dict]) -> list[int]:
     return sorted({r["d_model"] for r in rows})
 
 
-def _gaps_by_size(rows: list[dict], field: str, worse, better) -> list[dict[str, Any]]:
-    """Checks that setting ``field=better`` has the lower LR sensitivity at every size, and by
-    more at the largest size than at the smallest."""
-    checks, gaps = [], {}
+def _seed_mean(values: dict[int, float | None]) -> float | None:
+    vals = [v for v in values.values() if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def _peak_logit(rows: list[dict]) -> float | None:
+    """The seeds' mean of the highest peak max attention logit over a setting's LRs."""
+    by_seed = _per_seed(
+        rows, lambda rs: max((r["peak_attn_logit"] or 0.0 for r in rs), default=None)
+    )
+    return _seed_mean(by_seed)
+
+
+def _gaps(rows: list[dict], field: str, worse, better, source: str) -> list[dict[str, Any]]:
+    """The gap of LR sensitivity (``field=worse`` − ``field=better``) at the largest size,
+    and how much larger it is there than at the smallest size."""
     sizes = _sizes(rows)
-    for n in sizes:
-        hi = _sens(_where(rows, d_model=n, **{field: worse}))
-        lo = _sens(_where(rows, d_model=n, **{field: better}))
-        gaps[n] = _diff(hi, lo)
-        checks.append(
-            _compare(
-                f"d={n}: sensitivity {field}={worse} − {field}={better}",
-                gaps[n],
-                SENS_TOL,
-                f"{_fmt(hi)} − {_fmt(lo)}",
-            )
+    if len(sizes) < 2:
+        return [_check(f"two sizes of the {field} sweep", source, [], "sensitivity")]
+    gap = {
+        n: _paired(
+            _sens_by_seed(_where(rows, d_model=n, **{field: worse})),
+            _sens_by_seed(_where(rows, d_model=n, **{field: better})),
         )
-    if len(sizes) >= 2:
-        small, large = gaps[sizes[0]], gaps[sizes[-1]]
-        checks.append(
-            _compare(
-                "gap at the largest − gap at the smallest size",
-                _diff(large, small),
-                SENS_TOL,
-                f"{_fmt(large)} − {_fmt(small)}",
-            )
-        )
-    return checks
+        for n in (sizes[0], sizes[-1])
+    }
+    grows = [
+        None if a is None or b is None else a - b
+        for a, b in zip(gap[sizes[-1]], gap[sizes[0]], strict=False)
+    ]
+    return [
+        _check(
+            f"d={sizes[-1]}: LR sensitivity {field}={worse} − {field}={better}",
+            source,
+            gap[sizes[-1]],
+            "sensitivity",
+        ),
+        _check(f"that gap at d={sizes[-1]} − at d={sizes[0]}", source, grows, "sensitivity"),
+    ]
 
 
-def finding_qk_sensitivity(rows: list[dict]) -> list[dict[str, Any]]:
-    """qk-layernorm lowers LR sensitivity at every size, and by more at the largest size
-    than at the smallest (rows: the sizes sweep)."""
-    return _gaps_by_size(rows, "qk_norm", False, True)
-
-
-def finding_logit_growth(rows: list[dict]) -> list[dict[str, Any]]:
-    """At the largest size, without qk-LN, the run with the highest peak max attention logit
-    passes LOGIT_THRESHOLD and its attention entropy collapses below COLLAPSE_NATS; with qk-LN
-    at that LR the logit stays below the threshold (rows: the sizes sweep)."""
+def finding_qk_sensitivity(rows: list[dict]):
+    """§3.1.1 (Figure 1): without qk-layernorm, LR sensitivity grows with size; with it, it
+    stays low. Checks: the gap (without − with) at the largest size, and that it is larger
+    there than at the smallest. Mechanism: the max attention logit without qk-LN at the
+    largest size reaches 1e4 at some LR."""
+    checks = _gaps(rows, "qk_norm", False, True, "§3.1.1, Figure 1")
     sizes = _sizes(rows)
-    if not sizes:
-        return [_compare("runs of the sizes sweep", None, 0, "none")]
-    off = [
-        r
-        for r in _where(rows, d_model=sizes[-1], qk_norm=False)
-        if r["peak_attn_logit"] is not None
-    ]
-    if not off:
-        return [_compare("peak max attention logit without qk-LN", None, 0, "not logged")]
-    top = max(off, key=lambda r: r["peak_attn_logit"])
-    on = [
-        r
-        for r in _where(rows, d_model=sizes[-1], qk_norm=True, lr=top["lr"])
-        if r["peak_attn_logit"] is not None
-    ]
-    lg = lambda v: None if v is None else math.log10(max(v, 1e-30))  # noqa: E731
+    peak = _peak_logit(_where(rows, d_model=sizes[-1], qk_norm=False)) if sizes else None
+    mechanism = (
+        None if peak is None else peak >= LOGIT_THRESHOLD,
+        f"peak max attention logit without qk-LN at d={sizes[-1] if sizes else '–'}, highest "
+        f"over LRs, seed mean: {_fmt(peak, '.3g')} (threshold {LOGIT_THRESHOLD:g})",
+    )
+    return checks, mechanism
+
+
+def finding_logit_growth(rows: list[dict]):
+    """§3.1.1: without qk-layernorm, at high LR the max attention logit passes 1e4 and the
+    attention entropy collapses; with it, at the same LR, the logit stays below 1e4. Checks at
+    the largest size and the grid's highest LR."""
+    sizes = _sizes(rows)
+    lrs = sorted({r["lr"] for r in rows})
+    if not sizes or not lrs:
+        return [_check("runs of the sizes sweep", "§3.1.1", [], "decades")], (None, "no runs")
+    n, lr = sizes[-1], lrs[-1]
+    off = _where(rows, d_model=n, qk_norm=False, lr=lr)
+    on = _where(rows, d_model=n, qk_norm=True, lr=lr)
+    threshold = math.log10(LOGIT_THRESHOLD)
+    log_off = _per_seed(off, lambda rs: _log10(_one(rs, "peak_attn_logit")))
+    log_on = _per_seed(on, lambda rs: _log10(_one(rs, "peak_attn_logit")))
+    ent = _per_seed(off, lambda rs: _one(rs, "min_attn_entropy"))
     checks = [
-        _compare(
-            f"log10 peak logit − log10 {LOGIT_THRESHOLD:g}, no qk-LN, lr={top['lr']:g}",
-            lg(top["peak_attn_logit"]) - math.log10(LOGIT_THRESHOLD),
-            0.0,
-            f"peak {top['peak_attn_logit']:.3g}",
+        _check(
+            f"d={n}, lr={lr:g}, no qk-LN: log10 peak max logit − log10 {LOGIT_THRESHOLD:g}",
+            "§3.1.1, Figure 2",
+            [None if v is None else v - threshold for v in log_off.values()],
+            "decades",
         ),
-        _compare(
-            f"{COLLAPSE_NATS} − min attention entropy (nats), same run",
-            _diff(COLLAPSE_NATS, top["min_attn_entropy"]),
-            0.0,
-            f"min entropy {_fmt(top['min_attn_entropy'])}",
+        _check(
+            f"same runs: {COLLAPSE_NATS} nats − min attention entropy",
+            "§3.1.1",
+            [None if v is None else COLLAPSE_NATS - v for v in ent.values()],
+            "entropy",
         ),
-        _compare(
-            f"log10 {LOGIT_THRESHOLD:g} − log10 peak logit with qk-LN, same LR",
-            None if not on else math.log10(LOGIT_THRESHOLD) - lg(on[0]["peak_attn_logit"]),
-            0.0,
-            "–" if not on else f"peak {on[0]['peak_attn_logit']:.3g}",
+        _check(
+            f"with qk-LN, same LR: log10 {LOGIT_THRESHOLD:g} − log10 peak max logit",
+            "§3.1.1, Figure 2",
+            [None if v is None else threshold - v for v in log_on.values()],
+            "decades",
         ),
     ]
-    return checks
+    mean = _seed_mean(log_off)
+    mechanism = (
+        None if mean is None else mean >= threshold,
+        f"peak max logit without qk-LN, d={n}, lr={lr:g}, seed mean: "
+        f"{_fmt(None if mean is None else 10**mean, '.3g')}",
+    )
+    return checks, mechanism
 
 
-def finding_z_loss(rows: list[dict]) -> list[dict[str, Any]]:
-    """Without weight decay or z-loss, the final mean log Z reaches DRIFT_NATS at some LR; at
-    that LR, z-loss keeps it above HELD_NATS and weight decay above DRIFT_NATS (rows: the
-    z_loss sweep)."""
+def finding_z_loss(rows: list[dict]):
+    """§3.1.2: without weight decay, the output logits drift (mean log Z very negative), and
+    z-loss (or weight decay) prevents it. Checks at the LR where the arm without weight decay
+    and z-loss drifts most: its log Z below −5 nats, and z-loss and weight decay each keeping
+    log Z higher than it."""
     base = [r for r in _where(rows, weight_decay=0.0, z_loss=0.0) if r["log_z_mean"] is not None]
     if not base:
-        return [_compare("final mean log Z without weight decay and z-loss", None, 0, "not logged")]
-    worst = min(base, key=lambda r: r["log_z_mean"])
-    lr = worst["lr"]
-    z = [r for r in rows if r["weight_decay"] == 0.0 and r["z_loss"] > 0 and r["lr"] == lr]
-    wd = [r for r in rows if r["weight_decay"] > 0 and r["z_loss"] == 0.0 and r["lr"] == lr]
-    zl = z[0]["log_z_mean"] if z else None
-    wl = wd[0]["log_z_mean"] if wd else None
-    return [
-        _compare(
-            f"{DRIFT_NATS} − lowest final log Z, no wd/z-loss (lr={lr:g})",
-            DRIFT_NATS - worst["log_z_mean"],
-            0.0,
-            f"log Z {worst['log_z_mean']:.2f}",
+        return [_check("mean log Z without weight decay and z-loss", "§3.1.2", [], "log_z")], (
+            None,
+            "not logged",
+        )
+    lr = min(
+        sorted({r["lr"] for r in base}),
+        key=lambda x: _seed_mean(_per_seed(_where(base, lr=x), lambda rs: _one(rs, "log_z_mean"))),
+    )
+    logz = lambda rs: _per_seed(rs, lambda x: _one(x, "log_z_mean"))  # noqa: E731
+    b = logz(_where(base, lr=lr))
+    z = logz([r for r in rows if r["weight_decay"] == 0.0 and r["z_loss"] > 0 and r["lr"] == lr])
+    wd = logz([r for r in rows if r["weight_decay"] > 0 and r["z_loss"] == 0.0 and r["lr"] == lr])
+    checks = [
+        _check(
+            f"lr={lr:g}: {DRIFT_NATS} − mean log Z, no weight decay and no z-loss",
+            "§3.1.2, Figure 6",
+            [None if v is None else DRIFT_NATS - v for v in b.values()],
+            "log_z",
         ),
-        _compare(
-            f"log Z with z-loss − ({HELD_NATS}), same LR",
-            _diff(zl, HELD_NATS),
-            0.0,
-            f"log Z {_fmt(zl, '.2f')}",
-        ),
-        _compare(
-            f"log Z with weight decay − ({DRIFT_NATS}), same LR",
-            _diff(wl, DRIFT_NATS),
-            0.0,
-            f"log Z {_fmt(wl, '.2f')}",
+        _check("mean log Z with z-loss − without (same LR)", "§3.1.2", _paired(z, b), "log_z"),
+        _check(
+            "mean log Z with weight decay − without (same LR)", "§3.1.2", _paired(wd, b), "log_z"
         ),
     ]
+    mean = _seed_mean(b)
+    mechanism = (
+        None if mean is None else mean <= DRIFT_NATS,
+        f"final mean log Z without weight decay and z-loss at lr={lr:g}, seed mean: "
+        f"{_fmt(mean, '.2f')} nats (drift: ≤ {DRIFT_NATS})",
+    )
+    return checks, mechanism
 
 
-def finding_warmup(rows: list[dict]) -> list[dict[str, Any]]:
-    """The longer warm-up lowers LR sensitivity at both sizes, by more at the larger one
-    (rows: the warmup sweep)."""
+def finding_warmup(rows: list[dict]):
+    """§3.2.1: a longer warm-up lowers LR sensitivity, more so for the larger model. Checks:
+    the gap (short − long warm-up) at the larger size, and that it is larger than at the
+    smaller size. Mechanism: at the larger size and the grid's highest LR, the short warm-up's
+    peak max attention logit is at least twice the long one's."""
     warmups = sorted({r["warmup_steps"] for r in rows})
     if len(warmups) < 2:
-        return [_compare("two warm-up lengths", None, 0, f"found {warmups}")]
-    return _gaps_by_size(rows, "warmup_steps", warmups[0], warmups[-1])
+        return [_check("two warm-up lengths", "§3.2.1", [], "sensitivity")], (None, "no runs")
+    checks = _gaps(rows, "warmup_steps", warmups[0], warmups[-1], "§3.2.1")
+    sizes, lrs = _sizes(rows), sorted({r["lr"] for r in rows})
+    at = lambda w: _per_seed(  # noqa: E731
+        _where(rows, d_model=sizes[-1], lr=lrs[-1], warmup_steps=w),
+        lambda rs: _log10(_one(rs, "peak_attn_logit")),
+    )
+    ratio = _seed_mean(dict(enumerate(_paired(at(warmups[0]), at(warmups[-1])))))
+    mechanism = (
+        None if ratio is None else ratio >= math.log10(2),
+        f"d={sizes[-1]}, lr={lrs[-1]:g}: peak max logit short ÷ long warm-up, seed mean: "
+        f"{_fmt(None if ratio is None else 10**ratio, '.3g')}×",
+    )
+    return checks, mechanism
 
 
-def finding_weight_decay(rows: list[dict]) -> list[dict[str, Any]]:
-    """Independent weight decay has the lower LR sensitivity (rows: the weight_decay sweep)."""
-    c = _sens(_where(rows, weight_decay_mode="coupled"))
-    i = _sens(_where(rows, weight_decay_mode="independent"))
-    return [
-        _compare(
-            "sensitivity coupled − independent", _diff(c, i), SENS_TOL, f"{_fmt(c)} − {_fmt(i)}"
+def finding_weight_decay(rows: list[dict]):
+    """§3.2.2: independent weight decay (θ ← θ − s_t·λ·θ) gives a lower LR sensitivity than
+    coupled AdamW decay (θ ← θ − η_t·λ·θ). Check: sensitivity coupled − independent.
+    Mechanism: the decay acts: at the grid's middle LR the final parameter RMS without decay
+    is at least 1.5× that with independent decay."""
+    checks = [
+        _check(
+            "LR sensitivity coupled − independent decay",
+            "§3.2.2",
+            _paired(
+                _sens_by_seed(_where(rows, weight_decay_mode="coupled")),
+                _sens_by_seed(
+                    [
+                        r
+                        for r in _where(rows, weight_decay_mode="independent")
+                        if r["weight_decay"] > 0
+                    ]
+                ),
+            ),
+            "sensitivity",
         )
     ]
+    lrs = sorted({r["lr"] for r in rows})
+    mid = lrs[len(lrs) // 2] if lrs else None
+    rms = lambda rs: _per_seed(rs, lambda x: _log10(_one(x, "param_rms")))  # noqa: E731
+    none = rms([r for r in rows if r["weight_decay"] == 0.0 and r["lr"] == mid])
+    ind = rms(
+        [r for r in _where(rows, weight_decay_mode="independent", lr=mid) if r["weight_decay"] > 0]
+    )
+    ratio = _seed_mean(dict(enumerate(_paired(none, ind))))
+    mechanism = (
+        None if ratio is None else ratio >= math.log10(RMS_RATIO),
+        f"lr={_fmt(mid, 'g')}: final parameter RMS (mean over matrices) without ÷ with independent "
+        f"decay, seed mean: {_fmt(None if ratio is None else 10**ratio, '.3g')}× (needs ≥ {RMS_RATIO})",
+    )
+    return checks, mechanism
 
 
 def _log_opt_lr(rows: list[dict]) -> float | None:
@@ -372,85 +511,125 @@ def _log_opt_lr(rows: list[dict]) -> float | None:
     return math.log10(min(done, key=lambda r: r["final_loss"])["lr"]) if done else None
 
 
-def finding_mup(rows: list[dict]) -> list[dict[str, Any]]:
-    """With qk-LN, μParam moves the optimal LR less between the two widths than standard
-    parametrization (decades on the grid); at the larger width μParam without qk-LN has the
-    higher LR sensitivity (rows: the mup sweep)."""
+def finding_mup(rows: list[dict]):
+    """§3.2 (μParam): with qk-layernorm, μParam moves the optimal LR less between widths than
+    standard parametrization (decades on the grid); it does not replace qk-layernorm: at the
+    larger width μParam without qk-LN has the higher LR sensitivity. Mechanism: standard
+    parametrization's optimal LR moves by at least half a decade between the widths."""
     widths = sorted({r["d_model"] for r in rows})
     if len(widths) < 2:
-        return [_compare("two widths", None, 0, f"found {widths}")]
+        return [_check("two widths", "§3.2", [], "lr_shift")], (None, "no runs")
     shift = {}
     for p in ("standard", "mup_full"):
-        a = _log_opt_lr(_where(rows, parametrization=p, qk_norm=True, d_model=widths[0]))
-        b = _log_opt_lr(_where(rows, parametrization=p, qk_norm=True, d_model=widths[-1]))
-        shift[p] = None if a is None or b is None else abs(b - a)
-    off = _sens(_where(rows, parametrization="mup_full", qk_norm=False, d_model=widths[-1]))
-    on = _sens(_where(rows, parametrization="mup_full", qk_norm=True, d_model=widths[-1]))
-    return [
-        _compare(
-            "optimal-LR shift (decades) standard − μParam",
-            _diff(shift["standard"], shift["mup_full"]),
-            0.0,
-            f"{_fmt(shift['standard'], '.2f')} − {_fmt(shift['mup_full'], '.2f')}",
+        a = _per_seed(_where(rows, parametrization=p, qk_norm=True, d_model=widths[0]), _log_opt_lr)
+        b = _per_seed(
+            _where(rows, parametrization=p, qk_norm=True, d_model=widths[-1]), _log_opt_lr
+        )
+        shift[p] = {s: None if d is None else abs(d) for s, d in enumerate(_paired(b, a))}
+    checks = [
+        _check(
+            f"optimal-LR shift d={widths[0]} → d={widths[-1]} (decades): standard − μParam",
+            "§3.2 (μParam)",
+            _paired(shift["standard"], shift["mup_full"]),
+            "lr_shift",
         ),
-        _compare(
-            f"d={widths[-1]}: sensitivity μParam without − with qk-LN",
-            _diff(off, on),
-            SENS_TOL,
-            f"{_fmt(off)} − {_fmt(on)}",
+        _check(
+            f"d={widths[-1]}: LR sensitivity of μParam without − with qk-LN",
+            "§3.2 (μParam)",
+            _paired(
+                _sens_by_seed(
+                    _where(rows, parametrization="mup_full", qk_norm=False, d_model=widths[-1])
+                ),
+                _sens_by_seed(
+                    _where(rows, parametrization="mup_full", qk_norm=True, d_model=widths[-1])
+                ),
+            ),
+            "sensitivity",
         ),
     ]
+    moved = _seed_mean(shift["standard"])
+    mechanism = (
+        None if moved is None else moved >= 0.5,
+        f"standard parametrization's optimal-LR shift d={widths[0]} → d={widths[-1]}, seed mean: "
+        f"{_fmt(moved, '.2f')} decades (measurable: ≥ 0.5)",
+    )
+    return checks, mechanism
 
 
-def finding_eps(sizes_rows: list[dict], eps_rows: list[dict]) -> list[dict[str, Any]]:
-    """Gradient RMS / ε at the end of training falls with size (median over LRs and qk
-    settings of log10 largest/smallest) and with LR at the largest size (log10 lowest/highest
-    LR, non-diverged runs, qk-LN on); the smaller ε has the lower LR sensitivity (rows: the
-    sizes and eps sweeps)."""
+def finding_eps(sizes_rows: list[dict], eps_rows: list[dict]):
+    """§3.4: gradient RMS falls with size and with LR toward Adam's ε, and then a smaller ε
+    helps. Checks: log10 grad RMS / ε at the end falls from the smallest to the largest size
+    (median over LRs and qk settings) and from the lowest to the highest LR (largest size,
+    qk-LN, runs that did not diverge); in the arm where grad RMS / ε nears 1, the larger ε has
+    the higher LR sensitivity. Mechanism: grad RMS / ε reaches 1 for some parameter of some
+    run of the larger-ε arm."""
     sizes = _sizes(sizes_rows)
-    falls = []
-    for lr in sorted({r["lr"] for r in sizes_rows}):
-        for qk in (False, True):
-            a = _where(sizes_rows, d_model=sizes[0], lr=lr, qk_norm=qk) if sizes else []
-            b = _where(sizes_rows, d_model=sizes[-1], lr=lr, qk_norm=qk) if sizes else []
-            if a and b and a[0]["grad_over_eps"] and b[0]["grad_over_eps"]:
-                falls.append(math.log10(a[0]["grad_over_eps"] / b[0]["grad_over_eps"]))
-    top = (
-        [
-            r
-            for r in _where(sizes_rows, d_model=sizes[-1], qk_norm=True)
-            if not r["diverged"] and r["grad_over_eps"]
-        ]
-        if sizes
-        else []
-    )
-    top.sort(key=lambda r: r["lr"])
-    by_lr = (
-        math.log10(top[0]["grad_over_eps"] / top[-1]["grad_over_eps"]) if len(top) >= 2 else None
-    )
+    lrs = sorted({r["lr"] for r in sizes_rows})
+
+    def falls_with_size(rs):
+        ratios = []
+        for lr in lrs:
+            for qk in (False, True):
+                a = _log10(_one(_where(rs, d_model=sizes[0], lr=lr, qk_norm=qk), "grad_over_eps"))
+                b = _log10(_one(_where(rs, d_model=sizes[-1], lr=lr, qk_norm=qk), "grad_over_eps"))
+                if a is not None and b is not None:
+                    ratios.append(a - b)
+        return float(np.median(ratios)) if ratios else None
+
+    def falls_with_lr(rs):
+        top = sorted(
+            (
+                r
+                for r in _where(rs, d_model=sizes[-1], qk_norm=True)
+                if not r["diverged"] and r["grad_over_eps"]
+            ),
+            key=lambda r: r["lr"],
+        )
+        return (
+            _log10(top[0]["grad_over_eps"]) - _log10(top[-1]["grad_over_eps"])
+            if len(top) >= 2
+            else None
+        )
+
     eps = sorted({r["eps"] for r in eps_rows})
-    big = _sens(_where(eps_rows, eps=eps[-1])) if eps else None
-    small = _sens(_where(eps_rows, eps=eps[0])) if eps else None
-    return [
-        _compare(
-            "median log10 grad/ε smallest ÷ largest size",
-            float(np.median(falls)) if falls else None,
-            0.0,
-            f"{len(falls)} LR×qk pairs",
+    checks = [
+        _check(
+            f"median log10 grad RMS/ε at d={sizes[0] if sizes else '–'} − at d={sizes[-1] if sizes else '–'}",
+            "§3.4",
+            list(_per_seed(sizes_rows, falls_with_size).values()) if sizes else [],
+            "decades",
         ),
-        _compare(
-            "log10 grad/ε lowest ÷ highest LR, largest size",
-            by_lr,
-            0.0,
-            "–" if len(top) < 2 else f"lr {top[0]['lr']:g} vs {top[-1]['lr']:g}",
+        _check(
+            "log10 grad RMS/ε at the lowest − the highest LR (largest size, qk-LN)",
+            "§3.4",
+            list(_per_seed(sizes_rows, falls_with_lr).values()) if sizes else [],
+            "decades",
         ),
-        _compare(
-            "sensitivity larger ε − smaller ε",
-            _diff(big, small),
-            SENS_TOL,
-            f"ε={eps[-1]:g}: {_fmt(big)} − ε={eps[0]:g}: {_fmt(small)}" if eps else "–",
+        _check(
+            f"LR sensitivity ε={eps[-1]:g} − ε={eps[0]:g}" if len(eps) > 1 else "two values of ε",
+            "§3.4",
+            _paired(
+                _sens_by_seed(_where(eps_rows, eps=eps[-1])),
+                _sens_by_seed(_where(eps_rows, eps=eps[0])),
+            )
+            if len(eps) > 1
+            else [],
+            "sensitivity",
         ),
     ]
+    low = _per_seed(
+        _where(eps_rows, eps=eps[-1]) if eps else [],
+        lambda rs: min(
+            (r["min_grad_over_eps"] for r in rs if r["min_grad_over_eps"]), default=None
+        ),
+    )
+    lowest = _seed_mean(low)
+    mechanism = (
+        None if lowest is None else lowest <= 1.0,
+        f"lowest grad RMS/ε over parameters and runs with ε={_fmt(eps[-1] if eps else None, 'g')}, "
+        f"seed mean: {_fmt(lowest, '.3g')} (reaches 1: ≤ 1)",
+    )
+    return checks, mechanism
 
 
 FINDINGS = (
@@ -494,11 +673,11 @@ _RULES = {
 
 
 def evaluate(rows_by_sweep: dict[str, list[dict]]) -> list[dict[str, Any]]:
-    """Every finding's checks and verdict from the rows of its sweeps."""
+    """Every finding's checks, mechanism line and verdict from the rows of its sweeps."""
     out = []
     for name, claim, sweeps in FINDINGS:
         rule = _RULES[name]
-        checks = rule(*(rows_by_sweep.get(s, []) for s in sweeps))
+        checks, (present, mechanism) = rule(*(rows_by_sweep.get(s, []) for s in sweeps))
         out.append(
             {
                 "finding": name,
@@ -506,6 +685,8 @@ def evaluate(rows_by_sweep: dict[str, list[dict]]) -> list[dict[str, Any]]:
                 "sweeps": sweeps,
                 "rule": " ".join((rule.__doc__ or "").split()),
                 "checks": checks,
+                "mechanism": mechanism,
+                "mechanism_present": present,
                 "verdict": verdict(checks),
             }
         )
@@ -563,6 +744,9 @@ def reproduce(
                     f"{path}:{preset}",
                     workdir / name,
                     pinned=overrides,
+                    seeds=SEEDS[preset],
+                    strategy="vmap",  # a setting's seeds and LRs in one program
+                    max_runs_per_program=64,
                     progress=progress,
                     preemption=stop,
                 )
@@ -571,29 +755,27 @@ def reproduce(
     return write_report(evaluate(rows), rows, workdir, preset, partial=partial)
 
 
-def _commit() -> str:
-    """The checkout's short commit, marked when tracked files have uncommitted changes."""
+def _commit() -> tuple[str, bool]:
+    """(the checkout's short commit, whether tracked files have uncommitted changes)."""
     import subprocess
 
     git = lambda *args: subprocess.run(
         ["git", *args], cwd=SWEEPS_DIR.parent, capture_output=True, text=True, check=True
     ).stdout.strip()
     try:
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "--short", "HEAD") + (
-            " (with uncommitted changes)" if dirty else ""
-        )
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return git("rev-parse", "--short", "HEAD"), dirty
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return "unknown", False
 
 
-def _planned(sweep_dir: W.Path) -> str:
-    """Runs in a sweep workdir's manifest (``sweep.json``), or '?'."""
+def _planned(sweep_dir: W.Path) -> int | None:
+    """Runs in a sweep workdir's manifest (``sweep.json``), or None."""
     try:
         manifest = W.manifest(sweep_dir)
     except ConfigError:
-        return "?"
-    return "?" if manifest is None else str(len(manifest["run_ids"]))
+        return None
+    return None if manifest is None else len(manifest["run_ids"])
 
 
 def _figure(name: str, rows: dict[str, list[dict]], path: Path) -> None:
@@ -603,13 +785,19 @@ def _figure(name: str, rows: dict[str, list[dict]], path: Path) -> None:
     from stability import plots
 
     def curves(rs, label, x, y):
+        """{label: (xs, the seeds' mean of y at each x)}."""
         out: dict[str, tuple] = {}
         for lab in sorted({label(r) for r in rs}):
-            pts = sorted((r[x], r[y]) for r in rs if label(r) == lab and r[y] is not None)
-            if pts:
-                out[lab] = tuple(map(list, zip(*pts, strict=True)))
+            at: dict[float, list[float]] = {}
+            for r in rs:
+                if label(r) == lab and r[y] is not None:
+                    at.setdefault(r[x], []).append(r[y])
+            if at:
+                xs = sorted(at)
+                out[lab] = (xs, [float(np.mean(at[v])) for v in xs])
         return out
 
+    rows = {name: rows.get(name, []) for name in SWEEPS}
     sizes = rows["sizes"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     a, b = axes
@@ -617,7 +805,7 @@ def _figure(name: str, rows: dict[str, list[dict]], path: Path) -> None:
         big = max((r["d_model"] for r in sizes), default=0)
         plots.plot_lr_sensitivity([r for r in sizes if r["d_model"] == big], ax=a)
         sens = [
-            {"d": n, "qk": qk, "s": _sens(_where(sizes, d_model=n, qk_norm=qk))}
+            {"d": n, "qk": qk, "s": _seed_mean(_sens_by_seed(_where(sizes, d_model=n, qk_norm=qk)))}
             for n in _sizes(sizes)
             for qk in (False, True)
         ]
@@ -706,7 +894,9 @@ def write_report(
     preset: str,
     partial: bool = False,
 ) -> Path:
-    """paper_report.md, paper_report.json and figures/<finding>.png in ``workdir``."""
+    """paper_report.md, paper_report.json and figures/<finding>.png in ``workdir``. The title
+    says when the report is a smoke test (the tiny preset), partial (runs missing), or written
+    from a tree with uncommitted changes."""
     import datetime
     import json
 
@@ -714,32 +904,56 @@ def write_report(
 
     workdir = W.path(workdir)
     (workdir / "figures").mkdir(parents=True, exist_ok=True)
+    commit, dirty = _commit()
+    planned = {name: _planned(workdir / name) for name in SWEEPS}
+    missing = {
+        name: (planned[name] or 0) - len(rows.get(name, [])) if planned[name] is not None else None
+        for name in SWEEPS
+    }
+    partial = partial or any(m is None or m > 0 for m in missing.values())
+    smoke = preset == "tiny"
+    marks = [
+        "smoke test of the machinery, not evidence" if smoke else "",
+        "partial: runs missing" if partial else "",
+        "from a tree with uncommitted changes" if dirty else "",
+    ]
+    marks = [m for m in marks if m]
     counts = {
         v: sum(f["verdict"] == v for f in findings)
         for v in ("holds", "does not hold", "inconclusive")
     }
+    note = " (smoke test)" if smoke else ""
     lines = [
-        "# Reproducing Wortsman et al. 2023 (small-scale proxies)",
+        "# Reproducing Wortsman et al. 2023 (small-scale proxies)"
+        + (f" — {'; '.join(marks)}" if marks else ""),
         "",
-        f"Date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}. Commit: {_commit()}. "
-        f"Command: `stability reproduce --preset={preset} --workdir={workdir}"
-        + (" --report-only` (the runs finished so far)." if partial else "`."),
+        f"Date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}. Commit: {commit}"
+        + (" with uncommitted changes" if dirty else "")
+        + f". Command: `stability reproduce --preset={preset} --workdir={workdir}`"
+        + (" (the runs finished so far)." if partial else "."),
         "",
-        "Verdicts come from fixed rules, stated per finding and applied by "
-        "`stability/reproduce.py` to the measured runs: each check compares two measured "
-        "numbers in the direction the paper claims; it passes beyond its tolerance, fails "
-        "beyond it the other way, ties within it, is missing without data. A finding **holds** "
-        "when every check passes, **does not hold** when any check fails, and is "
-        f"**inconclusive** otherwise. Tolerances: LR sensitivity {SENS_TOL} nats; attention "
-        f"logit threshold {LOGIT_THRESHOLD:g}; collapsed entropy ≤ {COLLAPSE_NATS} nats; drifted "
-        f"log Z ≤ {DRIFT_NATS}; held log Z ≥ {HELD_NATS}.",
+        f"Seeds: {SEEDS.get(preset, 1)} per setting (`train.seed` 0…{SEEDS.get(preset, 1) - 1}; "
+        "the seeds of a setting see the same batches). Every check is a claim of the paper "
+        "that a difference D > 0 (its source cited), measured per seed and paired by seed. It "
+        f"compares the seeds' mean of D with a tolerance of {Z:g} standard errors of that mean, "
+        "never less than a floor of its kind (LR sensitivity "
+        f"{FLOOR['sensitivity']} nats, log10 quantities {FLOOR['decades']} decades, entropy "
+        f"{FLOOR['entropy']} nats, log Z {FLOOR['log_z']} nats, optimal-LR shift "
+        f"{FLOOR['lr_shift']} decades): beyond it in the paper's direction the check passes, "
+        "beyond it the other way it fails, within it it ties, without data it is missing. A "
+        "finding **holds** when every check passes, **does not hold** when any fails, and is "
+        "**inconclusive** otherwise. Apart from the verdict, each finding says whether the "
+        "mechanism the paper blames appears in these runs at all.",
         "",
-        "| finding | verdict |",
-        "|---|---|",
-        *[f"| {f['claim']} | **{f['verdict']}** |" for f in findings],
+        "| finding | mechanism present | verdict |",
+        "|---|---|---|",
+        *[
+            f"| {f['claim']} | {_yes_no(f['mechanism_present'])} | **{f['verdict']}**{note} |"
+            for f in findings
+        ],
         "",
         f"{counts['holds']} hold, {counts['does not hold']} do not hold, "
-        f"{counts['inconclusive']} inconclusive.",
+        f"{counts['inconclusive']} inconclusive{note}.",
         "",
         "| sweep | finished runs / planned | diverged | training time (s, sum over runs) |",
         "|---|---|---|---|",
@@ -748,21 +962,38 @@ def write_report(
         rs = rows.get(name, [])
         wall = sum(r["wall_seconds"] or 0 for r in rs)
         lines.append(
-            f"| {name} (`{sweep_file(name).relative_to(SWEEPS_DIR.parent)}:{preset}`) | {len(rs)} / {_planned(workdir / name)} | {sum(r['diverged'] for r in rs)} | {wall:.0f} |"
+            f"| {name} (`{sweep_file(name).relative_to(SWEEPS_DIR.parent)}:{preset}`) | "
+            f"{len(rs)} / {_fmt(planned[name], 'd')} | {sum(r['diverged'] for r in rs)} | "
+            f"{wall:.0f} |"
         )
     for i, f in enumerate(findings, 1):
         fig = workdir / "figures" / f"{f['finding']}.png"
         _figure(f["finding"], rows, fig)
+        gone = {s: missing[s] for s in f["sweeps"] if missing[s] is None or missing[s] > 0}
         lines += [
             "",
             f"## {i}. {f['claim']}",
             "",
-            f"Verdict: **{f['verdict']}**. Rule: {f['rule']}",
+            f"Verdict: **{f['verdict']}**{note}"
+            + (
+                " (partial: "
+                + ", ".join(
+                    f"`{s}` {'has no manifest' if m is None else f'misses {m} runs'}"
+                    for s, m in gone.items()
+                )
+                + ")"
+                if gone
+                else ""
+            )
+            + f". Mechanism present: {_yes_no(f['mechanism_present'])} — {f['mechanism']}.",
             "",
-            "| check (claim: value > tolerance) | measured | value | outcome |",
-            "|---|---|---|---|",
+            f"Rule: {f['rule']}",
+            "",
+            "| check: D | source | D, seeds' mean ± SE (n) | tolerance | outcome |",
+            "|---|---|---|---|---|",
             *[
-                f"| {c['check']} | {c['detail']} | {_fmt(c['value'], '+.3f')} | {c['outcome']} |"
+                f"| {c['check']} | {c['source']} | {_mean_pm(c)} | "
+                f"{_fmt(c['tol'], '.3f')} | {c['outcome']} |"
                 for c in f["checks"]
             ],
             "",
@@ -770,7 +1001,8 @@ def write_report(
         for s in f["sweeps"]:
             if rows.get(s):
                 lines += [
-                    f"Sweep `{s}`: final eval loss per LR ('div' = diverged), LR sensitivity.",
+                    f"Sweep `{s}`: final eval loss per LR ('div' = diverged; mean ± std over "
+                    "seeds), LR sensitivity.",
                     "",
                     summary_table(rows[s]),
                     "",
@@ -780,6 +1012,26 @@ def write_report(
     W.write_text(out, "\n".join(lines) + "\n")
     W.write_text(
         workdir / "paper_report.json",
-        json.dumps({"preset": preset, "findings": findings}, indent=1) + "\n",
+        json.dumps(
+            {
+                "preset": preset,
+                "commit": commit,
+                "dirty": dirty,
+                "partial": partial,
+                "findings": findings,
+            },
+            indent=1,
+        )
+        + "\n",
     )
     return out
+
+
+def _mean_pm(c: dict) -> str:
+    """A check's "mean ± SE (n)"."""
+    se = "" if c["se"] is None else f" ± {c['se']:.3f}"
+    return f"{_fmt(c['mean'], '+.3f')}{se} ({c['n']})"
+
+
+def _yes_no(present: bool | None) -> str:
+    return "unknown" if present is None else "yes" if present else "no"
