@@ -168,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_forecast.add_argument("dirs", nargs="+", metavar="DIR", help="sweep workdirs")
     p_forecast.add_argument(
-        "--target-params", type=float, required=True, help="non-embedding parameters to predict"
+        "--target-params",
+        type=float,
+        default=None,
+        help="non-embedding parameters to predict (needed unless --calibrate)",
     )
     p_forecast.add_argument(
         "--step", type=int, default=None, help="step read (default: the shortest schedule's end)"
@@ -185,6 +188,19 @@ def main(argv: list[str] | None = None) -> int:
         "--holdout-largest",
         action="store_true",
         help="also fit without the largest size and compare its prediction with the measurement",
+    )
+    p_forecast.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="instead: hold out the largest size (needs >= 5) and forecast its end-of-training "
+        "values from an early step, against a linear and a persistence baseline; writes "
+        "calibration.md and calibration.json",
+    )
+    p_forecast.add_argument(
+        "--early-fraction",
+        type=float,
+        default=0.25,
+        help="with --calibrate: the fraction of training after which the forecast is made",
     )
     p_forecast.add_argument("--out", default=None, help="output folder (default DIR/forecast)")
     p_reproduce = sub.add_parser(
@@ -364,7 +380,29 @@ def _report(args) -> int:
 
 
 def _forecast(args) -> int:
-    from stability.forecast import forecast, write_forecast
+    import json
+
+    from stability import workdir as W
+    from stability.forecast import calibrate, calibration_markdown, forecast, write_forecast
+
+    out = W.path(args.out) if args.out else W.path(args.dirs[0]) / "forecast"
+    if args.calibrate:
+        cal = calibrate(args.dirs, args.early_fraction, args.param)
+        out.mkdir(parents=True, exist_ok=True)
+        command = " ".join(
+            [
+                "stability forecast",
+                *args.dirs,
+                "--calibrate",
+                f"--early-fraction={args.early_fraction:g}",
+            ]
+        )
+        W.write_text(out / "calibration.json", json.dumps(cal, indent=1) + "\n")
+        W.write_text(out / "calibration.md", text := calibration_markdown(cal, command))
+        print(text)
+        return 0
+    if args.target_params is None:
+        raise ConfigError("--target-params=N is needed (or --calibrate)")
 
     fc = forecast(
         args.dirs,
@@ -374,7 +412,6 @@ def _forecast(args) -> int:
         param=args.param,
         holdout_largest=args.holdout_largest,
     )
-    out = Path(args.out) if args.out else Path(args.dirs[0]) / "forecast"
     command = " ".join(
         ["stability forecast", *args.dirs, f"--target-params={args.target_params:g}"]
         + [f"--{k.replace('_', '-')}={v}" for k in ("step", "param") if (v := getattr(args, k))]

@@ -40,6 +40,10 @@ from stability.tracking import flatten
 LOGIT_KEY = "attn/max_logit"  # per layer: attn/max_logit/layer_i
 DEFAULT_PARAM = "blocks/0/attn/q/kernel"  # layer-0 query kernel (§3.4)
 LEVEL = 0.95  # prediction-interval coverage
+# A fit supports a yes/no flag only with at least MIN_DOF residual degrees of freedom and a
+# prediction interval no wider than MAX_DECADES decades; otherwise it gives no flag, and says why.
+MIN_DOF = 2
+MAX_DECADES = 4.0
 # Fields that define a run's size, LR or replicate rather than its setting. μParam (full)'s
 # logit multiplier is base width / width, so it follows the size.
 _NOT_SETTING = {
@@ -77,20 +81,19 @@ def non_embedding_params(model: ModelConfig) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Fit:
-    """y = c0 + c1·x + c2·x² by least squares; x = log10(params), y = log10(value)."""
+    """y = c0 + c1·x (+ c2·x²) by least squares; x = log10(params), y = log10(value)."""
 
-    coef: tuple[float, float, float]
+    coef: tuple[float, ...]
     n: int  # fitted points
     rss: float  # residual sum of squares
-    xtx_inv: tuple[tuple[float, ...], ...]  # (XᵀX)⁻¹ of the design matrix [1, x, x²]
+    xtx_inv: tuple[tuple[float, ...], ...]  # (XᵀX)⁻¹ of the design matrix [1, x(, x²)]
 
     @property
     def dof(self) -> int:
-        return self.n - 3
+        return self.n - len(self.coef)
 
     def __call__(self, x: float | np.ndarray) -> float | np.ndarray:
-        c0, c1, c2 = self.coef
-        return c0 + c1 * x + c2 * np.square(x)
+        return sum(c * np.power(x, k) for k, c in enumerate(self.coef))
 
     def interval(self, x: float, level: float = LEVEL) -> tuple[float, float] | None:
         """The prediction interval of a new point at ``x`` (log10 units), or None when there
@@ -99,7 +102,7 @@ class Fit:
             return None
         from scipy.stats import t
 
-        v = np.array([1.0, x, x * x])
+        v = np.array([x**k for k in range(len(self.coef))], float)
         s = math.sqrt(self.rss / self.dof)
         half = t.ppf(0.5 + level / 2, self.dof) * s * math.sqrt(1 + v @ np.array(self.xtx_inv) @ v)
         y = float(self(x))
@@ -107,7 +110,8 @@ class Fit:
 
     def root_beyond(self, x_min: float, y: float = 0.0) -> float | None:
         """The smallest x > x_min where the fit equals ``y`` (None if it never does)."""
-        c0, c1, c2 = self.coef
+        c = list(self.coef) + [0.0] * (3 - len(self.coef))
+        c0, c1, c2 = c
         roots = np.roots([c2, c1, c0 - y]) if c2 != 0 else np.array([(y - c0) / c1])
         real = [
             float(r.real) for r in np.atleast_1d(roots) if abs(r.imag) < 1e-12 and r.real > x_min
@@ -115,14 +119,17 @@ class Fit:
         return min(real) if real else None
 
 
-def fit_quadratic(x: Sequence[float], y: Sequence[float]) -> Fit:
-    """Least-squares quadratic through (x, y); needs at least 3 distinct x and finite values."""
+def fit_polynomial(x: Sequence[float], y: Sequence[float], degree: int) -> Fit:
+    """Least-squares polynomial of ``degree`` through (x, y); needs degree + 1 distinct x
+    and finite values."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ValueError("fit_quadratic: non-finite values must be excluded before fitting")
-    if len(np.unique(x)) < 3:
-        raise ValueError(f"fit_quadratic needs 3 distinct sizes, got {len(np.unique(x))}")
-    X = np.stack([np.ones_like(x), x, x * x], axis=1)
+        raise ValueError("fit: non-finite values must be excluded before fitting")
+    if len(np.unique(x)) < degree + 1:
+        raise ValueError(
+            f"a degree-{degree} fit needs {degree + 1} distinct sizes, got {len(np.unique(x))}"
+        )
+    X = np.stack([x**k for k in range(degree + 1)], axis=1)
     coef, *_ = np.linalg.lstsq(X, y, rcond=None)
     resid = y - X @ coef
     xtx_inv = np.linalg.inv(X.T @ X)
@@ -132,6 +139,11 @@ def fit_quadratic(x: Sequence[float], y: Sequence[float]) -> Fit:
         rss=float(resid @ resid),
         xtx_inv=tuple(tuple(float(v) for v in row) for row in xtx_inv),
     )
+
+
+def fit_quadratic(x: Sequence[float], y: Sequence[float]) -> Fit:
+    """Least-squares quadratic through (x, y); needs at least 3 distinct x and finite values."""
+    return fit_polynomial(x, y, 2)
 
 
 def linear_trend(x: Sequence[float], y: Sequence[float]) -> float | None:
@@ -276,9 +288,15 @@ def _fit_entry(points: list[dict], target: float, threshold: float | None) -> di
     entry["_fit"] = fit
     entry["prediction"] = _predict(fit, target)
     if threshold is not None:
-        entry["crosses_threshold"] = bool(entry["prediction"]["log10"] >= math.log10(threshold))
-        hi = entry["prediction"]["hi"]
-        entry["interval_reaches_threshold"] = None if hi is None else bool(hi >= threshold)
+        p = entry["prediction"]
+        width = None if p["lo"] is None else math.log10(p["hi"] / p["lo"])
+        if fit.dof < MIN_DOF:
+            entry["no_flag"] = f"{fit.dof} residual degrees of freedom (< {MIN_DOF})"
+        elif width > MAX_DECADES:
+            entry["no_flag"] = f"interval spans {width:.1f} decades (> {MAX_DECADES:g})"
+        else:
+            entry["crosses_threshold"] = bool(p["log10"] >= math.log10(threshold))
+            entry["interval_reaches_threshold"] = bool(p["hi"] >= threshold)
     return entry
 
 
@@ -498,8 +516,10 @@ def to_markdown(fc: dict[str, Any], command: str = "") -> str:
         "",
         "Fit: least-squares quadratic of log10(value) in log10(non-embedding parameters) per "
         f"setting and LR. Uncertainty: {fc['interval']}; '–' where the fit has no residual "
-        "degrees of freedom (3 points). Excluded points (diverged, non-finite, not logged) are "
-        "listed below and never fitted.",
+        "degrees of freedom (3 points). A fit flags a crossing (yes / possibly / no) only with "
+        f"at least {MIN_DOF} residual degrees of freedom and an interval of at most "
+        f"{MAX_DECADES:g} decades; otherwise it says why it gives no flag. Excluded points "
+        "(diverged, non-finite, not logged) are listed below and never fitted.",
         "",
         "| size | non-embedding params (per setting) |",
         "|---|---|",
@@ -610,7 +630,9 @@ def _fit_row(e: dict, crosses: bool) -> str:
     iv = "–" if p["lo"] is None else f"[{p['lo']:.3g}, {p['hi']:.3g}]"
     if crosses:
         last = (
-            "yes"
+            f"no flag: {e['no_flag']}"
+            if "no_flag" in e
+            else "yes"
             if e["crosses_threshold"]
             else ("possibly (interval)" if e["interval_reaches_threshold"] else "no")
         )
@@ -630,3 +652,166 @@ def write_forecast(fc: dict[str, Any], out: str | Path, command: str = "") -> Pa
     md = out / "forecast.md"
     W.write_text(md, to_markdown(fc, command))
     return md
+
+
+# ---------------------------------------------------------------------------------------
+# The forecast, checked as a forecast.
+
+METHODS = ("quadratic", "linear", "persistence")
+
+
+def calibrate(
+    dirs: Sequence[str | Path], early_fraction: float = 0.25, param: str | None = None
+) -> dict[str, Any]:
+    """Hold out the largest size; per setting and LR, forecast its final max attention logit
+    and gradient RMS / ε (``param``) at the end of training from what is known when it has
+    trained ``early_fraction`` of its steps: the smaller sizes' final values (a quadratic in
+    log size, the paper's; and a line, a baseline) and its own value at that early step (a
+    persistence baseline). Every seed of the held-out size is a measurement: per method, the
+    error in decades (log10 forecast − log10 seed mean of the measurements) and the coverage
+    of its 95% prediction interval (the fraction of held-out seeds inside it)."""
+    runs = load_runs(dirs)
+    sizes = sorted({r.size: r.params for r in runs}.items(), key=lambda kv: kv[1])
+    if len(sizes) < 5:
+        raise ConfigError(
+            f"calibration needs >= 5 model sizes (4 to fit, 1 held out), got {len(sizes)}"
+        )
+    held = sizes[-1][0]
+    final = min(r.config.train.steps for r in runs)
+    logged = sorted({h["step"] for r in runs for h in r.history if isinstance(h.get("step"), int)})
+    early = max((s for s in logged if s <= early_fraction * final), default=None)
+    if early is None:
+        raise ConfigError(f"no step logged within the first {early_fraction:.0%} of {final}")
+    quantities = {
+        "max_attn_logit": (LOGIT_KEY, True),
+        "grad_rms_over_eps": (f"grad/rms_over_eps/{param or DEFAULT_PARAM}", False),
+    }
+    out: dict[str, Any] = {
+        "held_out": held,
+        "fitted_sizes": [s for s, _ in sizes[:-1]],
+        "early_step": early,
+        "final_step": final,
+        "quantities": {},
+    }
+    for name, (key, reduce) in quantities.items():
+        groups: dict[tuple[str, float], list[Run]] = defaultdict(list)
+        for r in runs:
+            groups[(r.setting, r.lr)].append(r)
+        rows = []
+        for (setting, lr), group in sorted(groups.items()):
+            train = [
+                (r.params, _value_at(r, final, key, reduce)[0]) for r in group if r.size != held
+            ]
+            train = [(p, v) for p, v in train if v is not None]
+            target = [r for r in group if r.size == held]
+            measured = [_value_at(r, final, key, reduce)[0] for r in target]
+            early_vals = [_value_at(r, early, key, reduce)[0] for r in target]
+            measured = [v for v in measured if v is not None]
+            early_vals = [v for v in early_vals if v is not None]
+            if not target or not measured or len({p for p, _ in train}) < 3:
+                continue
+            x0 = math.log10(target[0].params)
+            xs = [math.log10(p) for p, _ in train]
+            ys = [math.log10(v) for _, v in train]
+            logs = [math.log10(v) for v in measured]
+            truth = float(np.mean(logs))
+            row = {"setting": setting, "lr": lr, "measured": 10**truth, "seeds": len(measured)}
+            for method, degree in (("quadratic", 2), ("linear", 1)):
+                fit = fit_polynomial(xs, ys, degree)
+                iv = fit.interval(x0)
+                row[method] = {
+                    "forecast": float(10 ** fit(x0)),
+                    "error_decades": float(fit(x0)) - truth,
+                    "interval": None if iv is None else [float(10 ** iv[0]), float(10 ** iv[1])],
+                    "inside": None if iv is None else int(sum(iv[0] <= v <= iv[1] for v in logs)),
+                }
+            row["persistence"] = {
+                "forecast": 10 ** float(np.mean([math.log10(v) for v in early_vals]))
+                if early_vals
+                else None,
+                "error_decades": float(np.mean([math.log10(v) for v in early_vals])) - truth
+                if early_vals
+                else None,
+                "interval": None,
+                "inside": None,
+            }
+            rows.append(row)
+        summary = {}
+        for method in METHODS:
+            errs = [
+                abs(r[method]["error_decades"])
+                for r in rows
+                if r[method]["error_decades"] is not None
+            ]
+            inside = [r[method]["inside"] for r in rows if r[method]["inside"] is not None]
+            summary[method] = {
+                "median_abs_error_decades": float(np.median(errs)) if errs else None,
+                "inside": sum(inside) if inside else None,
+                "measurements": sum(r["seeds"] for r in rows if r[method]["inside"] is not None),
+            }
+        out["quantities"][name] = {"rows": rows, "summary": summary}
+    return out
+
+
+def _cell(f: dict) -> str:
+    """A forecast with its interval."""
+    iv = "" if f["interval"] is None else f" [{f['interval'][0]:.3g}, {f['interval'][1]:.3g}]"
+    return f"{_g(f['forecast'])}{iv}"
+
+
+def calibration_markdown(cal: dict[str, Any], command: str = "") -> str:
+    """The calibration as markdown (``docs/forecast_calibration.md``)."""
+    lines = [
+        "# Forecast calibration",
+        "",
+        f"Held out: {cal['held_out']}; fitted on {', '.join(cal['fitted_sizes'])}. Forecast of the "
+        f"held-out size's value at step {cal['final_step']} (the end), made when it has trained "
+        f"{cal['early_step']} steps: a quadratic in log10(non-embedding parameters) through the "
+        "smaller sizes' final values (the paper's fit), a line through them (baseline), and the "
+        f"held-out size's own value at step {cal['early_step']} (persistence baseline). Error: "
+        "log10 forecast − log10 of the held-out seeds' geometric mean; inside: held-out seeds "
+        "inside the 95% prediction interval.",
+    ]
+    if command:
+        lines += ["", f"Command: `{command}`"]
+    for name, q in cal["quantities"].items():
+        lines += [
+            "",
+            f"## {name.replace('_', ' ')}",
+            "",
+            "| method | median abs error (decades) | inside the 95% interval |",
+            "|---|---|---|",
+        ]
+        for method, s in q["summary"].items():
+            inside = (
+                "n/a (no interval)"
+                if s["inside"] is None
+                else f"{s['inside']} of {s['measurements']}"
+            )
+            lines.append(f"| {method} | {_g(s['median_abs_error_decades'])} | {inside} |")
+        lines += [
+            "",
+            "| setting | lr | measured | quadratic [95%] | linear [95%] | persistence | errors q / l / p (decades) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in q["rows"]:
+            errs = " / ".join(_g(r[m]["error_decades"], "+.2f") for m in METHODS)
+            lines.append(
+                f"| {r['setting']} | {r['lr']:g} | {r['measured']:.3g} | {_cell(r['quadratic'])} | "
+                f"{_cell(r['linear'])} | {_cell(r['persistence'])} | {errs} |"
+            )
+    better = {
+        name: min(
+            (m for m in METHODS if q["summary"][m]["median_abs_error_decades"] is not None),
+            key=lambda m: q["summary"][m]["median_abs_error_decades"],
+            default=None,
+        )
+        for name, q in cal["quantities"].items()
+    }
+    lines += [
+        "",
+        "Lowest median error: "
+        + "; ".join(f"{n.replace('_', ' ')}: {m or 'none'}" for n, m in better.items())
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"

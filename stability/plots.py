@@ -513,9 +513,13 @@ def plot_forecast(fc: dict, path: Path | None = None):
 
     settings = fc["settings"]
     grad = fc["grad_rms_over_eps"]["series"]
-    ncols = len(settings) + (1 if grad else 0) + 2
-    fig, axes = plt.subplots(1, ncols, figsize=(4.3 * ncols, 3.8), squeeze=False)
+    n = len(settings) + (1 if grad else 0) + 2
+    ncols = min(n, 3)  # a grid of readable panels, three per row
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 4.2 * nrows), squeeze=False)
     axes = list(axes.flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
     target = fc["target_params"]
     lrs = sorted({e["lr"] for e in fc["max_attn_logit"]})
     colour = {lr: plt.cm.viridis(i / max(len(lrs) - 1, 1)) for i, lr in enumerate(lrs)}

@@ -10,6 +10,7 @@ Presets (the ``ARG`` of every ``sweeps/sizes.py`` / ``sweeps/reproduce_*.py`` fi
 
 from __future__ import annotations
 
+import ast
 import math
 from pathlib import Path
 from typing import Any
@@ -221,8 +222,9 @@ def load_rows(workdir: str | Path) -> list[dict[str, Any]]:
 # with a tolerance of Z standard errors of that mean, never less than the floor of its kind:
 # beyond it in the paper's direction the check passes, beyond it the other way it fails,
 # within it it ties; without data it is missing. A finding holds when every check passes,
-# does not hold when any fails, and is inconclusive otherwise. Apart from the verdict, each
-# finding says whether the mechanism the paper blames appears at all in these runs.
+# does not hold when any fails, and is inconclusive otherwise. Each finding also says whether
+# the mechanism the paper blames appears at all in these runs; where it does not, the finding
+# stays inconclusive and the report says what was tried.
 
 
 def _mean_se(values: list[float]) -> tuple[float, float, int]:
@@ -251,8 +253,12 @@ def _check(name: str, source: str, values: list[float | None], kind: str) -> dic
     }
 
 
-def verdict(checks: list[dict[str, Any]]) -> str:
+def verdict(checks: list[dict[str, Any]], mechanism_present: bool | None = True) -> str:
+    """holds / does not hold / inconclusive from the checks' outcomes; a finding whose
+    mechanism does not appear in its runs stays inconclusive whatever its checks show."""
     outcomes = {c["outcome"] for c in checks}
+    if mechanism_present is False:
+        return "inconclusive"
     if "fail" in outcomes:
         return "does not hold"
     if checks and outcomes == {"pass"}:
@@ -687,7 +693,8 @@ def evaluate(rows_by_sweep: dict[str, list[dict]]) -> list[dict[str, Any]]:
                 "checks": checks,
                 "mechanism": mechanism,
                 "mechanism_present": present,
-                "verdict": verdict(checks),
+                "verdict": verdict(checks, present),
+                "checks_verdict": verdict(checks),
             }
         )
     return out
@@ -702,6 +709,13 @@ SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
 def sweep_file(name: str) -> Path:
     """``sweeps/sizes.py`` or ``sweeps/reproduce_<name>.py``."""
     return SWEEPS_DIR / ("sizes.py" if name == "sizes" else f"reproduce_{name}.py")
+
+
+def _tried(name: str, preset: str) -> str:
+    """What a finding's sweep ran: its file and preset, and the file's description."""
+    path = sweep_file(name)
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    return f"`{path.relative_to(SWEEPS_DIR.parent)}:{preset}`: {' '.join(doc.split())}"
 
 
 OVERRIDABLE = ("data.", "wandb.")  # where the data, the tokenizer and logging live
@@ -942,8 +956,9 @@ def write_report(
         f"{FLOOR['lr_shift']} decades): beyond it in the paper's direction the check passes, "
         "beyond it the other way it fails, within it it ties, without data it is missing. A "
         "finding **holds** when every check passes, **does not hold** when any fails, and is "
-        "**inconclusive** otherwise. Apart from the verdict, each finding says whether the "
-        "mechanism the paper blames appears in these runs at all.",
+        "**inconclusive** otherwise. Each finding also says whether the mechanism the paper "
+        "blames appears in these runs at all; where it does not, the finding stays "
+        "**inconclusive** whatever its checks show, and its section says what was tried.",
         "",
         "| finding | mechanism present | verdict |",
         "|---|---|---|",
@@ -987,6 +1002,17 @@ def write_report(
             )
             + f". Mechanism present: {_yes_no(f['mechanism_present'])} — {f['mechanism']}.",
             "",
+            *(
+                [
+                    "The mechanism does not appear in these runs, so the finding stays "
+                    f"inconclusive (its checks alone would read: {f['checks_verdict']}). "
+                    "Tried: "
+                    + " ".join(_tried(s, preset) for s in f["sweeps"]),
+                    "",
+                ]
+                if f["mechanism_present"] is False
+                else []
+            ),
             f"Rule: {f['rule']}",
             "",
             "| check: D | source | D, seeds' mean ± SE (n) | tolerance | outcome |",

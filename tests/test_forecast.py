@@ -11,7 +11,13 @@ import pytest
 from conftest import tiny_config
 from stability.cli import main
 from stability.config import ConfigError
-from stability.forecast import fit_quadratic, forecast, non_embedding_params, write_forecast
+from stability.forecast import (
+    calibrate,
+    fit_quadratic,
+    forecast,
+    non_embedding_params,
+    write_forecast,
+)
 from stability.workdir import to_jsonable
 
 Q = "blocks/0/attn/q/kernel"
@@ -136,7 +142,8 @@ def test_forecast_predicts_marks_and_holds_out(tmp_path):
     lo = by_lr[0.01]
     np.testing.assert_allclose(lo["fit"]["coef"], COEF, rtol=1e-6)
     np.testing.assert_allclose(lo["prediction"]["value"], true_logit(target, 0.01), rtol=1e-6)
-    assert lo["crosses_threshold"] == (true_logit(target, 0.01) >= 1e4)
+    # 4 sizes, one seed: one residual degree of freedom is too few for a yes/no flag
+    assert lo["no_flag"] == "1 residual degrees of freedom (< 2)" and "crosses_threshold" not in lo
     assert lo["holdout"]["error_log10"] == pytest.approx(0, abs=1e-6)
     hi = by_lr[1.0]
     why = {p["size"]: p["excluded"] for p in hi["points"]}
@@ -164,6 +171,9 @@ def test_forecast_with_noise_and_two_seeds_has_an_interval(tmp_path):
     p = e["prediction"]
     assert p["lo"] < true_logit(1e7, 0.01) < p["hi"]
     np.testing.assert_allclose(e["fit"]["coef"], COEF, atol=0.5)
+    assert "no_flag" not in e and e["crosses_threshold"] == (p["value"] >= 1e4)  # 5 dof, narrow
+    wide = forecast([write_sweep(tmp_path / "wide", noise=1.0, seeds=(0, 1), lrs=(0.01,))], 1e12, step=STEP)
+    assert wide["max_attn_logit"][0]["no_flag"].startswith("interval spans")
 
 
 def test_forecast_refuses_too_few_sizes_and_an_unlogged_step(tmp_path, capsys):
@@ -180,3 +190,24 @@ def test_forecast_refuses_too_few_sizes_and_an_unlogged_step(tmp_path, capsys):
     assert err.count("\n") == 1 and "2 model size(s)" in err
     assert main(["forecast", str(w4), "--target-params=1e9", f"--out={tmp_path / 'o'}", "--holdout-largest"]) == 0
     assert (tmp_path / "o" / "forecast.md").exists()
+
+
+def test_calibration_holds_out_the_largest_size_against_two_baselines(tmp_path, capsys):
+    """Five sizes × 3 seeds of a known quadratic (noise 0.02 decades; the early value at step
+    5 is half the final): the quadratic forecasts the held-out size within the noise and its
+    intervals cover the seeds; persistence is off by log10 2; the line misses the curvature."""
+    w = write_sweep(tmp_path / "s", widths=(8, 16, 32, 64, 128), noise=0.02, seeds=(0, 1, 2), lrs=(0.01,))
+    cal = calibrate([w], early_fraction=0.5)
+    assert cal["held_out"] == "d=128,L=2,H=16" and len(cal["fitted_sizes"]) == 4
+    assert (cal["early_step"], cal["final_step"]) == (5, STEP)
+    (row,) = cal["quantities"]["max_attn_logit"]["rows"]
+    assert abs(row["quadratic"]["error_decades"]) < 0.05 and row["quadratic"]["inside"] == 3
+    assert row["persistence"]["error_decades"] == pytest.approx(-math.log10(2), abs=0.05)
+    s = cal["quantities"]["max_attn_logit"]["summary"]
+    assert s["quadratic"]["median_abs_error_decades"] < s["persistence"]["median_abs_error_decades"]
+    assert s["persistence"]["inside"] is None  # no interval
+    with pytest.raises(ConfigError, match=">= 5 model sizes"):
+        calibrate([write_sweep(tmp_path / "four")])
+    assert main(["forecast", str(w), "--calibrate", "--early-fraction=0.5", f"--out={tmp_path / 'o'}"]) == 0
+    md = (tmp_path / "o" / "calibration.md").read_text()
+    assert md.startswith("# Forecast calibration") and "| quadratic |" in md and "persistence" in md

@@ -74,6 +74,10 @@ def test_a_check_compares_the_seed_mean_with_its_standard_error_symmetrically():
     assert R.verdict([{"outcome": "pass"}, {"outcome": "tie"}]) == "inconclusive"
     assert R.verdict([{"outcome": "pass"}, {"outcome": "fail"}]) == "does not hold"
     assert R.verdict([{"outcome": "pass"}, {"outcome": "missing"}]) == "inconclusive"
+    # a finding whose mechanism does not appear in its runs is no evidence either way
+    assert R.verdict([{"outcome": "pass"}], mechanism_present=False) == "inconclusive"
+    assert R.verdict([{"outcome": "fail"}], mechanism_present=False) == "inconclusive"
+    assert R.verdict([{"outcome": "fail"}], mechanism_present=None) == "does not hold"
 
 
 def test_qk_finding_holds_ties_when_absent_fails_when_reversed():
@@ -148,6 +152,10 @@ def test_missing_sweeps_make_every_finding_inconclusive_and_partial(tmp_path):
     assert report.startswith("# Reproducing Wortsman et al. 2023 (small-scale proxies) — ")
     assert "partial: runs missing" in report.splitlines()[0]
     assert "(partial: `sizes` has no manifest)" in report
+    z = next(f for f in findings if f["finding"] == "z_loss")
+    z.update(mechanism_present=False, checks_verdict="does not hold")
+    report = R.write_report(findings, {}, tmp_path, "cpu").read_text()
+    assert "stays inconclusive (its checks alone would read: does not hold). Tried: `sweeps/reproduce_z_loss.py:cpu`: " in report
 
 
 @pytest.mark.slow
