@@ -378,10 +378,31 @@ def _axes(ax):
     return ax.figure, ax
 
 
+def _wrap(label: str, width: int = 36) -> str:
+    """A long ``k=v,k=v`` label broken after commas into lines of about ``width`` characters."""
+    lines = [""]
+    for part in label.split(","):
+        if lines[-1] and len(lines[-1]) + len(part) + 1 > width:
+            lines[-1] += ","
+            lines.append(part)
+        else:
+            lines[-1] += ("," if lines[-1] else "") + part
+    return "\n".join(lines)
+
+
 def _legend(ax, fontsize: int = 7) -> None:
-    """A legend beside the axes (never over the curves), if anything is labelled."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    """A legend beside the axes (never over the curves), long labels wrapped, if anything is
+    labelled."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(
+            handles,
+            [_wrap(lab) for lab in labels],
+            fontsize=fontsize,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            borderaxespad=0,
+        )
 
 
 def _save(fig, path):

@@ -765,8 +765,8 @@ def reproduce(
                     preemption=stop,
                 )
     rows = {name: load_rows(workdir / name) for name in SWEEPS}
-    partial = report_only or stop.requested
-    return write_report(evaluate(rows), rows, workdir, preset, partial=partial)
+    # a stopped command is partial; otherwise the report counts the runs missing per sweep
+    return write_report(evaluate(rows), rows, workdir, preset, partial=stop.requested)
 
 
 def _commit() -> tuple[str, bool]:
@@ -813,8 +813,7 @@ def _figure(name: str, rows: dict[str, list[dict]], path: Path) -> None:
 
     rows = {name: rows.get(name, []) for name in SWEEPS}
     sizes = rows["sizes"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    a, b = axes
+    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 8))  # one above the other: room for legends
     if name == "qk_sensitivity":
         big = max((r["d_model"] for r in sizes), default=0)
         plots.plot_lr_sensitivity([r for r in sizes if r["d_model"] == big], ax=a)

@@ -565,3 +565,13 @@ def test_offline_wandb_run_holds_the_sweep_conventions_and_reads_back(tmp_path, 
     assert hist[hist["run_id"] == rid][cols].reset_index(drop=True).equals(local[cols])
     recs = {r["run_id"]: r for r in results.records(table)}  # the running run is left out
     assert recs.keys() == {rid, "d"} and recs["d"]["loss_at_init"] is None
+
+
+def test_long_legend_labels_break_after_commas_and_keep_every_character():
+    from stability.plots import _wrap
+
+    assert _wrap("eps=0.001") == "eps=0.001"
+    label = "d_model=64,logit_multiplier=0.25,n_heads=4,qk_norm=True,parametrization=mup_full"
+    wrapped = _wrap(label, width=36)
+    assert wrapped.replace("\n", "") == label
+    assert all(len(line) <= 37 for line in wrapped.splitlines()) and wrapped.count("\n") == 2
