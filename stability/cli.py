@@ -29,7 +29,17 @@ CONFIG_HELP = "\n".join(
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written; every option's default after its help."""
+    """Descriptions as written; every option's default after its help, unless the help already
+    states it, the option has none (None) or it is a flag (off by default)."""
+
+    def _get_help_string(self, action):
+        if (
+            "(default" in (action.help or "")
+            or action.default is None
+            or isinstance(action, argparse._StoreTrueAction)
+        ):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):

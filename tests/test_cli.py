@@ -51,6 +51,19 @@ def test_help(capsys, command):
 
 
 @pytest.mark.parametrize(
+    "command", ["train", "sweep", "report", "forecast", "reproduce", "prepare-data"]
+)
+def test_every_help_states_each_default_once_and_no_empty_one(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in flat and "(default: False)" not in flat and "%%" not in flat
+    if command == "forecast":  # a help that states its default gets no second one
+        assert "(default: the shortest schedule's end) --threshold" in flat
+        assert "(default: 10000.0)" in flat
+
+
+@pytest.mark.parametrize(
     "arg, hint",
     [
         ("--lr=0.1", "did you mean --config.optim.lr=0.1?"),
