@@ -800,18 +800,21 @@ def calibration_markdown(cal: dict[str, Any], command: str = "") -> str:
                 f"| {r['setting']} | {r['lr']:g} | {r['measured']:.3g} | {_cell(r['quadratic'])} | "
                 f"{_cell(r['linear'])} | {_cell(r['persistence'])} | {errs} |"
             )
-    better = {
-        name: min(
-            (m for m in METHODS if q["summary"][m]["median_abs_error_decades"] is not None),
-            key=lambda m: q["summary"][m]["median_abs_error_decades"],
-            default=None,
-        )
-        for name, q in cal["quantities"].items()
-    }
-    lines += [
-        "",
-        "Lowest median error: "
-        + "; ".join(f"{n.replace('_', ' ')}: {m or 'none'}" for n, m in better.items())
-        + ".",
-    ]
+    lines += ["", "Does the quadratic beat the baselines (median absolute error)?", ""]
+    for name, q in cal["quantities"].items():
+        err = {m: q["summary"][m]["median_abs_error_decades"] for m in METHODS}
+        base = [m for m in METHODS if m != "quadratic" and err[m] is not None]
+        if err["quadratic"] is None or not base:
+            answer = "no comparison (no forecast)"
+        else:
+            worse = [m for m in base if err[m] <= err["quadratic"]]
+            answer = (
+                "no: " + ", ".join(f"{m} {_g(err[m])}" for m in worse)
+                + f" vs quadratic {_g(err['quadratic'])} decades"
+                if worse
+                else f"yes: quadratic {_g(err['quadratic'])} vs "
+                + ", ".join(f"{m} {_g(err[m])}" for m in base)
+                + " decades"
+            )
+        lines.append(f"- {name.replace('_', ' ')}: {answer}.")
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from stability.cli import main
 from stability.config import ConfigError
 from stability.forecast import (
     calibrate,
+    calibration_markdown,
     fit_quadratic,
     forecast,
     non_embedding_params,
@@ -211,3 +212,6 @@ def test_calibration_holds_out_the_largest_size_against_two_baselines(tmp_path, 
     assert main(["forecast", str(w), "--calibrate", "--early-fraction=0.5", f"--out={tmp_path / 'o'}"]) == 0
     md = (tmp_path / "o" / "calibration.md").read_text()
     assert md.startswith("# Forecast calibration") and "| quadratic |" in md and "persistence" in md
+    assert "- max attn logit: yes: quadratic " in md
+    s["linear"]["median_abs_error_decades"] = 0.0  # a baseline that wins is said to win
+    assert "- max attn logit: no: linear 0 vs quadratic" in calibration_markdown(cal)
