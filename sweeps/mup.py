@@ -1,4 +1,4 @@
-"""μParam (Wortsman et al. 2023 §3.4.1): standard vs μParam (simple) vs μParam (full) across
+"""μParam (Wortsman et al. 2023 §3.2): standard vs μParam (simple) vs μParam (full) across
 widths × the LR grid. μParam keeps the optimal LR stable across width; qk-layernorm stays on.
 
 ARG: PRESET[,steps=N] (``presets.parse_arg``): "accelerator" (the default on a host with an accelerator; widths 256…1024, base

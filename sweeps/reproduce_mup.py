@@ -1,4 +1,4 @@
-"""μParam (Wortsman et al. 2023 §3.4.1): standard vs μParam (full) at the preset's two widths
+"""μParam (Wortsman et al. 2023 §3.2): standard vs μParam (full) at the preset's two widths
 × LRs with qk-layernorm, plus μParam without qk-layernorm at the larger width. μParam keeps the
 optimal LR stable across widths but does not replace qk-layernorm. The base width of μParam is
 the smaller width. ARG: tiny | cpu | accelerator (``stability.reproduce``)."""

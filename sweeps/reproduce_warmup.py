@@ -1,4 +1,4 @@
-"""Warm-up length × two sizes × LRs, qk-layernorm off (Wortsman et al. 2023 §3.3, Figure 7):
+"""Warm-up length × two sizes × LRs, qk-layernorm off (Wortsman et al. 2023 §3.2.1):
 longer warm-up lowers LR sensitivity, more so for the larger model. ARG: tiny | cpu |
 accelerator (``stability.reproduce``); warm-up 2% vs 30% of training."""
 

@@ -1,4 +1,4 @@
-"""Warmup length (Wortsman et al. 2023 §3.3): longer warmup lowers LR sensitivity.
+"""Warmup length (Wortsman et al. 2023 §3.2.1): longer warmup lowers LR sensitivity.
 
 ARG: PRESET[,steps=N] (``presets.parse_arg``): "accelerator" (the default on a host with an accelerator; warmup 5e2, 5e3, 2.5e4
 of 1e5 steps) or "cpu" (10, 50, 150 of 500).

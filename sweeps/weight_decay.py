@@ -1,4 +1,4 @@
-"""Independent vs coupled weight decay (Wortsman et al. 2023 §3.3): θ ← θ − (η_t/η)λθ with
+"""Independent vs coupled weight decay (Wortsman et al. 2023 §3.2.2): θ ← θ − (η_t/η)λθ with
 λ = 1e-4, against AdamW's coupled θ ← θ − η_t λθ with λ = 0.1.
 
 ARG: PRESET[,steps=N] (``presets.parse_arg``), PRESET "accelerator" or "cpu" (without one: "cpu" on a host without an accelerator).

@@ -1,4 +1,4 @@
-"""Output-logit divergence (Wortsman et al. 2023 §3.2): z-loss on/off × weight decay on/off.
+"""Output-logit divergence (Wortsman et al. 2023 §3.1.2): z-loss on/off × weight decay on/off.
 
 Without weight decay the output logits drift very negative and training fails at high LR;
 z-loss (1e-4·log²Z) prevents it. qk-layernorm stays on so attention-logit growth is excluded.
