@@ -18,9 +18,16 @@ default 8) and share the host's cores, so this measures sharding overhead, not s
 ``--memory SIZE`` compiles (never runs) the train step of the paper's setting at a width-family
 size (vocab 32,128, batch 256 × 512, bf16 compute) on every device (``--cpu-devices`` on a CPU
 host) and prints XLA's per-device memory (``programs.step_memory``); ``--fsdp``, ``--remat``,
-``--tp`` choose the sharding.
+``--tp``, ``--scan`` (``train.scan_layers``) and ``--layers`` choose the sharding and depth.
 
-    python benchmarks/train_step.py --memory w4096 --fsdp --remat block --cpu-devices 8
+    python benchmarks/train_step.py --memory w4096 --fsdp --remat block --scan --cpu-devices 8
+
+``--memory-table`` does the same for w1024, w2048, w4096 × remat none / block / full with
+scanned layers and FSDP on 8 devices, the unrolled blocks at w4096 beside them, and the
+compile time against depth (w1024, 6 / 12 / 24 layers, scanned and unrolled); it writes
+``benchmarks/results/memory_cpu.json``.
+
+    python benchmarks/train_step.py --memory-table
 """
 
 from __future__ import annotations
@@ -127,20 +134,55 @@ def bench_meshes(a, cfg: Config) -> None:
         )
 
 
-def memory(a) -> None:
-    """XLA's per-device memory of the paper-setting train step at size ``a.memory``."""
+def memory_row(size: str, *, fsdp: bool, remat: str, scan: bool, tp: int = 1, layers: int = 0):
+    """XLA's per-device memory (GiB) and the compile time (s) of the paper-setting train step."""
     from stability import programs as P
     from stability import sharding as S
     from stability.config import size_preset
 
+    model = {**size_preset(size), **({"n_layers": layers} if layers else {})}
     cfg = Config(
-        model=ModelConfig(vocab_size=32128, dtype="bfloat16", **size_preset(a.memory)),
+        model=ModelConfig(vocab_size=32128, dtype="bfloat16", **model),
         data=DataConfig(source="synthetic_markov", seq_len=512, batch_size=256),
-        train=TrainConfig(steps=10_000, fsdp=a.fsdp, remat=a.remat, tensor_parallel=a.tp),
+        train=TrainConfig(
+            steps=10_000, fsdp=fsdp, remat=remat, tensor_parallel=tp, scan_layers=scan
+        ),
     )
     t0 = time.perf_counter()
     report = P.step_memory(cfg, S.make_mesh(cfg))
-    print(f"{a.memory}: {report.line()}; compiled in {time.perf_counter() - t0:.0f} s")
+    seconds = time.perf_counter() - t0
+    g = 2**30
+    row = {
+        "size": size, "layers": model["n_layers"], "devices": len(jax.devices()), "fsdp": fsdp,
+        "remat": remat, "scan_layers": scan, "arguments_gib": round(report.argument / g, 2),
+        "temporaries_gib": round(report.temp / g, 2), "peak_gib": round(report.peak / g, 2),
+        "compile_s": round(seconds, 1),
+    }  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def memory(a) -> None:
+    """XLA's per-device memory of the paper-setting train step at size ``a.memory``."""
+    memory_row(a.memory, fsdp=a.fsdp, remat=a.remat, scan=a.scan, tp=a.tp, layers=a.layers_override)
+
+
+def memory_table(out: str) -> None:
+    """Remat and scanned layers per width, then compile time against depth (module doc)."""
+    rows = [
+        memory_row(size, fsdp=True, remat=remat, scan=True)
+        for size in ("w1024", "w2048", "w4096")
+        for remat in ("none", "block", "full")
+    ]
+    rows += [memory_row("w4096", fsdp=True, remat=r, scan=False) for r in ("none", "block")]
+    depth = [next(r for r in rows if r["size"] == "w1024" and r["remat"] == "block")]
+    depth += [
+        memory_row("w1024", fsdp=True, remat="block", scan=scan, layers=n)
+        for n in (6, 12, 24)
+        for scan in (True, False)
+        if (n, scan) != (6, True)  # compiled above (a second compile would hit jit's cache)
+    ]
+    Path(out).write_text(json.dumps({"memory": rows, "depth": depth}, indent=1) + "\n")
 
 
 def main():
@@ -159,9 +201,16 @@ def main():
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--remat", default="none", choices=("none", "block", "full"))
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
+    p.add_argument("--scan", action="store_true", help="train.scan_layers")
+    p.add_argument("--layers-override", type=int, default=0, help="--memory: layers (0: the size's)")
+    p.add_argument("--memory-table", action="store_true", help="the memory and depth table")
     a = p.parse_args()
-    if a.mesh or a.memory:
+    if a.mesh or a.memory or a.memory_table:
         jax.config.update("jax_num_cpu_devices", a.cpu_devices)
+    if a.memory or a.memory_table:  # compile times without the persistent cache's hits
+        os.environ["STABILITY_COMPILATION_CACHE"] = "off"
+    if a.memory_table:
+        return memory_table("benchmarks/results/memory_cpu.json")
     if a.memory:
         return memory(a)
 

@@ -207,6 +207,10 @@ class TrainConfig:
     # recompute each block but keep its weight-matmul outputs (norms, attention weights, gelu
     # recomputed); full = keep nothing inside a block but its input.
     remat: Remat = "none"
+    # Run the blocks as one lax.scan (models/transformer.py) instead of an unrolled loop: the
+    # memory of one block's backward, whatever the depth, and a compile time flat in depth.
+    # Parameters, checkpoints and metrics are the same either way.
+    scan_layers: bool = False
 
 
 # Early warning (stability/watch.py: each detector's formula). Detectors read the records
@@ -399,19 +403,24 @@ def typed_config(cd: ml_collections.ConfigDict | dict) -> Config:
     return _build(Config, cd, "config")
 
 
-# Sections that releases before 0.2.0 did not have: left out of a config's identity while at
-# their defaults, so the run ids and workdir checks of earlier workdirs stay what they were.
-NEW_SECTIONS = ("watch",)
+# Sections and fields that earlier releases did not have: left out of a config's identity
+# while at their defaults, so the run ids and workdir checks of earlier workdirs stay what
+# they were.
+NEW_FIELDS = ("watch", "train.scan_layers")
 
 
 def identity(cfg: Config) -> dict[str, Any]:
     """The config as a JSON-able dict for run ids and workdir comparisons: every field,
-    except the sections of ``NEW_SECTIONS`` while they are at their defaults."""
+    except those of ``NEW_FIELDS`` while they are at their defaults."""
     out = _jsonable(cfg.to_dict())
     default = _jsonable(Config().to_dict())
-    for name in NEW_SECTIONS:
-        if out[name] == default[name]:
-            del out[name]
+    for name in NEW_FIELDS:
+        *parents, leaf = name.split(".")
+        node, ref = out, default
+        for part in parents:
+            node, ref = node[part], ref[part]
+        if node[leaf] == ref[leaf]:
+            del node[leaf]
     return out
 
 

@@ -41,15 +41,17 @@ CPU = {
 
 # Sharding of the paper's width family on accelerators (bf16 compute, float32 master weights,
 # batch 256 × 512): FSDP from w1536 on (parameters + Adam state ≥ 16 B × 0.25B params per
-# run), block remat from w3072 on, full remat for w8192. XLA's per-device numbers on 8
-# simulated devices are in the README's Sharding section; `stability train --check` measures
-# the program on the real mesh.
+# run), block remat over scanned layers from w3072 on, full remat for w8192. Remat pays only
+# with scanned layers (unrolled, XLA keeps what remat would free). XLA's per-device numbers
+# on 8 simulated devices are in docs/sharding.md; `stability train --check` measures the
+# program on the real mesh.
+_SCANNED = {"train.fsdp": True, "train.scan_layers": True}
 WIDTH_SHARDING: dict[str, dict] = {
     "w1536": {"train.fsdp": True},
     "w2048": {"train.fsdp": True},
-    "w3072": {"train.fsdp": True, "train.remat": "block"},
-    "w4096": {"train.fsdp": True, "train.remat": "block"},
-    "w8192": {"train.fsdp": True, "train.remat": "full"},
+    "w3072": {**_SCANNED, "train.remat": "block"},
+    "w4096": {**_SCANNED, "train.remat": "block"},
+    "w8192": {**_SCANNED, "train.remat": "full"},
 }
 
 

@@ -276,7 +276,8 @@ def refuse_unless_fits(report: MemoryReport, cfg: Config, what: str = "") -> Mem
             f"{what or 'config'} (model.d_model={m.d_model}, model.n_layers={m.n_layers}, "
             f"data.batch_size={d.batch_size}, data.seq_len={d.seq_len}) does not fit: the "
             f"compiled train call needs {report.line()}; try train.fsdp=True, "
-            "train.remat='block' or 'full', train.tensor_parallel, fewer runs per program "
+            "train.remat='block' or 'full' with train.scan_layers=True, train.tensor_parallel, "
+            "fewer runs per program "
             "(--max-runs-per-program), more devices or a smaller batch"
         )
     return report

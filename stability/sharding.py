@@ -107,7 +107,8 @@ def make_mesh(cfg: Config, n_runs: int = 1, devices: Sequence[jax.Device] | None
 
 
 def describe(mesh: Mesh, train: TrainConfig) -> str:
-    """One line for the program's stderr: axis sizes, devices, processes, FSDP and remat."""
+    """One line for the program's stderr: axis sizes, devices, processes, FSDP, remat and
+    scanned layers."""
     sizes = "×".join(str(mesh.shape[a]) for a in AXES)
     n_proc = len({d.process_index for d in mesh.devices.flat})
     where = f"{mesh.devices.size} {mesh.devices.flat[0].platform} device(s)"
@@ -115,7 +116,7 @@ def describe(mesh: Mesh, train: TrainConfig) -> str:
         where += f" in {n_proc} processes"
     return (
         f"mesh run×data×model {sizes} on {where}; fsdp {'on' if train.fsdp else 'off'}, "
-        f"remat {train.remat}"
+        f"remat {train.remat}" + (", scanned layers" if train.scan_layers else "")
     )
 
 

@@ -78,7 +78,11 @@ def hyperparams(cfg: Config) -> dict[str, jax.Array]:
 def graphdef_of(cfg: Config):
     """The static structure of ``cfg``'s model with its ``train.remat`` policy (no
     parameters are computed)."""
-    model = nnx.eval_shape(lambda: Transformer(cfg.model, remat=cfg.train.remat, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: Transformer(
+            cfg.model, remat=cfg.train.remat, scan=cfg.train.scan_layers, rngs=nnx.Rngs(0)
+        )
+    )
     return split(model)[0]
 
 

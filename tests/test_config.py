@@ -8,7 +8,7 @@ from typing import Literal, get_args, get_origin
 
 import pytest
 
-from stability.config import SIZES, Config, ConfigError, _unused_fields, validate
+from stability.config import SIZES, Config, ConfigError, _unused_fields, identity, validate
 from stability.configfiles import load_config_dict, load_sweep
 from stability.sweep import build_runs
 
@@ -114,3 +114,11 @@ def test_shipped_sweeps_are_valid(sweep, preset):
     `stability sweep --check`'s)."""
     _, points = load_sweep(f"{ROOT / 'sweeps' / sweep}:{preset}")
     assert build_runs(points, None, [])
+
+
+def test_fields_new_in_this_release_leave_earlier_run_ids_alone_while_at_default():
+    cfg = Config()
+    ident = identity(cfg)
+    assert "scan_layers" not in ident["train"] and "watch" not in ident  # as earlier releases
+    scanned = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, scan_layers=True))
+    assert identity(scanned)["train"]["scan_layers"] is True

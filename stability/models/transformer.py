@@ -10,7 +10,12 @@ output-logit cap and the sink decorrelation loss act here.
 "none" saves what autodiff needs; "block" recomputes each block from its input except the
 outputs of its weight matmuls (q, k, v, o, fc1, fc2: ``dots_with_no_batch_dims_saveable``):
 norms, RoPE, the [B, N, T, S] attention weights and gelu are recomputed; "full" saves nothing
-inside a block but its input (``nothing_saveable``). The activations are constrained to
+inside a block but its input (``nothing_saveable``). ``scan`` (``train.scan_layers``) runs the
+blocks as one ``lax.scan`` over their stacked states instead of an unrolled Python loop (as
+MaxText's ``scan_layers``): XLA then schedules one block's body, with its remat, L times, so
+temporaries stop growing with depth and so does compile time. The parameters keep their
+per-layer layout (``blocks/{i}/...``): they are stacked inside the program, so checkpoints,
+optimizer rules and metrics are the same with and without it. The activations are constrained to
 their logical shardings (``stability.sharding.constrain``): the residual stream and logits
 split over the batch, heads, MLP hidden width and vocabulary over the model axis.
 """
@@ -92,8 +97,10 @@ class Transformer(nnx.Module):
     mean over sequences and positions s >= 1 of cos²(h_0, h_s).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: Remat = "none"):
-        self.cfg, self.remat = cfg, remat
+    def __init__(
+        self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: Remat = "none", scan: bool = False
+    ):
+        self.cfg, self.remat, self.scan = cfg, remat, scan
         D, V = cfg.d_model, cfg.vocab_size
         embed_VD = jax.random.normal(rngs.params(), (V, D), jnp.float32) * D**-0.5
         self.embed = nnx.Param(embed_VD, logical_axes=("vocab", "embed"))
@@ -113,6 +120,31 @@ class Transformer(nnx.Module):
             aux[f"reparam/{name}/{layer}"] = values.get_value()[-1]
         return logits_BTV, aux
 
+    def _scan_blocks(self, run_block, x_MD: jax.Array, rope, B: int, T: int):
+        """The blocks as one ``lax.scan`` over their stacked states: (x_MD, [L] stats, [L]
+        bos-norm ratios, [L] sink cos²). Each block's updated state (σReparam's u, PowerNorm's
+        φ) is written back, and what a block sows is recorded under its own path."""
+        graphdef = nnx.graphdef(self.blocks[0])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in self.blocks])
+
+        def body(x_MD, state):
+            block = nnx.merge(graphdef, state, copy=True)
+            (x_MD, stats), sown = nnx.capture(run_block, nnx.Intermediate)(block, x_MD, rope)
+            h_BTD = x_MD.reshape(B, T, -1)
+            cos2 = sink_cos2(h_BTD) if self.cfg.sink_decorrelation else jnp.zeros((), jnp.float32)
+            per_layer = (stats, bos_norm_ratio(jax.lax.stop_gradient(h_BTD)), cos2)
+            return x_MD, (per_layer, nnx.state(block, nnx.Not(nnx.Intermediate)), sown)
+
+        x_MD, (per_layer, states, sown) = jax.lax.scan(body, x_MD, stacked)
+        for i, block in enumerate(self.blocks):
+            nnx.update(block, jax.tree.map(lambda a: a[i], states))
+            for path, values in nnx.to_flat_state(sown):
+                module = block
+                for part in path[:-1]:
+                    module = getattr(module, part) if isinstance(part, str) else module[part]
+                module.sow(nnx.Intermediate, path[-1], values.get_value()[-1][i])
+        return x_MD, per_layer
+
     def _forward(self, tokens_BT: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
         B, T = tokens_BT.shape
@@ -127,11 +159,19 @@ class Transformer(nnx.Module):
 
         if self.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat])
-        layer_stats, resid_BTD = [], []
-        for block in self.blocks:
-            x_MD, stats = run_block(block, x_MD, rope)
-            layer_stats.append(stats)
-            resid_BTD.append(x_MD.reshape(B, T, -1))
+        if self.scan:
+            x_MD, (stats, bos_ratio_L, cos2_L) = self._scan_blocks(run_block, x_MD, rope, B, T)
+        else:
+            layer_stats, bos_ratio, cos2 = [], [], []
+            for block in self.blocks:
+                x_MD, st = run_block(block, x_MD, rope)
+                layer_stats.append(st)
+                bos_ratio.append(bos_norm_ratio(x_MD.reshape(B, T, -1)))
+                if cfg.sink_decorrelation:
+                    cos2.append(sink_cos2(x_MD.reshape(B, T, -1)))
+            stats = {k: jnp.stack([st[k] for st in layer_stats]) for k in layer_stats[0]}
+            bos_ratio_L = jnp.stack(bos_ratio)
+            cos2_L = jnp.stack(cos2) if cos2 else None
         x_MD = self.final_norm(x_MD, train=train)
         if cfg.tie_embeddings:
             logits_MV = jnp.dot(x_MD, self.embed[...].astype(dtype).T)
@@ -142,11 +182,8 @@ class Transformer(nnx.Module):
             logits_MV = logits_MV * cfg.logit_multiplier
         logits_MV = apply_softcap(logits_MV, cfg.logit_softcap or None)
 
-        aux = {f"attn/{k}": jnp.stack([s[k] for s in layer_stats]) for k in layer_stats[0]}
-        aux["resid/bos_norm_ratio"] = jax.lax.stop_gradient(
-            jnp.stack([bos_norm_ratio(h) for h in resid_BTD])
-        )
-        if cfg.sink_decorrelation:
-            cos2 = jnp.stack([sink_cos2(h) for h in resid_BTD[:-1]])
-            aux["loss/sink_decorrelation"] = cfg.sink_decorrelation * cos2.mean()
+        aux = {f"attn/{k}": v for k, v in stats.items()}
+        aux["resid/bos_norm_ratio"] = jax.lax.stop_gradient(bos_ratio_L)
+        if cfg.sink_decorrelation:  # the residual states between blocks: outputs of 0…L−2
+            aux["loss/sink_decorrelation"] = cfg.sink_decorrelation * cos2_L[:-1].mean()
         return logits_MV.reshape(B, T, -1), aux

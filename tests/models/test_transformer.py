@@ -119,3 +119,38 @@ def test_attention_stats_equal_materialised_matrix():
     np.testing.assert_allclose(aux["attn/max_logit"][0], s.max(), rtol=1e-5)
     np.testing.assert_allclose(aux["attn/entropy"][0], per_head.mean(), rtol=1e-5)
     np.testing.assert_allclose(aux["attn/entropy_min"][0], per_head.min(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_scanned_blocks_equal_the_unrolled_loop(tiny, remat):
+    """train.scan_layers: the same losses, metrics, gradients and running statistics over two
+    train steps, with stateful layers (σReparam's u, PowerNorm's φ and ν), what they sow, and
+    a loss term between blocks; the parameter tree is the same, so a checkpoint fits either."""
+    from stability import step as St
+    from stability.optim.build import make_optimizer
+
+    states, outs = {}, {}
+    for scan in (False, True):
+        cfg = tiny(
+            model={"n_layers": 3, "linear": "sigma_reparam", "norm": "powernorm",
+                   "sink_decorrelation": 0.1},
+            train={"remat": remat, "scan_layers": scan},
+        )  # fmt: skip
+        tx = make_optimizer(cfg.optim)
+        step = jax.jit(St.make_train_step(cfg, St.graphdef_of(cfg), tx))
+        state = jax.jit(lambda cfg=cfg, tx=tx: St.init_state(cfg, 0, tx))()
+        rng = np.random.default_rng(0)
+        for _ in range(2):
+            tokens = rng.integers(0, 64, (4, 17)).astype(np.int32)
+            state, out = step(state, St.hyperparams(cfg), {"tokens": tokens})
+        states[scan], outs[scan] = jax.device_get(state), jax.device_get(out)
+        if scan:
+            jaxpr = str(jax.make_jaxpr(step)(state, St.hyperparams(cfg), {"tokens": tokens}))
+            assert "scan[" in jaxpr and jaxpr.count("scan[") < 3  # one scan (+ its transpose)
+    assert outs[False].keys() == outs[True].keys()
+    assert any(k.startswith("reparam/sigma/blocks.2.") for k in outs[True])
+    assert "train/sink_decorrelation" in outs[True]
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    jax.tree.map(close, outs[False], outs[True])
+    assert jax.tree.structure(states[False]) == jax.tree.structure(states[True])
+    jax.tree.map(close, states[False], states[True])
