@@ -209,7 +209,7 @@ class TrainConfig:
     remat: Remat = "none"
     # Run the blocks as one lax.scan (models/transformer.py) instead of an unrolled loop: the
     # memory of one block's backward, whatever the depth, and a compile time flat in depth.
-    # Parameters, checkpoints and metrics are the same either way.
+    # Parameters, the checkpoint's tree and metrics are the same either way.
     scan_layers: bool = False
 
 

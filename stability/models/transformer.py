@@ -14,8 +14,8 @@ inside a block but its input (``nothing_saveable``). ``scan`` (``train.scan_laye
 blocks as one ``lax.scan`` over their stacked states instead of an unrolled Python loop (as
 MaxText's ``scan_layers``): XLA then schedules one block's body, with its remat, L times, so
 temporaries stop growing with depth and so does compile time. The parameters keep their
-per-layer layout (``blocks/{i}/...``): they are stacked inside the program, so checkpoints,
-optimizer rules and metrics are the same with and without it. The activations are constrained to
+per-layer layout (``blocks/{i}/...``): they are stacked inside the program, so the
+checkpoint's tree, optimizer rules and metrics are the same with and without it. The activations are constrained to
 their logical shardings (``stability.sharding.constrain``): the residual stream and logits
 split over the batch, heads, MLP hidden width and vocabulary over the model axis.
 """
