@@ -137,7 +137,7 @@ class Transformer(nnx.Module):
 
         x_MD, (per_layer, states, sown) = jax.lax.scan(body, x_MD, stacked)
         for i, block in enumerate(self.blocks):
-            nnx.update(block, jax.tree.map(lambda a: a[i], states))
+            nnx.update(block, jax.tree.map(lambda a, i=i: a[i], states))
             for path, values in nnx.to_flat_state(sown):
                 module = block
                 for part in path[:-1]:
