@@ -693,29 +693,28 @@ def calibrate(
         "final_step": final,
         "quantities": {},
     }
+    groups: dict[tuple[str, float], list[Run]] = defaultdict(list)
+    for r in runs:
+        groups[(r.setting, r.lr)].append(r)
     for name, (key, reduce) in quantities.items():
-        groups: dict[tuple[str, float], list[Run]] = defaultdict(list)
-        for r in runs:
-            groups[(r.setting, r.lr)].append(r)
+
+        def at(r: Run, step: int, key=key, reduce=reduce) -> float | None:
+            return _value_at(r, step, key, reduce)[0]
+
         rows = []
         for (setting, lr), group in sorted(groups.items()):
-            train = [
-                (r.params, _value_at(r, final, key, reduce)[0]) for r in group if r.size != held
-            ]
+            train = [(r.params, at(r, final)) for r in group if r.size != held]
             train = [(p, v) for p, v in train if v is not None]
             target = [r for r in group if r.size == held]
-            measured = [_value_at(r, final, key, reduce)[0] for r in target]
-            early_vals = [_value_at(r, early, key, reduce)[0] for r in target]
-            measured = [v for v in measured if v is not None]
-            early_vals = [v for v in early_vals if v is not None]
-            if not target or not measured or len({p for p, _ in train}) < 3:
+            logs = [math.log10(v) for r in target if (v := at(r, final)) is not None]
+            early_logs = [math.log10(v) for r in target if (v := at(r, early)) is not None]
+            if not logs or len({p for p, _ in train}) < 3:
                 continue
             x0 = math.log10(target[0].params)
             xs = [math.log10(p) for p, _ in train]
             ys = [math.log10(v) for _, v in train]
-            logs = [math.log10(v) for v in measured]
             truth = float(np.mean(logs))
-            row = {"setting": setting, "lr": lr, "measured": 10**truth, "seeds": len(measured)}
+            row = {"setting": setting, "lr": lr, "measured": 10**truth, "seeds": len(logs)}
             for method, degree in (("quadratic", 2), ("linear", 1)):
                 fit = fit_polynomial(xs, ys, degree)
                 iv = fit.interval(x0)
@@ -725,13 +724,10 @@ def calibrate(
                     "interval": None if iv is None else [float(10 ** iv[0]), float(10 ** iv[1])],
                     "inside": None if iv is None else int(sum(iv[0] <= v <= iv[1] for v in logs)),
                 }
+            guess = float(np.mean(early_logs)) if early_logs else None
             row["persistence"] = {
-                "forecast": 10 ** float(np.mean([math.log10(v) for v in early_vals]))
-                if early_vals
-                else None,
-                "error_decades": float(np.mean([math.log10(v) for v in early_vals])) - truth
-                if early_vals
-                else None,
+                "forecast": None if guess is None else 10**guess,
+                "error_decades": None if guess is None else guess - truth,
                 "interval": None,
                 "inside": None,
             }
