@@ -207,9 +207,9 @@ class TrainConfig:
     # recompute each block but keep its weight-matmul outputs (norms, attention weights, gelu
     # recomputed); full = keep nothing inside a block but its input.
     remat: Remat = "none"
-    # Run the blocks as one lax.scan (models/transformer.py) instead of an unrolled loop: the
-    # memory of one block's backward, whatever the depth, and a compile time flat in depth.
-    # Parameters, the checkpoint's tree and metrics are the same either way.
+    # Run the blocks as one lax.scan (models/transformer.py) instead of an unrolled loop, so
+    # that remat frees memory (docs/sharding.md). Parameters, the checkpoint's tree and
+    # metrics are the same either way.
     scan_layers: bool = False
 
 

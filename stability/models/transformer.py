@@ -13,11 +13,12 @@ norms, RoPE, the [B, N, T, S] attention weights and gelu are recomputed; "full" 
 inside a block but its input (``nothing_saveable``). ``scan`` (``train.scan_layers``) runs the
 blocks as one ``lax.scan`` over their stacked states instead of an unrolled Python loop (as
 MaxText's ``scan_layers``): XLA then schedules one block's body, with its remat, L times, so
-temporaries stop growing with depth and so does compile time. The parameters keep their
-per-layer layout (``blocks/{i}/...``): they are stacked inside the program, so the
-checkpoint's tree, optimizer rules and metrics are the same with and without it. The activations are constrained to
-their logical shardings (``stability.sharding.constrain``): the residual stream and logits
-split over the batch, heads, MLP hidden width and vocabulary over the model axis.
+temporaries grow with depth only by what remat keeps per block. The parameters keep their
+per-layer layout (``blocks/{i}/...``) and are stacked inside the program, so the checkpoint's
+tree, optimizer rules and metrics are the same with and without it (and the compile time still
+grows with depth: stacking, the update and the metrics stay per layer). The activations are
+constrained to their logical shardings (``stability.sharding.constrain``): the residual stream
+and logits split over the batch, heads, MLP hidden width and vocabulary over the model axis.
 """
 
 from __future__ import annotations
