@@ -95,6 +95,7 @@ if WANDB_PROJECT:
 else:
     dirs = [workdir(w) for w in WORKDIRS]
     table, hist = results.runs_table(dirs), results.histories(dirs, keys=KEYS)
+grid = None if WANDB_PROJECT else results.planned_grid(dirs)  # each setting's planned LRs
 lr = results.nearest_lr(table, LR)
 display(table.drop(columns=["workdir", "run_id", "setting", "config", "diverged", "metrics_path"]))
 print(f"{len(table)} runs, {table['label'].nunique()} setting(s); per-run panels at lr={lr:g}")
@@ -114,8 +115,8 @@ if len(unfinished):
 # %%
 recs = results.records(table)
 if recs:
-    show(plots.plot_lr_sensitivity(recs))
-    display(Markdown(plots.summary_table(recs)))
+    show(plots.plot_lr_sensitivity(recs, grid=grid))
+    display(Markdown(plots.summary_table(recs, grid=grid)))
     no_l0 = sorted({r["setting"] for r in recs if r["loss_at_init"] is None and r["diverged"]})
     if no_l0:
         print(f"No loss at init (single runs) for {', '.join(no_l0)}: LR sensitivity n/a.")

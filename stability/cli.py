@@ -359,8 +359,9 @@ def _sweep(args, overrides) -> int:
     if jax.process_index() != 0:
         return 0
     from stability import plots  # matplotlib: only the process that reports imports it
+    from stability import workdir as W
 
-    print(plots.summary_table(records))
+    print(plots.summary_table(records, grid=W.planned_grid(args.workdir)))
     print(
         f"\nreport: {Path(args.workdir) / 'report.md'}; figures: "
         f"{Path(args.workdir) / 'lr_sensitivity.png'}, max_attn_logit.png, attn_entropy.png"

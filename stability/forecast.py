@@ -346,22 +346,33 @@ def _holdout(entry: dict) -> dict[str, Any] | None:
 
 def _lr_trends(runs: list[Run], records: list[dict]) -> list[dict[str, Any]]:
     """Per setting and size: LR sensitivity and the optimal LR (means over the seeds whose
-    LR grid is complete: as many finished LRs as the setting's fullest size), with
-    least-squares trends in log10(params)."""
+    planned LR grid, from the sweep's plan, has finished), with least-squares trends in
+    log10(params)."""
     by_id = {(r["_workdir"], r["run_id"]): r for r in records}
+    planned: dict[tuple[str, str], set[float]] = {}  # (workdir, run_id) -> its setting's LRs
+    for d in {run.workdir for run in runs}:
+        plan = W.planned_runs(d) or []
+        grid = W.planned_grid(d)
+        planned.update({(d, p["run_id"]): set(grid[p["setting"]]) for p in plan})
     groups: dict[str, dict[int, dict[str, list[dict]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
+    wanted: dict[tuple[str, int, str], set[float]] = {}
     for run in runs:
+        key = (run.setting, run.params, run.seed)
+        wanted.setdefault(key, set()).update(planned.get((run.workdir, run.run_id), {run.lr}))
         rec = by_id.get((run.workdir, run.run_id))
         if rec is not None and rec.get("loss_at_init") is not None:
             groups[run.setting][run.params][run.seed].append(rec)
     out = []
     for setting, sizes in sorted(groups.items()):
         rows = []
-        full = max(len(recs) for seeds in sizes.values() for recs in seeds.values())
         for params, seeds in sorted(sizes.items()):
-            seeds = {k: v for k, v in seeds.items() if len(v) == full}  # complete LR grids only
+            seeds = {  # complete planned LR grids only
+                k: v
+                for k, v in seeds.items()
+                if wanted[(setting, params, k)] <= {float(r["lr"]) for r in v}
+            }
             if not seeds:
                 continue
             sens, opt = [], []

@@ -153,6 +153,18 @@ def _fmt_sens(mean: float, std: float) -> str:
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
+def sensitivity_text(runs: list[dict], planned: list[float] | None = None) -> str:
+    """One setting's LR sensitivity as reports print it: "mean ± std" over seeds, or "n/a (k
+    of n LRs)" while LRs of its planned grid (``planned``, from the sweep's plan) have no
+    finished or diverged run; without a plan, "n/a (1 LR)" for a single LR."""
+    have = {r["lr"] for r in runs}
+    if planned is not None and set(planned) - have:
+        return f"n/a ({len(have & set(planned))} of {len(set(planned))} LRs)"
+    if planned is None and len(have) < 2:
+        return f"n/a ({len(have)} LR)"
+    return _fmt_sens(*sensitivity_over_seeds(runs)[:2])
+
+
 def summary_table(
     records: list[dict],
     tolerance: float = SEED_TOLERANCE,
@@ -163,26 +175,21 @@ def summary_table(
     div)" when k of n seeds diverged, and "†" where the seeds disagree (module docstring).
 
     The LR sensitivity needs the setting's whole LR grid: ``grid`` maps a setting to its
-    planned LRs (a sweep's manifest); where some are missing it reads "n/a (k of n LRs)", and
-    without a grid, for fewer than two LRs, "n/a (1 LR)"."""
+    planned LRs (the sweep's plan, ``workdir.planned_grid``); where some are missing it reads
+    "n/a (k of n LRs)", and a planned setting without any run gets a row of its own."""
     groups = by_setting(records)
-    lrs = sorted({r["lr"] for r in records if "lr" in r})
+    for setting in grid or {}:
+        groups.setdefault(setting, [])
+    lrs = sorted({r["lr"] for r in records if "lr" in r} | {x for g in (grid or {}).values() for x in g})
     head = (
         "| setting | " + " | ".join(f"{lr:g}" for lr in lrs) + " | LR sensitivity | diverged LRs |"
     )
     rows = [head, "|" + "---|" * (len(lrs) + 3)]
-    for setting, runs in groups.items():
+    for setting, runs in sorted(groups.items()):
         at = {p.lr: p for p in lr_points(runs, tolerance)}
         cells = [_cell(at[lr]) if lr in at else "" for lr in lrs]
         diverged = ", ".join(f"{p.lr:g}" for p in at.values() if p.n_diverged) or "-"
-        have = sorted(at)
-        planned = (grid or {}).get(setting)
-        if planned is not None and len(set(planned) - set(have)):
-            sens = f"n/a ({len(set(have) & set(planned))} of {len(set(planned))} LRs)"
-        elif planned is None and len(have) < 2:
-            sens = f"n/a ({len(have)} LR)"
-        else:
-            sens = _fmt_sens(*sensitivity_over_seeds(runs)[:2])
+        sens = sensitivity_text(runs, (grid or {}).get(setting))
         rows.append(f"| {setting} | " + " | ".join(cells) + f" | {sens} | {diverged} |")
     return "\n".join(rows)
 
@@ -209,17 +216,24 @@ def style(i: int) -> dict:
     return {"linestyle": ls, "marker": marker}
 
 
-def plot_lr_sensitivity(records: list[dict], path: Path | None = None, ax=None):
+def plot_lr_sensitivity(
+    records: list[dict],
+    path: Path | None = None,
+    ax=None,
+    grid: dict[str, list[float]] | None = None,
+):
     """Final loss vs LR, one curve per setting (log-x): the mean counted loss over seeds with
     a ±std bar; a cross at ℓ0 (at the top edge when ℓ0 is unknown) where a seed diverged, a
-    ring where the seeds disagree."""
+    ring where the seeds disagree. The legend's LR sensitivity is n/a while a setting's
+    planned grid (``grid``, as in :func:`summary_table`) is incomplete."""
     fig, ax = _axes(ax)
     rings = False
     for i, (setting, runs) in enumerate(by_setting(records).items()):
         pts = lr_points(runs)
         l0 = loss_at_init(runs)
-        mean, std, n = sensitivity_over_seeds(runs)
-        label = f"{setting} (sens. {_fmt_sens(mean, std)}{f', {n} seeds' if n > 1 else ''})"
+        n = len({seed_of(r) for r in runs})
+        sens = sensitivity_text(runs, (grid or {}).get(setting))
+        label = f"{setting} (sens. {sens}{f', {n} seeds' if n > 1 else ''})"
         known = [p for p in pts if not math.isnan(p.mean)]
         line = ax.errorbar(
             [p.lr for p in known],

@@ -9,7 +9,6 @@ partial, and a single run is shown against its steps, not as a one-point LR curv
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 from stability import plots
@@ -17,9 +16,6 @@ from stability import workdir as W
 from stability.tracking import flatten
 
 PER_RUN = ("optim.lr", "train.seed")  # config leaves that never make a setting
-RUN_ID = re.compile(
-    r"^(?P<slug>.*)-lr(?P<lr>[0-9.]+(?:e[-+]?\d+)?)(?:-s(?P<seed>\d+))?-[0-9a-f]{8}$"
-)
 
 
 def run_record(run_dir: W.PathLike) -> tuple[dict, list[int]]:
@@ -96,28 +92,23 @@ def read(workdirs: list[W.Path]) -> Pool:
         if bad:
             pool.bad.append(f"{d / W.RESULTS}: lines {bad}")
         latest = {r["run_id"]: r for r in records if "run_id" in r and "setting" in r}
-        slug_setting = {}
-        for r in latest.values():
-            if m := RUN_ID.match(r["run_id"]):
-                slug_setting[m["slug"]] = r["setting"]
-        manifest = W.manifest(d) or {"run_ids": list(latest)}
-        pool.planned += len(manifest["run_ids"])
-        for rid in manifest["run_ids"]:
-            m = RUN_ID.match(rid)
-            rec = latest.get(rid)
+        plan = W.planned_runs(d) or [
+            {"run_id": r["run_id"], "setting": r["setting"], "lr": r["lr"]}
+            for r in latest.values()
+        ]
+        pool.planned += len(plan)
+        for p in plan:  # every planned LR enters its setting's grid, started or not
+            pool.grid.setdefault(prefix + p["setting"], []).append(float(p["lr"]))
+            rec = latest.get(p["run_id"])
             if rec is None:  # planned, not finished: what its directory holds, if anything
-                run_dir = W.run_dir(d, rid)
+                run_dir = W.run_dir(d, p["run_id"])
                 if not (run_dir / W.CONFIG).exists():
                     continue
                 rec, _ = run_record(run_dir)
-                rec["run_id"] = rid
-                rec["setting"] = slug_setting.get(m["slug"], m["slug"]) if m else rid
-            rec = {**rec, "setting": prefix + rec["setting"]}
-            pool.records.append(rec)
-            pool.dirs[rid] = W.run_dir(d, rid)
-            if m:
-                lr_grid = pool.grid.setdefault(prefix + slug_setting.get(m["slug"], m["slug"]), [])
-                lr_grid.append(float(m["lr"]))
+                rec["run_id"] = p["run_id"]
+                rec["setting"] = p["setting"]
+            pool.records.append({**rec, "setting": prefix + rec["setting"]})
+            pool.dirs[p["run_id"]] = W.run_dir(d, p["run_id"])
     runs = []
     for d in singles:
         rec, bad = run_record(d)
@@ -249,7 +240,7 @@ def write_report(workdirs: W.PathLike | list[W.PathLike], out: W.PathLike | None
             if len(done) < pool.planned
             else ""
         )
-        plots.plot_lr_sensitivity(done, out / "lr_sensitivity.png")
+        plots.plot_lr_sensitivity(done, out / "lr_sensitivity.png", grid=pool.grid or None)
         plots.plot_max_attn_logit(done, out / "max_attn_logit.png")
         plots.plot_entropy_over_training(records, hists, out / "attn_entropy.png")
         seeds = plots.n_seeds(done)

@@ -61,7 +61,7 @@ RUN_COLUMNS = (
 HISTORY_COLUMNS = ("workdir", "run_id", "label", "setting", "lr", "seed", "step", "key", "value")
 Curve = tuple[np.ndarray, np.ndarray]
 
-_RUN_ID = report.RUN_ID
+_RUN_ID = W.RUN_ID
 
 
 # ---------------------------------------------------------------------------------------
@@ -96,6 +96,20 @@ def histories(
         _warn_bad(path, bad)
         frames.append(_long(run, recs, "step", match))
     return _history_frame(frames)
+
+
+def planned_grid(workdirs: str | Path | Sequence[str | Path]) -> dict[str, list[float]]:
+    """{label: planned LRs} of the sweep workdirs among ``workdirs`` (their plans,
+    ``workdir.planned_grid``), labelled as :func:`runs_table` labels them: pass it to
+    ``plots.summary_table`` and ``plots.plot_lr_sensitivity`` so that a setting whose grid
+    has not finished reads "n/a (k of n LRs)"."""
+    dirs = _as_dirs(workdirs)
+    sweeps = [d for d in dirs if W.kind(d) == "sweep"]
+    prefixes = _prefixes(sweeps) if len(dirs) > 1 else [None] * len(sweeps)
+    grid: dict[str, list[float]] = {}
+    for d, prefix in zip(sweeps, prefixes, strict=True):
+        grid.update(W.planned_grid(d, "" if prefix is None else f"{prefix}: "))
+    return grid
 
 
 def _as_dirs(workdirs) -> list[W.Path]:

@@ -373,7 +373,20 @@ def run_sweep(
             return runs
         is_main = jax.process_index() == 0
         if is_main:
-            manifest = {"sweep": name, "spec": sweep_spec, "run_ids": [r.run_id for r in runs]}
+            manifest = {
+                "sweep": name,
+                "spec": sweep_spec,
+                "run_ids": [r.run_id for r in runs],
+                "runs": [
+                    {
+                        "run_id": r.run_id,
+                        "setting": r.setting,
+                        "lr": r.config.optim.lr,
+                        "seed": r.config.train.seed,
+                    }
+                    for r in runs
+                ],
+            }
             W.write_manifest(workdir, manifest)
             if bad:
                 print(

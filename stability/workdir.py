@@ -15,7 +15,9 @@ A run directory (``stability train --workdir``, or ``<sweep>/runs/<run_id>``)::
 
 A sweep directory (``stability sweep --workdir``)::
 
-  sweep.json       the manifest: sweep name, spec, run ids (a rerun with other runs is refused)
+  sweep.json       the manifest, written before anything trains: sweep name, spec, run ids
+                   (a rerun with other runs is refused) and the plan of every run (run_id,
+                   setting, lr, seed): reports take each setting's LR grid from it
   results.jsonl    one record per finished run
   runs/<run_id>/   each run's directory, as above, without checkpoints/
   chunks/<id>/checkpoints/   the checkpoints of the stack of runs trained together
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -342,6 +345,51 @@ def manifest(sweep_dir: PathLike) -> dict | None:
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{p} is unreadable ({type(e).__name__}); use another workdir") from e
     return old
+
+
+# A sweep's run id: "{setting slug}-lr{lr}[-s{seed}]-{hash}" (``sweep.build_runs``).
+RUN_ID = re.compile(
+    r"^(?P<slug>.*)-lr(?P<lr>[0-9.]+(?:e[-+]?\d+)?)(?:-s(?P<seed>\d+))?-[0-9a-f]{8}$"
+)
+
+
+def planned_runs(sweep_dir: PathLike) -> list[dict] | None:
+    """The sweep's plan, one dict per run in the manifest's order: run_id, setting, lr, seed.
+    Manifests that list only run ids (release 0.2.0 and earlier) are read from the ids: the
+    setting is then the one a finished run of the same id prefix recorded, else the prefix.
+    None without a manifest."""
+    m = manifest(sweep_dir)
+    if m is None:
+        return None
+    if "runs" in m:
+        return [dict(r) for r in m["runs"]]
+    recs = results(sweep_dir)[0]
+    slug_setting = {
+        g["slug"]: r["setting"]
+        for r in recs
+        if "setting" in r and "run_id" in r and (g := RUN_ID.match(r["run_id"]))
+    }
+    out = []
+    for rid in m["run_ids"]:
+        g = RUN_ID.match(rid)
+        out.append(
+            {
+                "run_id": rid,
+                "setting": slug_setting.get(g["slug"], g["slug"]) if g else rid,
+                "lr": float(g["lr"]) if g else float("nan"),
+                "seed": int(g["seed"]) if g and g["seed"] else 0,
+            }
+        )
+    return out
+
+
+def planned_grid(sweep_dir: PathLike, prefix: str = "") -> dict[str, list[float]]:
+    """{setting: its planned LRs, sorted} of a sweep (``planned_runs``); ``prefix`` goes
+    before each setting (a report pooling several sweeps). Empty without a manifest."""
+    grid: dict[str, set[float]] = {}
+    for r in planned_runs(sweep_dir) or []:
+        grid.setdefault(prefix + r["setting"], set()).add(float(r["lr"]))
+    return {k: sorted(v) for k, v in grid.items()}
 
 
 def write_manifest(sweep_dir: PathLike, manifest: dict) -> None:

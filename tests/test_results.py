@@ -575,3 +575,31 @@ def test_long_legend_labels_break_after_commas_and_keep_every_character():
     wrapped = _wrap(label, width=36)
     assert wrapped.replace("\n", "") == label
     assert all(len(line) <= 37 for line in wrapped.splitlines()) and wrapped.count("\n") == 2
+
+
+@pytest.mark.parametrize("plan_format", ["runs", "run_ids"])
+def test_report_of_an_interrupted_sweep_takes_the_grid_from_the_plan(tmp_path, plan_format):
+    """A sweep stopped before some runs started: LR 0.1 of both settings and the whole
+    qk_norm=None setting never started. The plan (sweep.json; run ids only as release 0.2.0
+    wrote it) still gives each setting its 3 LRs: no LR sensitivity from a partial grid, and
+    a row for the setting that never started."""
+    from stability import workdir as W
+
+    d = write_sweep_dir(tmp_path / "sweep", lrs=(0.01, 1.0))
+    plan = [
+        {"run_id": run_id(s, lr), "setting": s, "lr": lr, "seed": 0}
+        for s in ("qk_norm=False", "qk_norm=True", "qk_norm=None")
+        for lr in (0.01, 0.1, 1.0)
+    ]
+    manifest = {"sweep": "x", "spec": "x.py", "run_ids": [p["run_id"] for p in plan]}
+    if plan_format == "runs":
+        manifest["runs"] = plan
+    W.write_manifest(d, manifest)
+    grid = W.planned_grid(d)
+    assert grid["qk_norm=False"] == grid["qk_norm=True"] == [0.01, 0.1, 1.0]
+    # the never-started setting: its name from the plan, or its run ids' prefix
+    assert ("qk_norm=None" in grid) and len(grid) == 3
+    md = report.write_report(d).read_text()
+    assert "| qk_norm=False | 3.200 |  | div | n/a (2 of 3 LRs) | 1 |" in md
+    assert "n/a (0 of 3 LRs)" in md and "(partial: 3 of 9 runs finished)" in md
+    assert plots.summary_table(results.records(results.runs_table(d)), grid=results.planned_grid(d)).count("n/a (") == 3
