@@ -64,3 +64,49 @@ def test_prepare_data_builds_array_record_and_refuses_unknown_names(tmp_path, ca
     assert list((tmp_path / "stability_test_text").rglob("*.array_record-*"))
     assert main(["prepare-data", "--name=no_such_dataset", f"--data-dir={tmp_path}"]) == 2
     assert "--name='no_such_dataset' is not a tfds dataset" in capsys.readouterr().err
+
+
+# Every dataset the README names for `stability prepare-data`.
+README_DATASETS = ("c4/en:3.1.0", "lm1b")
+
+
+def test_readme_datasets_are_found_without_tensorflow_in_a_fresh_process(tmp_path):
+    """In a fresh process (tfds registers text builders only when their module is imported),
+    `stability prepare-data` finds C4 and names the one package it lacks to build it (Apache
+    Beam), in one line and exit 2, before any download; lm1b's builder and every README
+    dataset's info (features, no download) are there too."""
+    names = ", ".join(map(repr, README_DATASETS))
+    code = f"""
+import sys
+import tensorflow_datasets as tfds
+from stability.cli import main
+from stability.data.tfds import register_builders
+rc = main(["prepare-data", "--name=c4/en:3.1.0", "--data-dir={tmp_path}"])
+for name in ({names},):
+    print(name, sorted(tfds.builder(name, data_dir="{tmp_path}").info.features))
+sys.exit(rc)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("stability: error")]
+    assert "--name='c4/en:3.1.0'" in line and "pip install apache-beam" in line
+    assert "c4/en:3.1.0 ['content-length', 'content-type', 'text', 'timestamp', 'url']" in out.stdout
+    assert "lm1b ['text']" in out.stdout
+    assert not [f for f in (tmp_path / "downloads").rglob("*") if f.is_file()]  # no download
+
+
+@pytest.mark.parametrize("name", README_DATASETS)
+def test_readme_datasets_train_through_the_mock_path(tmp_path, name):
+    """data.source=tfds reads each README dataset's split layout (tfds' mock examples)."""
+    from stability.config import DataConfig
+    from stability.data.tfds import TfdsSource
+
+    cfg = DataConfig(source="tfds", tfds_name=name, tfds_data_dir=str(tmp_path),
+                     tfds_split="train", tfds_eval_split="validation", seq_len=15, batch_size=4)
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=8):
+        source = TfdsSource(cfg, vocab_size=258)
+        batch = source.train_stream(0).next()
+        evals = source.eval_batches(1)
+    assert batch["tokens"].shape == evals[0]["tokens"].shape == (4, 16)

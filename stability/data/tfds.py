@@ -95,6 +95,13 @@ def _first_line(err: BaseException) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0]
 
 
+def register_builders() -> None:
+    """Register tfds's text builders (C4, lm1b, wikipedia, pg19, ...). Without TensorFlow,
+    tfds registers a builder only when its module is imported, so ``tfds.builder("c4")``
+    fails until ``tensorflow_datasets.text`` is imported (lazily: a few ms)."""
+    import tensorflow_datasets.text  # noqa: F401
+
+
 def open_split(name: str, split: str, data_dir: str, field: str) -> Sequence[dict[str, Any]]:
     """Random-access records of ``split`` (tfds split syntax) of the prepared dataset ``name``.
 
@@ -116,6 +123,7 @@ def open_split(name: str, split: str, data_dir: str, field: str) -> Sequence[dic
             "config.data.tfds_name='' is empty; give a tfds dataset name, e.g. 'lm1b' or "
             "'c4/en:3.1.0'"
         )
+    register_builders()
     try:
         builder = tfds.builder(name, data_dir=os.fspath(full_dir), try_gcs=False)
     except ValueError as err:  # includes tfds' DatasetNotFoundError
@@ -293,9 +301,10 @@ class TfdsSource:
 
     def __init__(self, cfg: Any, vocab_size: int):
         self._cfg = cfg
-        self.tokenizer = make_tokenizer(cfg, vocab_size)
+        # the dataset first: a missing directory is named before the tokenizer's vocabulary
         self._train = self._open(cfg.tfds_split, "config.data.tfds_split")
         self._eval = self._open(cfg.tfds_eval_split, "config.data.tfds_eval_split")
+        self.tokenizer = make_tokenizer(cfg, vocab_size)
         # Bytes of text per token (BOS/EOS included: the model is scored on them too).
         self.eval_bytes_per_token = self._bytes_per_token(self._eval)
         self.description = {
@@ -379,6 +388,9 @@ class TfdsSource:
         return [stream.next() for _ in range(n)]
 
 
+PACKAGES = {"apache_beam": "apache-beam"}  # module -> the PyPI package that brings it
+
+
 def prepare(name: str, data_dir: str, manual_dir: str | None = None) -> dict[str, int]:
     """Build the tfds dataset ``name`` under ``data_dir`` in ArrayRecord format (what
     ``data.source='tfds'`` reads), from files already downloaded to ``manual_dir`` when the
@@ -388,6 +400,7 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None) -> dict[str
         raise ConfigError(
             "--name='' is empty; give a tfds dataset name, e.g. 'lm1b' or 'c4/en:3.1.0'"
         )
+    register_builders()
     try:
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     except ValueError as err:  # includes tfds' DatasetNotFoundError
@@ -395,7 +408,13 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None) -> dict[str
     config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     try:
         builder.download_and_prepare(download_config=config)
-    except Exception as err:  # noqa: BLE001 - a missing download, a missing package: one line
+    except ModuleNotFoundError as err:  # C4 is built with Apache Beam
+        package = PACKAGES.get(err.name or "", err.name)
+        raise ConfigError(
+            f"--name={name!r}: building it needs the Python package {package}, which is not "
+            f"installed: pip install {package}"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - a missing download: one line
         raise ConfigError(
             f"--name={name!r}: tfds could not prepare it under --data-dir={data_dir!r} "
             f"({type(err).__name__}: {_first_line(err)})"

@@ -244,6 +244,8 @@ def test_bad_inputs(data_dir, sp_model, tmp_path):
     cases = [
         (dict(tfds_data_dir=""), {}, "config.data.tfds_data_dir=''"),
         (dict(tfds_data_dir=str(tmp_path / "missing")), {}, "config.data.tfds_data_dir="),
+        # the directory is named before a vocabulary too small for the tokenizer
+        (dict(tfds_data_dir=str(tmp_path / "missing")), dict(vocab_size=256), "tfds_data_dir="),
         (dict(tfds_name=""), {}, "config.data.tfds_name=''"),
         (dict(tfds_name="no_such_dataset_xyz"), {}, "config.data.tfds_name='no_such_dataset_xyz'"),
         (dict(tfds_name="lm1b", tfds_data_dir=str(empty_dir)), {}, "not prepared"),
