@@ -314,6 +314,18 @@ def _train(args, overrides) -> int:
             file=sys.stderr,
         )
         return 0
+    if result.stopped_step is not None:
+        cause = result.stop_cause or {}
+        why = f"{cause.get('detector')} warning at step {cause.get('step')}: {cause.get('message')}"
+        if result.already_stopped:
+            print(
+                f"{args.workdir} was stopped at step {result.stopped_step} by an early warning "
+                f"({why}); nothing to train (--overwrite starts it again from step 0)",
+                file=sys.stderr,
+            )
+        else:
+            print(f"stopped at step {result.stopped_step} ({why})", file=sys.stderr)
+        return 0
     print(
         f"done: {result.steps} steps, final eval/loss {result.final_eval_loss:.4f}, "
         f"metrics in {Path(args.workdir) / 'metrics.jsonl'}"

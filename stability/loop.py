@@ -132,6 +132,7 @@ class RunOutcome:
     diverged_step: int | None
     stopped_step: int | None = None  # frozen there by watch.on_warning="stop"
     warnings: list[dict] = dataclasses.field(default_factory=list)  # its "warn" events
+    stop_cause: dict | None = None  # the "warn" event that stopped it (on_warning="stop")
 
 
 @dataclasses.dataclass
@@ -234,6 +235,7 @@ def train_stack(
             feed.stream.restore(meta["stream"])
             loss0 = np.asarray(meta.get("loss_at_init", [math.nan] * n), np.float64)
         loop = _Loop(cfg, runs, progs, state, hp, feed, eval_batches, ckpt, loss0, source)
+        loop.replay_watch(start)  # also says when a run frozen at the checkpoint stopped
         position, preempted = start, False
         if start < t.steps and not loop.all_dead():
             trackers = _trackers(runs, source, start) if jax.process_index() == 0 else []
@@ -259,7 +261,11 @@ def train_stack(
         )
         step = int(last.get("step", position))
         warned = [e for e in loop.events[i] if e["event"] == "warn"]
-        outcomes.append(RunOutcome(status, step, last, float(loss0[i]), died, stopped, warned))
+        outcomes.append(
+            RunOutcome(
+                status, step, last, float(loss0[i]), died, stopped, warned, loop.stop_cause[i]
+            )
+        )
     return StackResult(outcomes, start, position, preempted, time.time() - t0)
 
 
@@ -341,6 +347,8 @@ class _Loop:
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len  # of one run
         self.saved: set[int] = set(ckpt.all_steps())
         self.slow_call_reported = False
+        self.plan = call_ends(0, cfg.train.steps, self._ends_call, progs.k_max)
+        self.stop_cause: list[dict | None] = [None] * self.n  # the warning that froze a run
 
     def all_dead(self) -> bool:
         return all(d is not None or f for d, f in zip(self.died, self.frozen, strict=True))
@@ -350,11 +358,10 @@ class _Loop:
         actions of the warnings they raised, without raising them again."""
         if not start:
             return
-        plan = call_ends(0, self.cfg.train.steps, self._ends_call, self.progs.k_max)
         for i, r in enumerate(self.runs):
             history = [x for x in W.metrics(r.directory)[0] if x.get("step", 0) <= start]
             for event in self.watchers[i].update(history):
-                self._act(i, event, plan)
+                self._act(i, event, self.plan)
             if self.frozen[i]:
                 self.stopped[i] = self.freeze_at[i] or (history[-1]["step"] if history else 0)
 
@@ -368,8 +375,6 @@ class _Loop:
         t, progs = self.cfg.train, self.progs
         self.trackers = trackers
         plan = call_ends(start, t.steps, self._ends_call, progs.k_max)
-        self.plan = call_ends(0, t.steps, self._ends_call, progs.k_max)
-        self.replay_watch(start)
         sizes = [e - s for s, e in zip([start, *plan], plan, strict=False)]
         self.bar = tqdm(
             total=t.steps,
@@ -390,12 +395,12 @@ class _Loop:
         try:
             for end, n in zip(plan, sizes, strict=True):
                 begin = end - n
-                if self.all_dead():
+                self._apply_freezes(begin)
+                if self.all_dead():  # diverged, or every run stopped by an early warning
                     break
                 if preemption.stop():
                     preempted = True
                     break
-                self._apply_freezes(begin)
                 batches, host, stream_state = prefetch.next()
                 logged = np.array([self.is_log(begin + 1 + i) for i in range(progs.k_max)])
                 self.state, out = progs.call(
@@ -494,6 +499,7 @@ class _Loop:
         elif self.freeze_at[i] is None:
             after = [e for e in plan if e >= event["step"]]
             self.freeze_at[i] = after[1] if len(after) > 1 else plan[-1]
+            self.stop_cause[i] = event
 
     def _apply_freezes(self, begin: int) -> None:
         """Freeze on the device the runs whose freeze boundary is ``begin`` or earlier."""
@@ -509,12 +515,26 @@ class _Loop:
         self.state = self.progs.freeze(self.state, S.from_host(mask, self.progs.hp))
         for i in due:
             self.frozen[i], self.stopped[i] = True, begin
+            cause = self.stop_cause[i] or {}
+            self._tell(
+                i,
+                {
+                    "step": begin,
+                    "detector": cause.get("detector"),
+                    "event": "stop",
+                    "value": cause.get("value"),
+                    "trend": None,
+                    "predicted_step": None,
+                    "message": f"frozen from step {begin} (watch.on_warning='stop'; warned at "
+                    f"step {cause.get('step')}: {cause.get('message')})",
+                },
+            )
 
     def _tell(self, i: int, event: dict) -> None:
         """One console line (process 0), an events.jsonl record and a W&B alert."""
         run = self.runs[i]
         label = run.label or run.name
-        kind = "warning" if event["event"] == "warn" else "cleared"
+        kind = {"warn": "warning", "clear": "cleared", "stop": "stopped"}[event["event"]]
         line = f"{kind}: {label} step {event['step']}: {event['detector']}: {event['message']}"
         if jax.process_index() == 0:
             self.bar.write(line, file=sys.stderr)

@@ -20,9 +20,10 @@ PER_RUN = ("optim.lr", "train.seed")  # config leaves that never make a setting
 
 def run_record(run_dir: W.PathLike) -> tuple[dict, list[int]]:
     """(result record, unreadable line numbers) of a run directory, from its config.json and
-    metrics.jsonl. ``status``: finished (logged the last step with its eval loss), diverged
-    (last record has alive=False) or unfinished. Its setting is the directory's name; its loss
-    at init is not recorded there (None)."""
+    metrics.jsonl (and events.jsonl). ``status``: finished (logged the last step with its eval
+    loss), diverged (last record has alive=False), stopped (frozen by an early warning: a
+    "stop" event) or unfinished. Its setting is the directory's name; its loss at init is not
+    recorded there (None)."""
     run_dir = W.path(run_dir)
     config = W.run_config(run_dir) or {}
     hist, bad = W.metrics(run_dir)
@@ -30,17 +31,22 @@ def run_record(run_dir: W.PathLike) -> tuple[dict, list[int]]:
     diverged = last.get("alive") is False
     steps = (config.get("train") or {}).get("steps")
     done = not diverged and last.get("step") == steps and last.get("eval/loss") is not None
-    status = "diverged" if diverged else "finished" if done else "unfinished"
+    stop = next((e for e in W.events(run_dir) if e.get("event") == "stop"), None)
+    status = (
+        "diverged" if diverged else "stopped" if stop else "finished" if done else "unfinished"
+    )
     rec = {
         "run_id": run_dir.name,
         "setting": run_dir.name,
         "lr": float((config.get("optim") or {}).get("lr", math.nan)),
         "seed": plots.seed_of({"config": config}),
         "status": status,
-        "final_loss": float(last["eval/loss"]) if done else None,
+        "final_loss": float(last["eval/loss"]) if done and not stop else None,
         "loss_at_init": None,
         "diverged": diverged,
         "diverged_step": last.get("step") if diverged else None,
+        "stopped": stop is not None,
+        "stopped_step": stop["step"] if stop else None,
         "max_attn_logit": plots.max_over_layers(last, "attn/max_logit"),
         "min_attn_entropy": plots.min_over_layers(last, "attn/entropy_min"),
         "steps": last.get("step"),

@@ -196,7 +196,10 @@ def chunk_id(chunk: list[Run]) -> str:
 
 
 def chunk_label(chunk: list[Run]) -> str:
-    """The setting and the LR range of a chunk (progress bars, messages)."""
+    """The setting and the LR range of a chunk (progress bars, messages); a chunk of one run
+    is named as the run is (its seed included)."""
+    if len(chunk) == 1:
+        return run_label(chunk[0])
     lrs = sorted({r.config.optim.lr for r in chunk})
     lr = f"lr={lrs[0]:g}" if len(lrs) == 1 else f"lr={lrs[0]:g}…{lrs[-1]:g}"
     return f"{chunk[0].setting} {lr}"

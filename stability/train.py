@@ -26,6 +26,9 @@ class RunResult:
     diverged_step: int | None
     preempted: bool = False  # stopped early by SIGTERM or Ctrl-C, checkpointed; rerun to continue
     loss_at_init: float = float("nan")
+    stopped_step: int | None = None  # frozen there by an early warning (watch.on_warning="stop")
+    stop_cause: dict | None = None  # the warning that stopped it (an events.jsonl record)
+    already_stopped: bool = False  # it had stopped before this command started
 
 
 class Diverged(RuntimeError):
@@ -73,11 +76,20 @@ def train(
             f"{result.position} in {workdir / W.CHECKPOINTS} and metrics are in "
             f"{workdir / W.METRICS}"
         )
-    if result.start >= cfg.train.steps:
+    if result.start >= cfg.train.steps and run.status == "finished":
         print(f"{workdir} already finished {result.position} steps", file=sys.stderr)
     final = run.last.get("eval/loss", float("nan")) if run.status == "finished" else float("nan")
+    stopped = run.status == "stopped"
     return RunResult(
-        result.position, float(final), False, None, run.status == "preempted", run.loss_at_init
+        result.position,
+        float(final),
+        False,
+        None,
+        run.status == "preempted",
+        run.loss_at_init,
+        stopped_step=run.stopped_step if stopped else None,
+        stop_cause=run.stop_cause if stopped else None,
+        already_stopped=stopped and result.position == result.start,
     )
 
 

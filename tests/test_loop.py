@@ -245,13 +245,43 @@ def test_stop_and_checkpoint_on_warning_in_a_vmapped_sweep(tmp_path):
     rec, hist, events = stop[0.3]
     assert rec["stopped"] and rec["stopped_step"] == 6 and not rec["diverged"]
     assert rec["final_loss"] is None and hist == log[0.3][1][:3] and [h["step"] for h in hist] == [2, 4, 6]
-    assert events == [e for e in log[0.3][2] if e["step"] <= 6]
+    assert [e for e in events if e["event"] != "stop"] == [e for e in log[0.3][2] if e["step"] <= 6]
+    assert [(e["step"], e["detector"]) for e in events if e["event"] == "stop"] == [(6, "entropy_collapse")]
     for lr in (1e-3, 1e-2):  # the other runs of the program: bitwise unaffected
         assert stop[lr][1] == log[lr][1] and stop[lr][0]["final_loss"] == log[lr][0]["final_loss"]
     # checkpoint: the checkpoints before the warnings at steps 4 and 6 outlive max_to_keep=1.
     kept = watch_sweep(tmp_path, "kept", "checkpoint")
     assert checkpoint_steps(tmp_path / "kept") == [2, 4, 40]
     assert all(kept[lr][1] == log[lr][1] for lr in log)
+
+
+def test_stop_on_warning_stops_a_single_run_and_a_rerun_does_nothing(tmp_path, capsys):
+    """`stability train` with watch.on_warning=stop: the warning at step 4 is read while the
+    call (4, 6] runs, so the run stops at step 6 (a call of 2 updates here: within two calls
+    of the warning), says so and exits 0; the run is recorded and reported as stopped, and a
+    rerun trains nothing and says why."""
+    from stability import report
+    from stability import workdir as W
+    from stability.cli import main
+
+    cfg = tiny_config(model={"qk_norm": False}, optim={"warmup_steps": 0, "grad_clip": 0.0, "lr": 0.3},
+                      train={"steps": 40, "log_every": 2, "eval_every": 20, "checkpoint_every": 2},
+                      watch={"on_warning": "stop"})
+    config_py = write_config_file(tmp_path / "c.py", cfg)
+    args = ["train", f"--config={config_py}", f"--workdir={tmp_path / 'run'}", "--no-progress"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "stopped at step 6 (entropy_collapse warning at step 4: " in err
+    assert "done:" not in err and "interrupted" not in err
+    hist = W.metrics(tmp_path / "run")[0]
+    assert [h["step"] for h in hist] == [2, 4, 6]
+    assert [e["step"] for e in W.events(tmp_path / "run") if e["event"] == "stop"] == [6]
+    assert checkpoint_steps(tmp_path / "run")[-1] == 6
+    assert main(args) == 0
+    assert "run was stopped at step 6 by an early warning (entropy_collapse" in capsys.readouterr().err
+    assert W.metrics(tmp_path / "run")[0] == hist
+    md = report.write_report(tmp_path / "run").read_text()
+    assert "Status: stopped." in md
 
 
 def test_resume_neither_repeats_nor_loses_a_warning(tmp_path):
