@@ -289,15 +289,24 @@ def _fit_entry(points: list[dict], target: float, threshold: float | None) -> di
     entry["prediction"] = _predict(fit, target)
     if threshold is not None:
         p = entry["prediction"]
-        width = None if p["lo"] is None else math.log10(p["hi"] / p["lo"])
-        if fit.dof < MIN_DOF:
-            entry["no_flag"] = f"{fit.dof} residual degrees of freedom (< {MIN_DOF})"
-        elif width > MAX_DECADES:
-            entry["no_flag"] = f"interval spans {width:.1f} decades (> {MAX_DECADES:g})"
+        if why := no_flag(fit, math.log10(target)):
+            entry["no_flag"] = why
         else:
             entry["crosses_threshold"] = bool(p["log10"] >= math.log10(threshold))
             entry["interval_reaches_threshold"] = bool(p["hi"] >= threshold)
     return entry
+
+
+def no_flag(fit: Fit, x: float) -> str | None:
+    """Why ``fit`` supports no yes/no flag at log10 size ``x`` (too few residual degrees of
+    freedom, or a 95% interval there wider than ``MAX_DECADES``), or None when it does."""
+    if fit.dof < MIN_DOF:
+        return f"{fit.dof} residual degrees of freedom (< {MIN_DOF})"
+    iv = fit.interval(x)
+    width = math.inf if iv is None else iv[1] - iv[0]
+    if width > MAX_DECADES:
+        return f"interval spans {width:.1f} decades (> {MAX_DECADES:g})"
+    return None
 
 
 def _predict(fit: Fit, params: float) -> dict[str, Any]:
@@ -473,7 +482,10 @@ def forecast(
         if fit is not None:
             x_max = math.log10(max(e["sizes_used"]))
             root = fit.root_beyond(x_max, 0.0)
-            e["reaches_one_at_params"] = None if root is None else 10**root
+            why = None if root is None else no_flag(fit, root)
+            if why:  # the crossing of 1 is said only where the fit supports a flag there
+                e["no_flag"] = why
+            e["reaches_one_at_params"] = None if root is None or why else 10**root
     for e in logit:
         e.pop("_fit", None)
         if holdout_largest:
@@ -648,7 +660,7 @@ def _fit_row(e: dict, crosses: bool) -> str:
             else ("possibly (interval)" if e["interval_reaches_threshold"] else "no")
         )
     else:
-        last = _g(e.get("reaches_one_at_params"))
+        last = f"no flag: {e['no_flag']}" if "no_flag" in e else _g(e.get("reaches_one_at_params"))
     return f"{head} {coef} | {p['value']:.3g} | {iv} | {last} |"
 
 

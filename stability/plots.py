@@ -622,7 +622,7 @@ def plot_forecast(fc: dict, path: Path | None = None):
         ax.axvline(target, color="gray", linestyle=":", linewidth=1)
         ax.set_title(f"grad RMS / ε: {fc['grad_rms_over_eps']['param']}", fontsize=8)
         ax.set_ylabel("gradient RMS / ε")
-    ax_sens, ax_opt = axes[-2], axes[-1]
+    ax_sens, ax_opt = axes[n - 2], axes[n - 1]  # the last two panels in use
     for tr in fc["lr_trends"]:
         rows = tr["by_size"]
         ax_sens.plot(
@@ -637,7 +637,7 @@ def plot_forecast(fc: dict, path: Path | None = None):
     ax_sens.set_title("LR sensitivity vs size", fontsize=8)
     ax_opt.set_title("optimal LR vs size", fontsize=8)
     ax_opt.set_yscale("log")
-    for ax in axes:
+    for ax in axes[:n]:
         ax.set_xscale("log")
         ax.set_xlabel("non-embedding parameters")
         if ax not in (ax_sens, ax_opt):
