@@ -211,6 +211,9 @@ class TrainConfig:
     # that remat frees memory (docs/sharding.md). Parameters, the checkpoint's tree and
     # metrics are the same either way.
     scan_layers: bool = False
+    # A sweep deletes a chunk's checkpoints once every run of it has its results record (a
+    # rerun skips finished runs); True keeps its final checkpoint. A single run keeps its own.
+    keep_final_checkpoint: bool = False
 
 
 # Early warning (stability/watch.py: each detector's formula). Detectors read the records
@@ -406,7 +409,7 @@ def typed_config(cd: ml_collections.ConfigDict | dict) -> Config:
 # Sections and fields that earlier releases did not have: left out of a config's identity
 # while at their defaults, so the run ids and workdir checks of earlier workdirs stay what
 # they were.
-NEW_FIELDS = ("watch", "train.scan_layers")
+NEW_FIELDS = ("watch", "train.scan_layers", "train.keep_final_checkpoint")
 
 
 def identity(cfg: Config) -> dict[str, Any]:

@@ -319,6 +319,13 @@ def result_record(run: Run, out: L.RunOutcome, wall: float) -> dict[str, Any]:
 # The sweep driver.
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def read_results(workdir: W.PathLike) -> tuple[list[dict], list[int]]:
     """Records of ``results.jsonl`` (torn or foreign lines skipped and returned by number)."""
     return W.results(workdir)
@@ -366,16 +373,18 @@ def run_sweep(
         todo = [r for r in runs if r.run_id not in done_ids]
         # Chunks are formed over every run, so a rerun meets the same programs (and checkpoints)
         # as the first attempt; a chunk with any unfinished run runs again (from its checkpoint).
+        every_chunk = chunks_of(runs, strat, max_runs_per_program)
         chunks = [
-            c
-            for c in chunks_of(runs, strat, max_runs_per_program)
-            if check_only or any(r.run_id not in done_ids for r in c)
+            c for c in every_chunk if check_only or any(r.run_id not in done_ids for r in c)
         ]
         programs = compile_chunks(chunks)
         if check_only:
             return runs
         is_main = jax.process_index() == 0
-        if is_main:
+        if is_main:  # chunks whose runs all have results, left by a crash before their deletion
+            for c in every_chunk:
+                if c not in chunks and not c[0].config.train.keep_final_checkpoint:
+                    W.remove_chunk(workdir, chunk_id(c))
             manifest = {
                 "sweep": name,
                 "spec": sweep_spec,
@@ -428,6 +437,10 @@ def run_sweep(
                         if r.run_id not in done_ids
                     ],
                 )
+            if not chunk[0].config.train.keep_final_checkpoint:
+                _barrier("stability_chunk_done")  # every process has closed its checkpointer
+                if is_main:  # a rerun skips these runs: their checkpoints serve nothing
+                    W.remove_chunk(workdir, chunk_id(chunk))
             left -= sum(r.run_id not in done_ids for r in chunk)
         records, _ = W.results(workdir)
         if report and is_main:

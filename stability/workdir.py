@@ -20,7 +20,8 @@ A sweep directory (``stability sweep --workdir``)::
                    setting, lr, seed): reports take each setting's LR grid from it
   results.jsonl    one record per finished run
   runs/<run_id>/   each run's directory, as above, without checkpoints/
-  chunks/<id>/checkpoints/   the checkpoints of the stack of runs trained together
+  chunks/<id>/checkpoints/   the checkpoints of the stack of runs trained together, deleted
+                   once all its runs have results (train.keep_final_checkpoint keeps them)
   report.md, *.png the report (``stability report``)
 
 Records stay append-only and torn-write safe on both kinds of storage. A local JSONL file is
@@ -323,6 +324,13 @@ def run_dir(sweep_dir: PathLike, run_id: str) -> Path:
 
 def chunk_checkpoints(sweep_dir: PathLike, chunk_id: str) -> Path:
     return path(sweep_dir) / CHUNKS / chunk_id / CHECKPOINTS
+
+
+def remove_chunk(sweep_dir: PathLike, chunk_id: str) -> None:
+    """Delete a finished chunk's directory (its checkpoints): its runs' results are recorded."""
+    d = path(sweep_dir) / CHUNKS / chunk_id
+    if d.exists():
+        d.rmtree()
 
 
 def results(sweep_dir: PathLike) -> tuple[list[dict], list[int]]:

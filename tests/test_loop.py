@@ -81,7 +81,8 @@ def test_train_equals_a_one_point_sweep_and_k_one_with_wsd_s_decay_ends(tmp_path
     `train` and by `sweep` alike; records (bitwise), checkpoints and the final loss agree, and
     equal those of one update per call."""
     overrides = dict(optim={"schedule": "wsd_s", "wsd_decay_ends": (7, 13)},
-                     train={"checkpoint_every": 10, "max_to_keep": 1, "eval_every": 20})
+                     train={"checkpoint_every": 10, "max_to_keep": 1, "eval_every": 20,
+                            "keep_final_checkpoint": True})
     cfg = tiny_config(**overrides)
     k_one = tiny_config(optim=overrides["optim"], train={**overrides["train"], "steps_per_call": 1})
     assert L.St.steps_per_call_max(cfg.train) == 10
@@ -105,6 +106,27 @@ def test_train_equals_a_one_point_sweep_and_k_one_with_wsd_s_decay_ends(tmp_path
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert ran.final_eval_loss == result["final_loss"] and ran.loss_at_init == result["loss_at_init"]
+
+
+def test_a_finished_chunk_keeps_no_checkpoint_unless_asked(tmp_path):
+    """The default: once every run of a chunk has its results record, the chunk's checkpoints
+    are deleted (a rerun skips those runs); a crash after the results but before the deletion
+    leaves the chunk directory to the rerun, which deletes it."""
+    cfg = tiny_config(train={"steps": 10})
+    sweep_py = tmp_path / "one.py"
+    sweep_py.write_text("def get_sweep(arg=''):\n    return [{'optim.lr': 1e-3}]\n")
+    config_py = write_config_file(tmp_path / "cfg.py", cfg)
+    (first,) = run_sweep(str(sweep_py), tmp_path / "w", config_spec=config_py, progress=False,
+                         report=False)
+    assert not (tmp_path / "w" / "chunks").exists() or not list((tmp_path / "w" / "chunks").iterdir())
+    from stability.sweep import build_runs, chunk_id, chunks_of, load_sweep
+
+    (chunk,) = chunks_of(build_runs(load_sweep(str(sweep_py))[1], config_py, []), "sequential", 1)
+    left = tmp_path / "w" / "chunks" / chunk_id(chunk) / "checkpoints" / "10"
+    left.mkdir(parents=True)
+    (again,) = run_sweep(str(sweep_py), tmp_path / "w", config_spec=config_py, progress=False,
+                         report=False)
+    assert again == first and not list((tmp_path / "w" / "chunks").iterdir())
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path):
@@ -145,7 +167,8 @@ def test_a_single_runs_checkpoint_of_the_previous_release_resumes_and_others_are
     # A sweep chunk's checkpoint of 0.1.0 (stacked; meta without "format") resumes as it is.
     sweep_py = tmp_path / "one.py"
     sweep_py.write_text(f"def get_sweep(arg=''):\n    return [{{'optim.lr': {cfg.optim.lr!r}}}]\n")
-    config_py = write_config_file(tmp_path / "cfg.py", cfg)
+    kept = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, keep_final_checkpoint=True))
+    config_py = write_config_file(tmp_path / "cfg.py", kept)
     for name in ("ref_sweep", "old_sweep"):
         run_sweep(str(sweep_py), tmp_path / name, config_spec=config_py, progress=False, report=False)
     (chunk,) = (tmp_path / "old_sweep" / "chunks").iterdir()
@@ -181,7 +204,8 @@ def test_many_steps_per_call_equal_one_with_a_run_dying_mid_call(tmp_path):
     sweep_py.write_text("def get_sweep(arg=''):\n    return [{'optim.lr': lr} for lr in (1e-3, 0.5)]\n")
     workdirs = {}
     for k in (1, 0):
-        cfg = tiny_config(train={**train, "steps_per_call": k}, model={"qk_norm": False},
+        cfg = tiny_config(train={**train, "steps_per_call": k, "keep_final_checkpoint": True},
+                          model={"qk_norm": False},
                           optim={"grad_clip": 0.0, "warmup_steps": 0})
         config_py = write_config_file(tmp_path / f"config{k}.py", cfg)
         workdirs[k] = tmp_path / f"k{k}"
@@ -218,7 +242,7 @@ def watch_sweep(tmp_path, name: str, on_warning: str, max_to_keep: int = 1) -> d
 
     cfg = tiny_config(model={"qk_norm": False}, optim={"warmup_steps": 0, "grad_clip": 0.0},
                       train={"steps": 40, "log_every": 2, "eval_every": 20, "checkpoint_every": 2,
-                             "max_to_keep": max_to_keep},
+                             "max_to_keep": max_to_keep, "keep_final_checkpoint": True},
                       watch={"on_warning": on_warning})
     config_py = write_config_file(tmp_path / f"{name}.py", cfg)
     sweep_py = tmp_path / "sweep3.py"

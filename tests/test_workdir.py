@@ -69,7 +69,8 @@ def test_a_sweep_with_its_workdir_and_data_on_a_bucket_resumes_as_a_local_one(tm
                   "tokenizer_path": f"{prefix}/sp.model", "batch_size": 4,
                   "markov_vocab": DataConfig.markov_vocab,
                   "markov_branching": DataConfig.markov_branching},
-            train={"steps": 8, "log_every": 2, "eval_every": 4, "checkpoint_every": 4},
+            train={"steps": 8, "log_every": 2, "eval_every": 4, "checkpoint_every": 4,
+                   "keep_final_checkpoint": True},
         )
         files[where] = write_config_file(tmp_path / f"{where}.py", cfg)
     sweep_py = tmp_path / "sweep.py"

@@ -50,8 +50,10 @@ SWEEP_LRS = (1e-3, 3e-3, 1e-2)
 
 
 def config_file(path: Path) -> str:
+    """The tests compare every checkpoint a rerun writes: finished chunks keep theirs."""
     cfg = tiny_config(train={"steps": STEPS, "log_every": 2, "eval_every": CKPT_EVERY,
-                             "checkpoint_every": CKPT_EVERY}, wandb={"mode": "disabled"})
+                             "checkpoint_every": CKPT_EVERY, "keep_final_checkpoint": True},
+                      wandb={"mode": "disabled"})
     return write_config_file(path, cfg)
 
 
