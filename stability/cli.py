@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-from pathlib import Path
 
 from stability.config import SIZES, ConfigError
 from stability.configfiles import build_config, option_hint, split_overrides
@@ -328,9 +327,19 @@ def _train(args, overrides) -> int:
         return 0
     print(
         f"done: {result.steps} steps, final eval/loss {result.final_eval_loss:.4f}, "
-        f"metrics in {Path(args.workdir) / 'metrics.jsonl'}"
+        f"metrics in {_join(args.workdir, 'metrics.jsonl')}"
     )
+    if result.notice_after_end:
+        print(
+            "a stop notice (SIGTERM or Ctrl-C) came during the last call: the run finished first",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _join(workdir: str, name: str) -> str:
+    """``workdir/name`` as the user wrote the workdir (pathlib would print gs:// as gs:/)."""
+    return f"{workdir.rstrip('/')}/{name}"
 
 
 def _start_jax(args) -> None:
@@ -375,8 +384,8 @@ def _sweep(args, overrides) -> int:
 
     print(plots.summary_table(records, grid=W.planned_grid(args.workdir)))
     print(
-        f"\nreport: {Path(args.workdir) / 'report.md'}; figures: "
-        f"{Path(args.workdir) / 'lr_sensitivity.png'}, max_attn_logit.png, attn_entropy.png"
+        f"\nreport: {_join(args.workdir, 'report.md')}; figures: "
+        f"{_join(args.workdir, 'lr_sensitivity.png')}, max_attn_logit.png, attn_entropy.png"
     )
     return 0
 

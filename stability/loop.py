@@ -67,7 +67,8 @@ class Preemption:
     Nestable: an inner ``with`` of the same object changes nothing."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = False  # a notice reached this process
+        self.decided = False  # stop() said stop (on several processes: all of them did)
         self._old: dict = {}
         self._depth = 0
         self._boundaries = 0  # call boundaries seen by this process (JAX's sync-point ids)
@@ -96,11 +97,14 @@ class Preemption:
         at every call boundary). JAX's sync point is the boundary after the latest one any
         process had reached when the notice came, so it counts boundaries one by one."""
         if jax.process_count() == 1:
+            self.decided = self.decided or self.requested
             return self.requested
         from jax.experimental import multihost_utils
 
         self._boundaries += 1
-        return bool(multihost_utils.reached_preemption_sync_point(self._boundaries))
+        stop = bool(multihost_utils.reached_preemption_sync_point(self._boundaries))
+        self.decided = self.decided or stop
+        return stop
 
     def __exit__(self, *exc):
         self._depth -= 1
@@ -142,6 +146,9 @@ class StackResult:
     position: int  # updates the stack went through (the data position; checkpointed)
     preempted: bool
     wall_seconds: float
+    # A stop notice (SIGTERM, Ctrl-C) came during the last call: the stack finished first and
+    # the command stops after recording it (a sweep trains no further chunk).
+    notice_after_end: bool = False
 
 
 @dataclasses.dataclass
@@ -236,11 +243,14 @@ def train_stack(
             loss0 = np.asarray(meta.get("loss_at_init", [math.nan] * n), np.float64)
         loop = _Loop(cfg, runs, progs, state, hp, feed, eval_batches, ckpt, loss0, source)
         loop.replay_watch(start)  # also says when a run frozen at the checkpoint stopped
-        position, preempted = start, False
+        position, preempted, late = start, False, False
         if start < t.steps and not loop.all_dead():
             trackers = _trackers(runs, source, start) if jax.process_index() == 0 else []
             try:
                 position, preempted = loop.run(start, preemption, trackers, progress, label)
+                # The boundary after the last call: a notice that came during it is known here
+                # (on every process alike), once the stack has finished.
+                late = not preempted and preemption.stop()
             finally:
                 for tr in trackers:
                     tr.close()
@@ -266,7 +276,7 @@ def train_stack(
                 status, step, last, float(loss0[i]), died, stopped, warned, loop.stop_cause[i]
             )
         )
-    return StackResult(outcomes, start, position, preempted, time.time() - t0)
+    return StackResult(outcomes, start, position, preempted, time.time() - t0, late)
 
 
 def _restore_target(meta: dict, cfg: Config, progs: P.Programs, where) -> Any:

@@ -420,7 +420,8 @@ def run_sweep(
                 f"run×data×model mesh {mesh}",
                 file=sys.stderr,
             )
-            if pre.requested:
+            # between chunks, a stop is decided by every process alike (pre.stop)
+            if pre.decided or pre.stop():
                 result = None
             else:
                 result = train_chunk(chunk, workdir, name, progs, pre, progress)
@@ -442,6 +443,13 @@ def run_sweep(
                 if is_main:  # a rerun skips these runs: their checkpoints serve nothing
                     W.remove_chunk(workdir, chunk_id(chunk))
             left -= sum(r.run_id not in done_ids for r in chunk)
+            if result.notice_after_end:
+                print(
+                    "interrupted after a finished chunk (the notice came during its last "
+                    "call); rerun the same command to continue",
+                    file=sys.stderr,
+                )
+                return W.results(workdir)[0]
         records, _ = W.results(workdir)
         if report and is_main:
             from stability import report as R  # matplotlib: only the process that reports

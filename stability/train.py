@@ -29,6 +29,7 @@ class RunResult:
     stopped_step: int | None = None  # frozen there by an early warning (watch.on_warning="stop")
     stop_cause: dict | None = None  # the warning that stopped it (an events.jsonl record)
     already_stopped: bool = False  # it had stopped before this command started
+    notice_after_end: bool = False  # a stop notice came during the last call: it finished
 
 
 class Diverged(RuntimeError):
@@ -90,6 +91,7 @@ def train(
         stopped_step=run.stopped_step if stopped else None,
         stop_cause=run.stop_cause if stopped else None,
         already_stopped=stopped and result.position == result.start,
+        notice_after_end=result.notice_after_end,
     )
 
 

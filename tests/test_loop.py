@@ -322,3 +322,29 @@ def test_resume_neither_repeats_nor_loses_a_warning(tmp_path):
     for lr in ref:
         assert again[lr][1] == ref[lr][1] and again[lr][2] == ref[lr][2], lr
     assert again[0.3][0]["stopped_step"] == 6
+
+
+def test_a_notice_during_the_last_call_finishes_the_run_and_stops_the_sweep(tmp_path, monkeypatch, capsys):
+    """A stop notice that arrives while the last call of a stack runs: the stack finishes
+    (its results are recorded) and says so; a sweep then trains no further chunk, and its
+    rerun trains the rest."""
+    finish = L._Loop._finish
+
+    def notice_in_last_call(self, call):  # read while the last call, (10, 20], runs
+        finish(self, call)
+        if call.end == 10:
+            self._pre.requested = True
+
+    run = L._Loop.run
+    monkeypatch.setattr(L._Loop, "run", lambda self, start, pre, *a: (setattr(self, "_pre", pre), run(self, start, pre, *a))[1])
+    monkeypatch.setattr(L._Loop, "_finish", notice_in_last_call)
+    cfg = tiny_config()  # calls end at 10 and 20
+    result = T.train(cfg, tmp_path / "run", progress=False)
+    assert result.notice_after_end and not result.preempted and result.steps == 20
+    sweep_py = tmp_path / "two.py"
+    sweep_py.write_text("def get_sweep(arg=''):\n    return [{'optim.lr': lr} for lr in (1e-3, 1e-2)]\n")
+    config_py = write_config_file(tmp_path / "cfg.py", cfg)
+    kwargs = dict(config_spec=config_py, strategy="sequential", progress=False, report=False)
+    first = run_sweep(str(sweep_py), tmp_path / "w", **kwargs)
+    assert len(first) == 1 and "interrupted after a finished chunk" in capsys.readouterr().err
+    assert len(run_sweep(str(sweep_py), tmp_path / "w", **kwargs)) == 2

@@ -6,16 +6,16 @@ process with its own CPU devices, jax.distributed connecting them (the worker sc
 The workdir, the tfds ArrayRecord data and the SentencePiece model live on a gs:// bucket
 (tests/fake_gcs.py, through tests/pod/sitecustomize.py: only the filesystem scheme is swapped),
 and every device answers memory queries as a pod's do (another host's device refuses). Both
-runs train up to 8 updates per call, with FSDP. A SIGTERM to ONE process at a random step
-stops every process at the same step, with one checkpoint and the same message, exit 0; the
-rerun completes. The records equal a single-process run at one update per call (rtol 1e-5;
+runs train up to 8 updates per call, with FSDP. A SIGTERM to ONE process (chosen at random,
+sent by that process itself after it has read a call ending at a random step far from the end:
+tests/pod/sitecustomize.py, so the notice cannot race the end of the run) stops every process
+at the same step, with one checkpoint and the same message, exit 0; the rerun completes. The records equal a single-process run at one update per call (rtol 1e-5;
 1e-4 for gradient statistics: data-parallel sums round differently and
 ``grad/rms_over_eps`` divides them by ε), and no step is logged twice."""
 
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -68,9 +68,11 @@ def setup(tmp_path_factory):
     return tmp, root, cfgs, files, str(sweep_py)
 
 
-def start(cmd: list[str], n_proc: int, n_dev: int, root: Path) -> list[subprocess.Popen]:
+def start(cmd: list[str], n_proc: int, n_dev: int, root: Path,
+          extra_env: dict[int, dict[str, str]] | None = None) -> list[subprocess.Popen]:
     """``cmd`` on ``n_proc`` processes of ``n_dev`` CPU devices each, with the fake bucket and
-    pod devices, told their ranks as SLURM tells them (one process per node)."""
+    pod devices, told their ranks as SLURM tells them (one process per node); ``extra_env``:
+    more variables for some ranks."""
     port = str(free_port())
     procs = []
     for i in range(n_proc):
@@ -83,6 +85,7 @@ def start(cmd: list[str], n_proc: int, n_dev: int, root: Path) -> list[subproces
             "STABILITY_FAKE_POD": "1",
             "SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": str(n_proc),
             "SLURM_PROCID": str(i), "SLURM_LOCALID": "0", "JAX_COORDINATOR_PORT": port,
+            **(extra_env or {}).get(i, {}),
         }
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
@@ -99,20 +102,19 @@ def finish(procs, timeout=900) -> list[str]:
     return errs
 
 
-def sigterm_one(procs, ready, seed: int) -> list[str]:
-    """Once ``ready()``, after a random delay, SIGTERM one process (chosen at random); every
-    process exits 0 within GRACE seconds. Their stderr."""
+def sigterm_one(cmd, n_proc: int, n_dev: int, root: Path, tmp: Path, seed: int) -> list[str]:
+    """Start ``cmd`` with one process (chosen at random) set to SIGTERM itself once it has
+    read a call ending at a random step of the first quarter of training; every process exits
+    0 within GRACE seconds of the signal. Their stderr."""
     rng = random.Random(seed)
-    deadline = time.time() + 600
-    while not ready():
-        assert time.time() < deadline and all(p.poll() is None for p in procs), \
-            procs[0].communicate()[1][-3000:]
-        time.sleep(0.05)
-    time.sleep(rng.random() * 0.3)
-    procs[rng.randrange(len(procs))].send_signal(signal.SIGTERM)
-    t = time.time()
-    errs = finish(procs, timeout=GRACE)
-    assert time.time() - t < GRACE
+    log = tmp / f"sigterm-{seed}.log"
+    log.unlink(missing_ok=True)
+    at = {"STABILITY_TEST_SIGTERM_AT": str(rng.randrange(8, STEPS // 4)),
+          "STABILITY_TEST_SIGTERM_LOG": str(log)}
+    procs = start(cmd, n_proc, n_dev, root, {rng.randrange(n_proc): at})
+    errs = finish(procs, timeout=900)
+    sent = float(log.read_text().split()[0])
+    assert time.time() - sent < GRACE
     return errs
 
 
@@ -138,8 +140,7 @@ def test_pod_sweep_on_4_processes_sigterm_one_then_rerun(setup):
                     overrides=[("train.steps_per_call", "1")], progress=False, report=False)
     cmd = ["sweeps/pod_worker.sh", sweep_py, "gs://b/runs/pod", f"--config={files['bucket']}"]
     runs = root / "b" / "runs" / "pod" / "runs"
-    flushed = lambda: any(p.stat().st_size for p in runs.glob("*/metrics.jsonl"))
-    errs = sigterm_one(start(cmd, 4, 1, root), flushed, seed=0)
+    errs = sigterm_one(cmd, 4, 1, root, tmp, seed=0)
     stop = interrupted_at(errs)
     assert 0 < stop < STEPS
     assert "[2 run(s) left] default lr=0.001…0.003: 2 run(s), run×data×model mesh 2×2×1" in errs[0]
@@ -167,8 +168,7 @@ def test_train_on_2_processes_sigterm_one_then_rerun(setup):
     cmd = [sys.executable, "-m", "stability", "train", f"--config={files['bucket']}",
            "--workdir=gs://b/runs/train", "--distributed", "--no-progress"]
     metrics = root / "b" / "runs" / "train" / "metrics.jsonl"
-    errs = sigterm_one(start(cmd, 2, 2, root), lambda: metrics.exists() and metrics.stat().st_size,
-                       seed=1)
+    errs = sigterm_one(cmd, 2, 2, root, tmp, seed=1)
     stop = interrupted_at(errs)
     errs = finish(start(cmd, 2, 2, root))
     assert "[mesh run×data×model 1×4×1 on 4 cpu device(s) in 2 processes; fsdp on" in errs[0]

@@ -17,3 +17,32 @@ if os.environ.get("STABILITY_FAKE_GCS") or os.environ.get("STABILITY_FAKE_POD"):
         _ACTIVE.append(fake_gcs.pod_devices())
     for cm in _ACTIVE:
         cm.__enter__()
+
+# ``STABILITY_TEST_SIGTERM_AT=STEP``: this process sends itself SIGTERM (a preemption notice,
+# as a pod's maintenance event delivers it) once the host has read the call that ends at or
+# after STEP, i.e. while the next call runs; the time it did goes to ``STABILITY_TEST_SIGTERM_LOG``.
+# JAX's sync protocol decides the stop step about 0.5-1 s after a notice (measured here, idle),
+# while these tiny runs train a call in milliseconds: so that the notice never races the end of
+# the run, this process then takes SLOW_CALL seconds per call (the others wait for it in the
+# call's collectives) until every process has stopped.
+SLOW_CALL = 2.0
+if os.environ.get("STABILITY_TEST_SIGTERM_AT"):
+    import signal
+    import time
+
+    from stability import loop as _loop
+
+    _at, _sent = int(os.environ["STABILITY_TEST_SIGTERM_AT"]), []
+    _finish = _loop._Loop._finish
+
+    def _finish_then_notice(self, call):
+        _finish(self, call)
+        if _sent:
+            time.sleep(SLOW_CALL)
+        elif call.end >= _at:
+            _sent.append(call.end)
+            with open(os.environ["STABILITY_TEST_SIGTERM_LOG"], "w") as f:
+                f.write(f"{time.time()} {call.end}\n")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    _loop._Loop._finish = _finish_then_notice
