@@ -152,7 +152,10 @@ def warnings_section(records: list[dict], hists: dict[str, list[dict]], dirs) ->
             if not events:
                 continue
             happened = instability(hists[r["run_id"]], band)
-            outcome = f"{happened[0]} at {happened[1]}" if happened else "stable"
+            # a lone run is only compared with its own history: a run that trains to a poor
+            # loss never leaves its own band, so "stable" would say more than is known
+            calm = "stable" if band is not None else "no rise over its own best (no run to compare)"
+            outcome = f"{happened[0]} at {happened[1]}" if happened else calm
             cleared = {}
             for e in events:
                 if e["event"] == "clear":

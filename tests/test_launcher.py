@@ -110,3 +110,14 @@ def test_readme_datasets_train_through_the_mock_path(tmp_path, name):
         batch = source.train_stream(0).next()
         evals = source.eval_batches(1)
     assert batch["tokens"].shape == evals[0]["tokens"].shape == (4, 16)
+
+
+def test_worker_refuses_a_python_older_than_3_11(tmp_path):
+    old = tmp_path / "python3.9"
+    old.write_text('#!/bin/sh\ncase "$2" in *version_info*) exit 1;; *python_version*) echo 3.9.18;; esac\n')
+    old.chmod(0o755)
+    out = subprocess.run(["sweeps/pod_worker.sh", "sweeps/qk_norm.py:cpu", str(tmp_path / "w")],
+                         cwd=ROOT, env={**os.environ, "PYTHON": str(old)}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "is Python 3.9.18, the project needs >= 3.11" in out.stderr
+    assert not (tmp_path / "w").exists()
