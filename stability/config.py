@@ -35,7 +35,7 @@ Schedule = Literal["cosine", "linear", "constant", "rsqrt", "wsd", "wsd_s"]
 DecayShape = Literal["linear", "cosine", "sqrt", "exponential"]
 WeightDecayMode = Literal["independent", "coupled"]
 Optimizer = Literal["adamw", "spam", "lion", "adafactor", "sgd"]
-Parametrization = Literal["standard", "mup_simple", "mup_full"]
+Parametrization = Literal["standard", "mup_simple", "mup_hidden", "mup_full"]
 
 
 @dataclass(frozen=True)
@@ -121,10 +121,11 @@ class OptimConfig:
     adafactor_decay_rate: float = 0.8
     adafactor_clip: float = 1.0
     adafactor_min_dim_to_factor: int = 128
-    # μParam (Yang et al. 2022, as in Wortsman et al. 2023): "mup_simple" and "mup_full" scale
-    # the LR of every hidden matrix (blocks' q/k/v/o, fc1, fc2 kernels) by base_fan_in/fan_in =
-    # mup_base_d_model/d_model; "mup_full" also multiplies the output logits by the same
-    # factor (model side). Embedding, head, norm scales and σReparam γ keep the LR.
+    # μParam (Yang et al. 2022; Wortsman et al. 2023 §3.2.4), optim/build.py: "mup_simple" is
+    # the paper's μParam (simple): the LR of every linear layer (blocks' q/k/v/o, fc1, fc2
+    # kernels and the head) × base_fan_in/fan_in = mup_base_d_model/d_model; "mup_hidden": the
+    # hidden matrices only (release 0.2.0's "mup_simple"); "mup_full": mup_hidden and the
+    # output logits × the same factor (model side). Embedding and norm scales keep the LR.
     parametrization: Parametrization = "standard"
     mup_base_d_model: int = 128  # width of the base model whose LR is tuned
     # cosine/linear/constant/rsqrt: warmup then decay over the rest of training. wsd: warmup,
@@ -688,7 +689,7 @@ def _unused_fields(cfg: Config) -> list[tuple[str, str, bool]]:
         },
         "optim.mup_base_d_model": (
             o.parametrization != "standard",
-            "optim.parametrization='mup_simple' or 'mup_full'",
+            "optim.parametrization other than 'standard'",
         ),
         "optim.min_lr": (o.schedule != "constant", "optim.schedule other than 'constant'"),
         "optim.decay_shape": wsd,

@@ -53,7 +53,7 @@ FORMAT = 2  # checkpoint format: a run axis in every state, meta with "format"
 # (up to train.steps_per_call updates) and the next boundary's save: a call that takes longer
 # is reported once, with the K that would fit.
 PREEMPTION_GRACE_SECONDS = 30.0
-RELEASE = "0.2.0"  # the release that wrote FORMAT
+RELEASE = "0.3.0"  # this release, written into every checkpoint's meta
 
 
 class Preemption:
@@ -284,6 +284,13 @@ def _restore_target(meta: dict, cfg: Config, progs: P.Programs, where) -> Any:
     (a run axis), a sweep chunk's of release 0.1.0 (the same), or a single run's of 0.1.0 (no
     run axis: restored as is, then given one)."""
     fmt = meta.get("format")
+    if cfg.optim.parametrization == "mup_simple" and "release" not in meta:
+        raise ConfigError(
+            f"{where}: this checkpoint was written by release 0.2.0 or earlier, whose "
+            "optim.parametrization='mup_simple' left the head's LR unscaled; this release's "
+            "'mup_simple' is the paper's (the head's LR scaled too). Resume it with release "
+            "0.2.0, or start it again with optim.parametrization='mup_hidden' (the old rule)"
+        )
     if fmt == FORMAT or (fmt is None and "loss_at_init" in meta):
         return progs.abstract_state
     if _single_run_of_0_1(meta):
@@ -581,6 +588,7 @@ class _Loop:
             tr.flush()
         meta = {
             "format": FORMAT,
+            "release": RELEASE,
             "stream": F.gather_stream_state(stream_state),
             "loss_at_init": [float(x) for x in self.loss0],
             "decay_end": step in self.ends,

@@ -5,6 +5,8 @@ Key names are fixed (the sweep engine, the report and the notebook rely on them)
   train/loss              mean next-token cross-entropy (nats), without z-loss
   train/z_loss            z_loss weight · mean(log Z²)
   logits/log_z_mean/max   mean / max over tokens of log Z = logsumexp of the output logits
+  logits/mean             mean output logit over tokens and the vocabulary (the quantity that
+                          "diverges and becomes very negative" in Wortsman et al. §3.1.2)
   attn/max_logit/layer_i  max over heads, queries and keys of the scaled pre-softmax logit
   attn/entropy/layer_i    mean over heads of the mean row entropy (nats)
   attn/entropy_min/layer_i  min over heads of that per-head mean

@@ -136,6 +136,7 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation):
             "train/z_loss": z_loss,
             "logits/log_z_mean": log_z_BT.mean(),
             "logits/log_z_max": log_z_BT.max(),
+            "logits/mean": logits_BTV.mean(),
             **M.expand_aux(aux),
         }
         for key in batch:

@@ -16,6 +16,7 @@ def test_fixed_metric_keys_present_and_finite(tiny, tmp_path):
     assert [r["step"] for r in records] == [5, 10, 15, 20]
     last = records[-1]
     fixed = ["step", "lr", "train/loss", "train/z_loss", "logits/log_z_mean", "logits/log_z_max",
+             "logits/mean",
              "grad/global_norm", "perf/tokens_per_sec", "eval/loss"]
     for i in range(cfg.model.n_layers):
         fixed += [f"attn/max_logit/layer_{i}", f"attn/entropy/layer_{i}", f"attn/entropy_min/layer_{i}"]
@@ -27,6 +28,8 @@ def test_fixed_metric_keys_present_and_finite(tiny, tmp_path):
         assert all(math.isfinite(last[k]) for k in keys)
     assert "eval/loss" in records[1] and "eval/loss" not in records[0]
     assert (tmp_path / "config.json").exists()
+    # the mean output logit is no more than log Z (a logsumexp bounds every logit's mean)
+    assert last["logits/mean"] < last["logits/log_z_mean"]
 
 
 def test_rerun_of_finished_run_does_nothing(tiny, tmp_path):
@@ -82,3 +85,18 @@ def test_wandb_offline_run_directory_has_logged_keys(tiny, tmp_path, monkeypatch
 
 
 
+
+
+def test_a_mup_simple_checkpoint_of_release_0_2_is_refused(tiny, tmp_path):
+    """Release 0.2.0's "mup_simple" left the head's LR unscaled: its checkpoints (meta without
+    "release") are not resumed under the paper's rule, and the message names both ways out."""
+    import json
+
+    cfg = tiny(optim={"parametrization": "mup_simple", "mup_base_d_model": 16},
+               train={"steps": 20, "checkpoint_every": 10})
+    T.train(cfg, tmp_path, progress=False)
+    (tmp_path / "checkpoints" / "20").rename(tmp_path / "later")
+    meta = next((tmp_path / "checkpoints" / "10").glob("meta/*"))
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "release"}))
+    with pytest.raises(ConfigError, match="release 0.2.0 or earlier.*mup_hidden"):
+        T.train(cfg, tmp_path, progress=False)

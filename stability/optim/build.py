@@ -18,12 +18,22 @@ LR multiplier m (per leaf; 1 for "standard") → decay and LR:
 
 Weight decay applies to matrices and embeddings (ndim ≥ 2), not to norm scales.
 
-μParam (``parametrization`` "mup_simple"/"mup_full", Yang et al. 2022 for Adam, as used by
-Wortsman et al. 2023): m = base_fan_in/fan_in = mup_base_d_model/d_model on the hidden matrices
-(``is_hidden_matrix``: the blocks' q, k, v, o, fc1, fc2 kernels), m = 1 on the embedding, the
-head (readout), norm scales and σReparam's γ. It scales only the gradient step, not the decay,
-as ``mup.MuAdamW`` does (it divides the LR by the width multiplier and multiplies λ by it).
-"mup_full" differs only on the model side (output logits × mup_base_d_model/d_model).
+μParam (``parametrization``; Yang et al. 2022 for Adam, as used by Wortsman et al. 2023 §3.2.4):
+the update of some kernels is multiplied by m = base_fan_in/fan_in = mup_base_d_model/d_model
+(every such fan-in is proportional to the width d), all others by 1:
+
+  mup_simple   the paper's "μParam (simple)": "scale the LR for linear layers by
+               base-fan-in/fan-in": every linear layer's kernel, the blocks' q, k, v, o, fc1,
+               fc2 (``is_hidden_matrix``) and the head (the readout, fan-in d); the embedding (a
+               lookup whose fan-in is the vocabulary), norm scales and σReparam's γ keep m = 1
+  mup_hidden   the hidden matrices only (the head keeps m = 1): what "mup_simple" did in
+               release 0.2.0 (a checkpoint of that release with "mup_simple" is refused)
+  mup_full     mup_hidden here, and the model multiplies its output logits by the same m
+               (``model.logit_multiplier``): not the paper's μParam (full), which instead
+               changes the head's init, the attention scale (1/d_h) and the query init
+
+It scales only the gradient step, not the decay, as ``mup.MuAdamW`` does (it divides the LR by
+the width multiplier and multiplies λ by it).
 
 Directions Δ:
 
@@ -72,18 +82,25 @@ def is_hidden_matrix(path: str, ndim: int) -> bool:
     )
 
 
-def mup_multipliers(params, base_d_model: int, d_model: int):
+def is_head(path: str, ndim: int) -> bool:
+    """The readout's kernel (``head/kernel``, [d, vocab]: fan-in d)."""
+    return ndim == 2 and path.split("/")[0] == "head" and path.endswith("kernel")
+
+
+def mup_multipliers(params, base_d_model: int, d_model: int, head: bool = False):
     """Per-leaf μParam LR multipliers shaped like ``params``' tree (Python floats).
 
-    Hidden matrices get base_fan_in/fan_in, where base_fan_in is the same matrix's fan-in
-    (its first axis: kernels are [d_in, d_out]) in the base model of width ``base_d_model``;
-    every hidden fan-in is proportional to d_model (d for q/k/v/fc1, n_heads·d_head = d for o,
-    mlp_ratio·d for fc2), so this is base_d_model/d_model. Every other leaf gets 1.
-    ``params`` may hold arrays or ``jax.ShapeDtypeStruct``s.
+    Hidden matrices (and with ``head`` the readout) get base_fan_in/fan_in, where base_fan_in
+    is the same matrix's fan-in (its first axis: kernels are [d_in, d_out]) in the base model
+    of width ``base_d_model``; every such fan-in is proportional to d_model (d for
+    q/k/v/fc1/head, n_heads·d_head = d for o, mlp_ratio·d for fc2), so this is
+    base_d_model/d_model. Every other leaf gets 1. ``params`` may hold arrays or
+    ``jax.ShapeDtypeStruct``s.
     """
 
     def one(path, x):
-        if not is_hidden_matrix(path_str(path), x.ndim):
+        where = path_str(path)
+        if not (is_hidden_matrix(where, x.ndim) or (head and is_head(where, x.ndim))):
             return 1.0
         fan_in = x.shape[0]
         base_fan_in = fan_in * base_d_model / d_model
@@ -92,13 +109,15 @@ def mup_multipliers(params, base_d_model: int, d_model: int):
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def scale_by_mup(base_d_model: int, d_model: int) -> optax.GradientTransformation:
+def scale_by_mup(
+    base_d_model: int, d_model: int, head: bool = False
+) -> optax.GradientTransformation:
     """Multiplies each update by its ``mup_multipliers`` entry (stateless; the multipliers come
     from the updates' own tree paths and shapes, so it works per run under ``jax.vmap``)."""
 
     def update_fn(updates, state, params=None):
         del params
-        mult = mup_multipliers(updates, base_d_model, d_model)
+        mult = mup_multipliers(updates, base_d_model, d_model, head)
         return jax.tree.map(lambda u, m: u if m == 1.0 else u * m, updates, mult), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
@@ -155,7 +174,8 @@ def make_optimizer(cfg: OptimConfig, *, d_model: int | None = None) -> optax.Gra
             parts.append(optax.clip_by_global_norm(cfg.grad_clip))
         parts.append(direction(cfg, eps))
         if mup:
-            parts.append(scale_by_mup(cfg.mup_base_d_model, d_model))
+            head = cfg.parametrization == "mup_simple"
+            parts.append(scale_by_mup(cfg.mup_base_d_model, d_model, head))
         if cfg.weight_decay_mode == "coupled" and cfg.name == "spam":
             parts.append(optax.scale_by_learning_rate(learning_rate))
             decay = decay_stepped_params(weight_decay, learning_rate)

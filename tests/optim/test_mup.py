@@ -65,17 +65,39 @@ def test_hidden_matrices_of_the_real_model():
     assert all(mult[p] == 0.5 for p in scaled)  # σReparam's γ, embed, head, norms keep 1
 
 
+# The linear layers whose LR each variant scales by base-fan-in/fan-in (Wortsman et al. 2023
+# §3.2.4: μParam (simple) "scale[s] the LR for linear layers by base-fan-in/fan-in").
+SCALED = {"mup_simple": HIDDEN | {"head"}, "mup_hidden": HIDDEN, "mup_full": HIDDEN}
+
+
 @pytest.mark.parametrize(
-    "parametrization,mode", [("mup_simple", "independent"), ("mup_full", "coupled")]
+    "parametrization,mode",
+    [("mup_simple", "independent"), ("mup_simple", "coupled"), ("mup_hidden", "independent"),
+     ("mup_full", "coupled")],
 )
-def test_mup_scales_the_gradient_step_not_the_decay(parametrization, mode):
-    """The optimizer side of mup_simple and mup_full is the same: η·m·Δ, decay unscaled."""
+def test_mup_scales_the_gradient_step_of_linear_layers_by_base_over_fan_in(parametrization, mode):
+    """Against the formula: each scaled layer's update is (its fan-in in the base model ÷ its
+    fan-in here) × the standard update, read off the two models' kernel shapes; every other
+    leaf (embedding, norm scales; the head for mup_hidden/mup_full) moves as in standard; the
+    decay is never scaled."""
     d, base = 16, 4
     params = jax.tree.map(lambda x: x + 1.0, model_tree(d))
     grads = jax.tree.map(
         lambda x: jnp.sin(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape), params
     )
-    mult = flat(mup_multipliers(params, base, d))
+    shapes, base_shapes = flat(model_tree(d)), flat(model_tree(base))
+    layer = lambda path: path.rsplit("/", 2)[-2] if path.endswith("kernel") else None
+    expected = {
+        path: base_shapes[path].shape[0] / shapes[path].shape[0]
+        if any(path.endswith(f"{h}/kernel") for h in SCALED[parametrization])
+        else 1.0
+        for path in shapes
+    }
+    assert {p for p, m in expected.items() if m != 1} and all(
+        m in (1.0, base / d) for m in expected.values()
+    )
+    assert (expected["head/kernel"] == base / d) == (parametrization == "mup_simple")
+    assert layer("head/kernel") == "head"
 
     def update(parametrization, wd, grads):
         cfg = OptimConfig(
@@ -90,7 +112,7 @@ def test_mup_scales_the_gradient_step_not_the_decay(parametrization, mode):
     update = jax.jit(update, static_argnums=0)
     std, mup = update("standard", 0.0, grads), update(parametrization, 0.0, grads)
     for path in std:
-        np.testing.assert_allclose(mup[path], mult[path] * std[path], rtol=1e-6)
+        np.testing.assert_allclose(mup[path], expected[path] * std[path], rtol=1e-6, err_msg=path)
     zero = jax.tree.map(jnp.zeros_like, grads)
     std, mup = update("standard", 0.5, zero), update(parametrization, 0.5, zero)
     for path in std:
