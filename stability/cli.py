@@ -113,7 +113,22 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds",
         type=int,
         default=1,
-        help="runs per sweep point, with train.seed = 0..N-1 and the same batches",
+        help="runs per sweep point, with train.seed (and data.seed: see --seed-data) = "
+        "OFFSET..OFFSET+N-1",
+    )
+    p_sweep.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        metavar="OFFSET",
+        help="the first seed (other seeds than a previous sweep's)",
+    )
+    p_sweep.add_argument(
+        "--seed-data",
+        choices=["vary", "fixed"],
+        default="vary",
+        help="vary: each seed also sets data.seed (another data order); fixed: every seed sees "
+        "the config's batches (sweeps started with release 0.2.0)",
     )
     p_sweep.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p_sweep.add_argument(
@@ -373,6 +388,8 @@ def _sweep(args, overrides) -> int:
         progress=not args.no_progress,
         check_only=args.check,
         seeds=args.seeds,
+        seed_offset=args.seed_offset,
+        seed_data=args.seed_data,
     )
     if args.check:
         print(f"sweep OK: {len(records)} runs")

@@ -209,8 +209,8 @@ def train_stack(
     cfg = runs[0].config
     static = St.static_config(cfg)
     for r in runs:
-        if St.static_config(r.config) != static:
-            raise ValueError(f"run {r.name} does not share the stack's static config")
+        if St.static_config(r.config) != static or r.config.data.seed != cfg.data.seed:
+            raise ValueError(f"run {r.name} does not share the stack's static config and data")
     t, n = cfg.train, len(runs)
     progs = programs or stack_programs(cfg, n)
     # XLA's memory check before anything runs (compiled once: the program is kept in progs)

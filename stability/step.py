@@ -52,11 +52,12 @@ HYPERPARAMS = {
 
 
 def static_config(cfg: Config) -> Config:
-    """``cfg`` with every per-run value (hyperparameters, seed, W&B naming, early-warning
-    settings) reset to a default: runs with equal static configs share one compiled program."""
+    """``cfg`` with every per-run value (hyperparameters, seeds, W&B naming, early-warning
+    settings) reset to a default: runs with equal static configs share one compiled program.
+    (The data seed is not part of the program: the batches are its input.)"""
     base = Config()
     out = cfg
-    for section, name in [*HYPERPARAMS, ("train", "seed")]:
+    for section, name in [*HYPERPARAMS, ("train", "seed"), ("data", "seed")]:
         default = getattr(getattr(base, section), name)
         out = dataclasses.replace(
             out, **{section: dataclasses.replace(getattr(out, section), **{name: default})}

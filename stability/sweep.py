@@ -71,6 +71,8 @@ def check_manifest(workdir: W.Path, runs: list[Run], spec: str) -> None:
     old_cfg = W.run_config(W.run_dir(workdir, there)) if i < n else None
     if old_cfg is not None:
         detail = f" ({W.first_difference(_identity_of(old_cfg), identity(runs[i].config))})"
+        if "config.data.seed" in detail:  # release 0.2.0's --seeds kept one data seed
+            detail += "; --seeds now varies the data order too: --seed-data=fixed keeps it"
     raise ConfigError(
         f"--workdir={workdir} holds a different sweep: {old.get('spec')!r} with {len(old_ids)} "
         f"runs there, {spec!r} with {len(new_ids)} runs now, "
@@ -93,27 +95,33 @@ def build_runs(
     cli_overrides: list[tuple[str, str]],
     seeds: int = 1,
     pinned: list[tuple[str, str]] = (),
+    seed_offset: int = 0,
+    seed_data: Literal["vary", "fixed"] = "vary",
 ) -> list[Run]:
     """Configs for every sweep point: base config, then command-line overrides, then the
     point's own overrides (so a point's LR is never collapsed by a global override), then
     ``pinned`` overrides, which win over the points (``stability reproduce``'s data).
 
-    seeds > 1: every point becomes ``seeds`` runs with train.seed = 0 … seeds−1 (data.seed is
-    kept: the seeds of a point see the same batches) and run ids
-    ``{setting}-lr{lr}-s{seed}-{hash}``; with one seed the run ids carry no seed (as in the
-    workdirs of earlier one-seed sweeps)."""
+    seeds > 1 (or a ``seed_offset``): every point becomes ``seeds`` runs with train.seed =
+    seed_offset … seed_offset + seeds − 1 and run ids ``{setting}-lr{lr}-s{seed}-{hash}``;
+    with ``seed_data="vary"`` each run's data.seed is its train.seed too (the seeds see other
+    batches: initialisation and data order both vary), with "fixed" (release 0.2.0's seeds)
+    every seed keeps the config's data.seed. With one seed and no offset the run ids carry no
+    seed (as in the workdirs of earlier one-seed sweeps)."""
     if seeds < 1:
         raise ConfigError(f"--seeds={seeds} must be >= 1")
-    if seeds > 1 and "train.seed" in {*dict(cli_overrides), *(k for p in points for k in p)}:
-        raise ConfigError(
-            f"--seeds={seeds} sets train.seed to 0..{seeds - 1}; remove train.seed from the "
-            "sweep's points and the command line"
-        )
-    for key, _ in cli_overrides:
-        if any(key in p for p in points):
+    if seed_offset < 0:
+        raise ConfigError(f"--seed-offset={seed_offset} must be >= 0")
+    if seed_data not in ("vary", "fixed"):
+        raise ConfigError(f"--seed-data={seed_data!r} is not valid; valid: 'vary', 'fixed'")
+    seeded = seeds > 1 or seed_offset > 0
+    owned = {"train.seed"} | ({"data.seed"} if seed_data == "vary" else set())
+    for key in sorted(owned & {*dict(cli_overrides), *(k for p in points for k in p)}):
+        if seeded:
             raise ConfigError(
-                f"--config.{key} is set by the sweep's points, so the command line cannot "
-                "override it; edit the sweep file instead"
+                f"--seeds={seeds} --seed-offset={seed_offset} set {key} for every run; remove "
+                f"{key} from the sweep's points and the command line"
+                + (" (or pass --seed-data=fixed)" if key == "data.seed" else "")
             )
     configs = []
     for i, point in enumerate(points):
@@ -144,8 +152,10 @@ def build_runs(
     for point, cfg in zip(points, configs, strict=True):
         setting = ",".join(f"{k.split('.')[-1]}={_fmt(point[k])}" for k in varying if k in point)
         setting = setting or "default"
-        for seed in range(seeds) if seeds > 1 else [None]:
+        for seed in range(seed_offset, seed_offset + seeds) if seeded else [None]:
             c = cfg if seed is None else replace(cfg, train=replace(cfg.train, seed=seed))
+            if seed is not None and seed_data == "vary":
+                c = replace(c, data=replace(c.data, seed=seed))
             digest = hashlib.sha1(json.dumps(identity(c), sort_keys=True).encode()).hexdigest()
             suffix = "" if seed is None else f"-s{seed}"
             run_id = f"{_slug(setting)}-lr{c.optim.lr:g}{suffix}-{digest[:8]}"
@@ -171,10 +181,12 @@ def choose_strategy(strategy: Strategy) -> Literal["vmap", "sequential"]:
 
 
 def chunks_of(runs: list[Run], strategy: str, max_runs: int) -> list[list[Run]]:
-    """Groups of runs with identical static config, split into programs of ≤ max_runs."""
-    groups: dict[Config, list[Run]] = {}
+    """Groups of runs with identical static config and data seed (a chunk's runs see the same
+    batches), split into programs of ≤ max_runs; groups that differ only in their data seed
+    share one compiled program."""
+    groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        groups.setdefault(static_config(run.config), []).append(run)
+        groups.setdefault((static_config(run.config), run.config.data.seed), []).append(run)
     size = 1 if strategy == "sequential" else max_runs
     return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
@@ -331,12 +343,12 @@ def read_results(workdir: W.PathLike) -> tuple[list[dict], list[int]]:
     return W.results(workdir)
 
 
-def _plan(sweep_spec, config_spec, overrides, strategy, max_runs_per_program, seeds, pinned):
+def _plan(sweep_spec, config_spec, overrides, strategy, max_runs_per_program, seeding, pinned):
     """(sweep name, runs, strategy) after validating every run's config and data."""
     if max_runs_per_program < 1:
         raise ConfigError(f"--max-runs-per-program={max_runs_per_program} must be >= 1")
     name, points = load_sweep(sweep_spec)
-    runs = build_runs(points, config_spec, list(overrides), seeds, list(pinned))
+    runs = build_runs(points, config_spec, list(overrides), pinned=list(pinned), **seeding)
     for r in runs:  # validate every data source before anything is written
         make_source(r.config.data, r.config.model.vocab_size)
     return name, runs, choose_strategy(strategy)
@@ -354,17 +366,20 @@ def run_sweep(
     report: bool = True,
     check_only: bool = False,
     seeds: int = 1,
+    seed_offset: int = 0,
+    seed_data: Literal["vary", "fixed"] = "vary",
     preemption: L.Preemption | None = None,
     pinned: list[tuple[str, str]] = (),
 ) -> list:
     """Run (or resume) a sweep into ``workdir``; returns the result records (with
     ``check_only``: validate everything and compile every program, write nothing, return the
-    runs). ``seeds``: runs per sweep point, ``pinned``: overrides that win over the points
-    (``build_runs``). SIGTERM or Ctrl-C checkpoints the
+    runs). ``seeds``, ``seed_offset``, ``seed_data``: runs per sweep point and their seeds;
+    ``pinned``: overrides that win over the points (``build_runs``). SIGTERM or Ctrl-C checkpoints the
     running chunk at its next call boundary and returns."""
     with preemption or L.Preemption() as pre:
+        seeding = dict(seeds=seeds, seed_offset=seed_offset, seed_data=seed_data)
         name, runs, strat = _plan(
-            sweep_spec, config_spec, overrides, strategy, max_runs_per_program, seeds, pinned
+            sweep_spec, config_spec, overrides, strategy, max_runs_per_program, seeding, pinned
         )
         workdir = W.path(workdir)
         check_manifest(workdir, runs, sweep_spec)

@@ -60,16 +60,21 @@ def write_config_file(path, cfg: Config) -> str:
     return str(path)
 
 
+# The mean output logit is a mean of numbers of both signs near 0: compared absolutely.
+ATOL_FOR = {"logits/mean": 1e-6}
+
+
 def assert_records_close(a: list[dict], b: list[dict], rtol: float = 1e-6, atol: float = 0.0,
                          rtol_for: dict[str, float] | None = None) -> None:
     """The same metric records: equal keys and non-float values, floats to ``rtol`` (``atol``);
-    ``rtol_for`` maps a key prefix to its own rtol."""
+    ``rtol_for`` maps a key prefix to its own rtol, ``ATOL_FOR`` to its own atol."""
     assert [sorted(r) for r in a] == [sorted(r) for r in b]
     for ra, rb in zip(a, b, strict=True):
         for k, v in ra.items():
             if isinstance(v, float):
                 tol = next((t for p, t in (rtol_for or {}).items() if k.startswith(p)), rtol)
-                np.testing.assert_allclose(rb[k], v, rtol=tol, atol=atol, err_msg=k)
+                at = max(atol, next((t for p, t in ATOL_FOR.items() if k.startswith(p)), 0.0))
+                np.testing.assert_allclose(rb[k], v, rtol=tol, atol=at, err_msg=k)
             else:
                 assert rb[k] == v, k
 

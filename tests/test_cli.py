@@ -188,7 +188,8 @@ def fake_train(chunk, *args):
     """Stands in for sweep.train_chunk: every run of the chunk finishes at once."""
     out = SimpleNamespace(status="finished", last={}, loss_at_init=4.0, diverged_step=None,
                           stopped_step=None, warnings=[])
-    return SimpleNamespace(preempted=False, position=2, wall_seconds=0.0, runs=[out] * len(chunk))
+    return SimpleNamespace(preempted=False, position=2, wall_seconds=0.0, runs=[out] * len(chunk),
+                           notice_after_end=False)
 
 
 def test_sweep_prints_each_chunks_point_and_the_program_count(tmp_path, capsys, monkeypatch):

@@ -268,21 +268,37 @@ def test_seeds_expand_every_point_into_runs_of_one_program(tmp_path):
     for i, r in enumerate(runs):
         point, seed = one[i // 3], i % 3
         assert r.setting == point.setting and r.config.optim.lr == point.config.optim.lr
-        assert r.config.train.seed == seed and r.config.data.seed == cfg.data.seed
+        # a seed varies the initialisation and the data order
+        assert r.config.train.seed == seed and r.config.data.seed == seed
         assert r.run_id.startswith(f"{point.run_id.rsplit('-', 1)[0]}-s{seed}-")
     # seed 0 of a point is the one-seed run: same config
     assert [r.config for r in runs[::3]] == [r.config for r in one]
-    # the seeds of a setting train in one vmapped program (one chunk per static config)
+    # a chunk's runs share their batches: one chunk per (static config, data seed), the LRs of
+    # a seed vmapped together; every data seed of a setting shares the compiled program
     chunks = chunks_of(runs, "vmap", 16)
     assert [[r.run_id for r in c] for c in chunks] == [
-        [r.run_id for r in runs[:6]],
-        [r.run_id for r in runs[6:]],
+        [runs[6 * qk + s].run_id, runs[6 * qk + 3 + s].run_id] for qk in (0, 1) for s in range(3)
     ]
+    from stability.step import static_config
+
+    assert len({static_config(c[0].config) for c in chunks}) == 2
     assert len(chunks_of(runs, "sequential", 16)) == 12
+    # release 0.2.0's seeds: one data order, every seed of a setting in one chunk
+    fixed = build_runs(points, config_py, [], 3, seed_data="fixed")
+    assert all(r.config.data.seed == cfg.data.seed for r in fixed)
+    assert [len(c) for c in chunks_of(fixed, "vmap", 16)] == [6, 6]
+    # other seeds than a previous sweep's: 3..5
+    later = build_runs(points, config_py, [], 3, seed_offset=3)
+    assert sorted({r.config.train.seed for r in later}) == [3, 4, 5]
+    assert not {r.run_id for r in later} & {r.run_id for r in runs}
     with pytest.raises(ConfigError, match="--seeds=0 must be >= 1"):
         build_runs(points, config_py, [], 0)
-    with pytest.raises(ConfigError, match="--seeds=2 sets train.seed"):
+    with pytest.raises(ConfigError, match="--seeds=2 --seed-offset=0 set train.seed"):
         build_runs(points, config_py, [("train.seed", "3")], 2)
+    with pytest.raises(ConfigError, match="set data.seed .*--seed-data=fixed"):
+        build_runs(points, config_py, [("data.seed", "3")], 2)
+    with pytest.raises(ConfigError, match="--seed-offset=-1 must be >= 0"):
+        build_runs(points, config_py, [], 2, seed_offset=-1)
 
 
 def test_sweep_cli_passes_seeds_on(tmp_path, capsys):
@@ -294,7 +310,9 @@ def test_sweep_cli_passes_seeds_on(tmp_path, capsys):
     assert main([*args, "--seeds=0", "--check"]) == 2
     assert "--seeds=0 must be >= 1" in capsys.readouterr().err
     assert main([*args, "--seeds=2", "--config.train.seed=1", "--check"]) == 2
-    assert "--seeds=2 sets train.seed to 0..1" in capsys.readouterr().err
+    assert "--seeds=2 --seed-offset=0 set train.seed for every run" in capsys.readouterr().err
+    assert main([*args, "--seeds=2", "--seed-offset=-2", "--check"]) == 2
+    assert "--seed-offset=-2 must be >= 0" in capsys.readouterr().err
 
 
 def test_seed_spread_and_report_mark_where_seeds_disagree(tmp_path):

@@ -13,6 +13,8 @@ yields exactly those rows of it.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -66,7 +68,14 @@ class IndexedStream:
 
 
 def make_source(cfg: DataConfig, vocab_size: int) -> Source:
-    """Build the data source named by ``cfg.source`` (errors name the data.* field)."""
+    """The data source named by ``cfg.source`` (errors name the data.* field), built once per
+    process for each data config: a sweep's chunks and seeds share it (the seed is the
+    stream's, ``train_stream(seed)``; a source is never changed by reading it)."""
+    return _source(dataclasses.replace(cfg, seed=0), vocab_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _source(cfg: DataConfig, vocab_size: int) -> Source:
     if cfg.source in ("stdlib", "text_files"):
         from stability.data import text
 
