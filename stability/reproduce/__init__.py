@@ -48,8 +48,9 @@ def reproduce(
     """Run (or resume) every experiment of ``preset`` into ``workdir/<sweep>`` and write
     ``workdir/paper_report.md`` (with ``paper_report.json`` and figures/); returns its path.
     ``overrides``: ``--config.data.*`` and ``--config.wandb.*`` (the dataset, the tokenizer,
-    logging: the accelerator preset needs ``data.tfds_data_dir`` and ``data.tokenizer_path``);
-    any other field is refused: the protocol sets it. ``seed_offset``: the first seed (seeds
+    logging: the accelerator preset needs ``data.tfds_data_dir`` and ``data.tokenizer_path``;
+    W&B is off unless ``wandb.mode`` is given); any other field is refused: the protocol
+    sets it. ``seed_offset``: the first seed (seeds
     set the initialisation and the data order). ``report_only``: train nothing, report the
     runs finished so far (ConfigError when there are none)."""
     from stability.loop import Preemption
@@ -65,6 +66,10 @@ def reproduce(
                 "--config.wandb.* overrides (the dataset, the tokenizer, logging); the "
                 "protocol sets every other field"
             )
+    # Hundreds of runs: no W&B run each unless asked (--config.wandb.mode=offline|online);
+    # every run's records are in its metrics.jsonl either way.
+    if not any(k == "wandb.mode" for k, _ in overrides):
+        overrides = [*overrides, ("wandb.mode", "disabled")]
     workdir = W.path(workdir)
     if report_only and not any(W.kind(workdir / n) for n in NAMES):
         raise ConfigError(
@@ -92,7 +97,7 @@ def reproduce(
     rows = {name: load_rows(workdir / name) for name in NAMES}
     args = [f"--preset={preset}", f"--workdir={workdir}"]
     args += [f"--seed-offset={seed_offset}"] * bool(seed_offset)
-    args += [f"--config.{k}={v}" for k, v in overrides]
+    args += [f"--config.{k}={v}" for k, v in overrides if (k, v) != ("wandb.mode", "disabled")]
     return write_report(
         evaluate(rows, PRESET[preset]),
         rows,
