@@ -36,6 +36,18 @@ class _Kept(cm.PreservationPolicy):
         return [c.step in self.steps for c in checkpoints]
 
 
+class _Manager(ocp.CheckpointManager):
+    """orbax's CheckpointManager, without its own preemption check: ``save`` asks JAX's
+    preemption sync point with the checkpoint's step number as its counter
+    (``reached_preemption(step)``), while the loop asks it once per call boundary
+    (``loop.Preemption``). Two counters on one sync point set it to a step the loop's counter
+    reaches only at the end of the run, or never: a notice on several processes was then
+    honoured late or not at all. The loop owns the sync point."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpointer:
     def __init__(self, directory: W.PathLike, max_to_keep: int, keep_steps: list[int] = ()):
         """Keeps the newest ``max_to_keep`` checkpoints plus every step in ``keep_steps``
@@ -44,7 +56,7 @@ class Checkpointer:
         self.directory = directory if W.is_remote(directory) else directory.absolute()
         self._kept = _Kept(set(keep_steps))
         policy = cm.AnyPreservationPolicy([cm.LatestN(max_to_keep), self._kept])
-        self._mgr = ocp.CheckpointManager(
+        self._mgr = _Manager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=policy, enable_async_checkpointing=True, create=True
@@ -139,6 +151,7 @@ class Checkpointer:
         self._mgr.reload()
 
     def wait(self) -> None:
+        """Until every asynchronous save has reached storage."""
         self._mgr.wait_until_finished()
 
     def close(self) -> None:

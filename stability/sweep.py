@@ -35,7 +35,7 @@ from typing import Any, Literal
 import jax
 
 from stability import loop as L
-from stability import programs as P
+from stability import programs as prog
 from stability import workdir as W
 from stability.config import Config, ConfigError, from_config_dict, identity, typed_config
 from stability.configfiles import apply_override, load_config_dict, load_sweep, parse_value
@@ -114,6 +114,12 @@ def build_runs(
         raise ConfigError(f"--seed-offset={seed_offset} must be >= 0")
     if seed_data not in ("vary", "fixed"):
         raise ConfigError(f"--seed-data={seed_data!r} is not valid; valid: 'vary', 'fixed'")
+    for key, _ in cli_overrides:
+        if any(key in p for p in points):
+            raise ConfigError(
+                f"--config.{key} is set by the sweep's points, so the command line cannot "
+                "override it; edit the sweep file instead"
+            )
     seeded = seeds > 1 or seed_offset > 0
     owned = {"train.seed"} | ({"data.seed"} if seed_data == "vary" else set())
     for key in sorted(owned & {*dict(cli_overrides), *(k for p in points for k in p)}):
@@ -217,21 +223,27 @@ def chunk_label(chunk: list[Run]) -> str:
     return f"{chunk[0].setting} {lr}"
 
 
-def compile_chunks(chunks: list[list[Run]]) -> dict[tuple, P.Programs]:
+def compile_chunks(
+    chunks: list[list[Run]], preemption: L.Preemption | None = None
+) -> dict[tuple, prog.Programs] | None:
     """Every distinct program of ``chunks``, compiled (never run) largest first by the hand
     estimate, with XLA's per-device numbers printed; ConfigError (nothing written yet) names
-    the first chunk that does not fit. Keyed by (static config, runs)."""
+    the first chunk that does not fit. Keyed by (static config, runs). A stop request
+    (``preemption``, decided by every process alike) is honoured between two compiles: then
+    None."""
     distinct: dict[tuple, list[Run]] = {}
     for c in chunks:
         distinct.setdefault((static_config(c[0].config), len(c)), c)
-    size = lambda c: len(c) * sum(P.estimate_bytes(c[0].config))
+    size = lambda c: len(c) * sum(prog.estimate_bytes(c[0].config))
     out = {}
     for key, c in sorted(distinct.items(), key=lambda kv: -size(kv[1])):
+        if preemption is not None and (preemption.decided or preemption.stop()):
+            return None
         cfg = c[0].config
         progs = L.stack_programs(cfg, len(c))
-        report = P.compile_call(cfg, progs)
+        report = prog.compile_call(cfg, progs)
         print(f"{chunk_label(c)} ×{len(c)}: train call {report.line()}", file=sys.stderr)
-        P.refuse_unless_fits(report, cfg, what=f"chunk {chunk_label(c)} ×{len(c)}")
+        prog.refuse_unless_fits(report, cfg, what=f"chunk {chunk_label(c)} ×{len(c)}")
         out[key] = progs
     return out
 
@@ -240,7 +252,7 @@ def train_chunk(
     chunk: list[Run],
     workdir: W.Path,
     sweep_name: str,
-    programs: P.Programs,
+    programs: prog.Programs,
     preemption: L.Preemption,
     progress: bool,
 ) -> L.StackResult:
@@ -382,6 +394,8 @@ def run_sweep(
             sweep_spec, config_spec, overrides, strategy, max_runs_per_program, seeding, pinned
         )
         workdir = W.path(workdir)
+        if not check_only:
+            W.check_shared(workdir)  # every process reads the same results.jsonl
         check_manifest(workdir, runs, sweep_spec)
         done, bad = W.results(workdir)
         done_ids = {r.get("run_id") for r in done}
@@ -392,7 +406,11 @@ def run_sweep(
         chunks = [
             c for c in every_chunk if check_only or any(r.run_id not in done_ids for r in c)
         ]
-        programs = compile_chunks(chunks)
+        programs = compile_chunks(chunks, None if check_only else pre)
+        if programs is None:
+            print("interrupted during the up-front compile; rerun the same command to continue",
+                  file=sys.stderr)
+            return W.results(workdir)[0]
         if check_only:
             return runs
         is_main = jax.process_index() == 0

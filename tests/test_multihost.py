@@ -9,7 +9,9 @@ and every device answers memory queries as a pod's do (another host's device ref
 runs train up to 8 updates per call, with FSDP. A SIGTERM to ONE process (chosen at random,
 sent by that process itself after it has read a call ending at a random step far from the end:
 tests/pod/sitecustomize.py, so the notice cannot race the end of the run) stops every process
-at the same step, with one checkpoint and the same message, exit 0; the rerun completes. The records equal a single-process run at one update per call (rtol 1e-5;
+at the same step, with one checkpoint and the same message, exit 0; the rerun completes. The
+pod sweep also takes a notice during its up-front compile: every process stops before its
+first update. The records equal a single-process run at one update per call (rtol 1e-5;
 1e-4 for gradient statistics: data-parallel sums round differently and
 ``grad/rms_over_eps`` divides them by ε), and no step is logged twice."""
 
@@ -29,6 +31,7 @@ from data.test_tfds import EVAL_DOCS, TRAIN_DOCS, StabilityTestText
 
 from conftest import assert_records_close, free_port, tiny_config, write_config_file
 from stability import train as T
+from stability import workdir as W
 from stability.config import DataConfig
 from stability.sweep import run_sweep
 from stability.workdir import read_jsonl
@@ -102,15 +105,18 @@ def finish(procs, timeout=900) -> list[str]:
     return errs
 
 
-def sigterm_one(cmd, n_proc: int, n_dev: int, root: Path, tmp: Path, seed: int) -> list[str]:
+def sigterm_one(cmd, n_proc: int, n_dev: int, root: Path, tmp: Path, seed: int,
+                in_compile: bool = False) -> list[str]:
     """Start ``cmd`` with one process (chosen at random) set to SIGTERM itself once it has
-    read a call ending at a random step of the first quarter of training; every process exits
-    0 within GRACE seconds of the signal. Their stderr."""
+    read a call ending at a random step of the first quarter of training (or, ``in_compile``,
+    once it has compiled its first train call); every process exits 0 within GRACE seconds of
+    the signal. Their stderr."""
     rng = random.Random(seed)
     log = tmp / f"sigterm-{seed}.log"
     log.unlink(missing_ok=True)
-    at = {"STABILITY_TEST_SIGTERM_AT": str(rng.randrange(8, STEPS // 4)),
-          "STABILITY_TEST_SIGTERM_LOG": str(log)}
+    when = ({"STABILITY_TEST_SIGTERM_IN_COMPILE": "1"} if in_compile
+            else {"STABILITY_TEST_SIGTERM_AT": str(rng.randrange(8, STEPS // 4))})
+    at = {**when, "STABILITY_TEST_SIGTERM_LOG": str(log)}
     procs = start(cmd, n_proc, n_dev, root, {rng.randrange(n_proc): at})
     errs = finish(procs, timeout=900)
     sent = float(log.read_text().split()[0])
@@ -140,6 +146,14 @@ def test_pod_sweep_on_4_processes_sigterm_one_then_rerun(setup):
                     overrides=[("train.steps_per_call", "1")], progress=False, report=False)
     cmd = ["sweeps/pod_worker.sh", sweep_py, "gs://b/runs/pod", f"--config={files['bucket']}"]
     runs = root / "b" / "runs" / "pod" / "runs"
+    # a notice during the up-front compile: every process stops before training
+    errs = sigterm_one(cmd, 4, 1, root, tmp, seed=2, in_compile=True)
+    said = [re.findall(r"^interrupted.*; rerun the same command to continue$", e, re.M) for e in errs]
+    assert all(len(x) == 1 for x in said) and len({x[0] for x in said}) == 1, said
+    assert said[0][0] in ("interrupted at step 0; rerun the same command to continue",
+                          "interrupted; rerun the same command to continue",
+                          "interrupted during the up-front compile; rerun the same command to continue")
+    assert not list(runs.glob("*/metrics.jsonl*"))  # nothing trained
     errs = sigterm_one(cmd, 4, 1, root, tmp, seed=0)
     stop = interrupted_at(errs)
     assert 0 < stop < STEPS
@@ -173,4 +187,4 @@ def test_train_on_2_processes_sigterm_one_then_rerun(setup):
     errs = finish(start(cmd, 2, 2, root))
     assert "[mesh run×data×model 1×4×1 on 4 cpu device(s) in 2 processes; fsdp on" in errs[0]
     assert f"resuming train at step {stop}" in errs[0]
-    assert_close(T.read_metrics(tmp / "train_ref"), read_jsonl(metrics)[0])
+    assert_close(W.metrics(tmp / "train_ref")[0], read_jsonl(metrics)[0])

@@ -46,3 +46,26 @@ if os.environ.get("STABILITY_TEST_SIGTERM_AT"):
             os.kill(os.getpid(), signal.SIGTERM)
 
     _loop._Loop._finish = _finish_then_notice
+
+# ``STABILITY_TEST_SIGTERM_IN_COMPILE=1``: this process sends itself SIGTERM right after it has
+# compiled its first train call (a notice during a sweep's up-front compile), then takes
+# SLOW_CALL seconds, so that the others are still before their first call boundary.
+if os.environ.get("STABILITY_TEST_SIGTERM_IN_COMPILE"):
+    import signal
+    import time
+
+    from stability import programs as _programs
+
+    _compile, _noticed = _programs.compile_call, []
+
+    def _compile_then_notice(*args, **kwargs):
+        report = _compile(*args, **kwargs)
+        if not _noticed:
+            _noticed.append(True)
+            with open(os.environ["STABILITY_TEST_SIGTERM_LOG"], "w") as f:
+                f.write(f"{time.time()} compile\n")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(SLOW_CALL)
+        return report
+
+    _programs.compile_call = _compile_then_notice
