@@ -5,7 +5,9 @@ W&B has no offline reader, and a W&B failure (no network, a dead service process
 disables W&B for the rest of the run, with one warning. ``<dir>/versions.json`` records the
 Python and package versions of the last start (also in the W&B config as ``versions``).
 
-W&B files go to ``$WANDB_DIR/wandb`` when WANDB_DIR is set, else to ``<dir>/wandb``. The W&B run
+W&B files go to ``$WANDB_DIR/wandb`` when WANDB_DIR is set, else to ``<dir>/wandb``; W&B writes
+local files only, so for a run directory on a bucket they are written to a local temporary
+directory and copied to ``<dir>/wandb`` when the run closes (they outlive the VM). The W&B run
 id is kept in ``<dir>/wandb_id``: a resumed run continues the same W&B run. Offline, each start
 writes its own ``offline-run-<time>-<id>`` directory; ``wandb sync <dir>/wandb/offline-run-*``
 uploads them, in order of start time, into that one run.
@@ -16,6 +18,8 @@ from __future__ import annotations
 import math
 import os
 import platform
+import shutil
+import tempfile
 import uuid
 import warnings
 from typing import Any
@@ -107,6 +111,7 @@ class Tracker:
         self._metrics = W.Jsonl(self.path, keep_step=keep_step)
         self._events = W.Jsonl(self.directory / W.EVENTS, keep_step=keep_step)
         self._wandb = None
+        self._wandb_local: str | None = None
         resume = keep_step > 0
         versions = record_versions(self.directory)
         if wandb_cfg.mode != "disabled":
@@ -124,8 +129,11 @@ class Tracker:
             run_id = id_file.read_text().strip() if known else uuid.uuid4().hex[:12]
             if not known:
                 W.write_text(id_file, run_id)
-            # W&B writes local files only: a run directory on a bucket keeps them in ./wandb.
-            local = "." if W.is_remote(self.directory) else str(self.directory)
+            # W&B writes local files only: for a run directory on a bucket, a local temporary
+            # directory whose files are copied to the bucket at close.
+            remote = W.is_remote(self.directory) and not os.environ.get("WANDB_DIR")
+            local = tempfile.mkdtemp(prefix="stability-wandb-") if remote else str(self.directory)
+            self._wandb_local = local if remote else None
             self._wandb = wandb.init(
                 project=cfg.project,
                 group=group or cfg.group or None,
@@ -194,6 +202,10 @@ class Tracker:
             except Exception as e:  # noqa: BLE001
                 self._wandb_failed(e)
             self._wandb = None
+        if self._wandb_local:  # a bucket's run: its W&B files go there too
+            W.copy_tree(os.path.join(self._wandb_local, "wandb"), self.directory / "wandb")
+            shutil.rmtree(self._wandb_local, ignore_errors=True)
+            self._wandb_local = None
 
 
 def _service_died(e: Exception) -> bool:

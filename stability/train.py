@@ -12,7 +12,7 @@ import sys
 import jax
 
 from stability import loop as L
-from stability import programs as P
+from stability import programs as prog
 from stability import workdir as W
 from stability.config import Config
 from stability.data import make_source
@@ -56,7 +56,8 @@ def train(
     make_source(cfg.data, cfg.model.vocab_size)  # validates the data before any write
     W.check_run_dir(W.to_jsonable(cfg.to_dict()), workdir, overwrite)
     programs = L.stack_programs(cfg, 1)
-    P.refuse_unless_fits(P.compile_call(cfg, programs), cfg)  # XLA decides, before any write
+    prog.refuse_unless_fits(prog.compile_call(cfg, programs), cfg)  # XLA decides, before any write
+    W.check_shared(workdir)
     if jax.process_index() == 0:
         W.prepare_run_dir(W.to_jsonable(cfg.to_dict()), workdir, overwrite)
     _barrier("stability_train_workdir")
@@ -101,8 +102,3 @@ def _barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def read_metrics(workdir: W.PathLike) -> list[dict]:
-    """The metric records of a run (torn or foreign lines skipped)."""
-    return W.metrics(workdir)[0]

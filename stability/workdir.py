@@ -25,12 +25,15 @@ A sweep directory (``stability sweep --workdir``)::
   report.md, *.png the report (``stability report``)
 
 Records stay append-only and torn-write safe on both kinds of storage. A local JSONL file is
-appended one flush at a time (one write, then fsync); a torn last line is skipped by readers
-and cut on resume. An object store cannot append: there a JSONL file is rewritten whole,
-as one object (an atomic put), at each flush, at most every ``REMOTE_FLUSH_SECONDS`` unless
-forced (the loop forces one before each checkpoint and at the end). Records newer than the
-last flush are lost in a crash, but they are never older than the checkpoint a rerun resumes
-from, and the rerun writes them again.
+appended one flush at a time (one write, then fsync): `tail -f` follows it; a torn last line
+is skipped by readers and cut on resume. An object store cannot append, and an object is never
+rewritten whole in a loop: there each flush writes a new segment object,
+``NAME.jsonl.d/NNNNNNNN.jsonl`` (at most every ``REMOTE_FLUSH_SECONDS`` unless forced: the
+loop forces one before each checkpoint and at the end), and readers concatenate a whole
+``NAME.jsonl`` object (written by release 0.2.0) and the segments in order. Records newer than
+the last flush are lost in a crash, but they are never older than the checkpoint a rerun
+resumes from, and the rerun writes them again (a resume rewrites the file's kept records
+once, as one segment).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ CONFIG, METRICS, EVENTS, VERSIONS, WANDB_ID = (
     "versions.json",
     "wandb_id",
 )
+SHARED = ".shared"  # check_shared: a token process 0 writes and every process reads back
 CHECKPOINTS, MANIFEST, RESULTS, RUNS, CHUNKS = (
     "checkpoints",
     "sweep.json",
@@ -131,14 +135,30 @@ def parse_jsonl(text: str) -> tuple[list[dict], list[int]]:
     return records, bad
 
 
+def segments(p: PathLike) -> list[Path]:
+    """The segment objects of a JSONL file on an object store, in order (module docstring)."""
+    d = path(p).parent / f"{path(p).name}.d"
+    return sorted(d.glob("*.jsonl")) if d.is_dir() else []
+
+
+def jsonl_exists(p: PathLike) -> bool:
+    return path(p).exists() or bool(segments(p))
+
+
 def read_jsonl(p: PathLike) -> tuple[list[dict], list[int]]:
-    """Records of a JSONL file, and the 1-based numbers of lines that were not JSON objects
-    (a torn last line after a crash, a hand edit): those are skipped, never fatal. A missing
-    file has no records."""
+    """Records of a JSONL file (a whole file and/or its segments), and the 1-based numbers of
+    lines that were not JSON objects (a torn last line after a crash, a hand edit): those are
+    skipped, never fatal. A missing file has no records."""
     p = path(p)
-    if not p.exists():
+    parts = ([p] if p.exists() else []) + segments(p)
+    if not parts:
         return [], []
-    return parse_jsonl(p.read_bytes().decode("utf-8", errors="replace"))
+    text = "".join(_terminated(q.read_bytes().decode("utf-8", errors="replace")) for q in parts)
+    return parse_jsonl(text)
+
+
+def _terminated(text: str) -> str:
+    return text if not text or text.endswith("\n") else text + "\n"
 
 
 def _line(record: dict) -> str:
@@ -160,14 +180,20 @@ class Jsonl:
         self.path, self.remote = path(p), is_remote(p)
         self._pending: list[str] = []
         self._last_flush = time.monotonic()
+        self._segment = len(segments(self.path)) if self.remote else 0
         if keep_step is not None:
             records, bad = read_jsonl(self.path)
             if bad:
                 warnings.warn(f"{self.path}: dropped unreadable lines {bad}", stacklevel=2)
             kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= keep_step]
-            if records or bad:
+            if (records or bad) and not self.remote:
                 write_text(self.path, "".join(map(_line, kept)))
-        self._text = self.path.read_text() if self.remote and self.path.exists() else ""
+            elif records or bad:  # once, on a resume: the kept records as one segment
+                for q in ([self.path] if self.path.exists() else []) + segments(self.path):
+                    q.unlink()
+                self._segment = 0
+                self._pending = [_line(r) for r in kept]
+                self.flush()
 
     def append(self, records: list[dict], force: bool = False) -> None:
         """Queue ``records`` and flush (locally always; remotely when forced or at most every
@@ -180,9 +206,11 @@ class Jsonl:
         if not self._pending:
             return
         text, self._pending = "".join(self._pending), []
-        if self.remote:
-            self._text += text
-            self.path.write_text(self._text)
+        if self.remote:  # a new object: nothing is rewritten
+            d = self.path.parent / f"{self.path.name}.d"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{self._segment:08d}.jsonl").write_text(text)
+            self._segment += 1
         else:
             with open(self.path, "ab+") as f:
                 f.seek(0, os.SEEK_END)
@@ -194,6 +222,20 @@ class Jsonl:
                 f.flush()
                 os.fsync(f.fileno())
         self._last_flush = time.monotonic()
+
+
+def copy_tree(local: str, dest: PathLike) -> None:
+    """Copy every file under the local directory ``local`` to ``dest`` (local or remote),
+    keeping relative paths; nothing when ``local`` does not exist."""
+    if not os.path.isdir(local):
+        return
+    for root, _, names in os.walk(local):
+        rel = os.path.relpath(root, local)
+        target = path(dest) if rel == "." else path(dest) / rel
+        target.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                (target / name).write_bytes(f.read())
 
 
 def write_text(p: PathLike, text: str) -> None:
@@ -249,7 +291,7 @@ def check_run_dir(config: dict, workdir: PathLike, overwrite: bool) -> bool:
         raise ConfigError(f"--workdir={workdir} is a file, not a directory")
     cfg_path = workdir / CONFIG
     if not cfg_path.exists():
-        if overwrite and workdir.exists() and any(workdir.iterdir()):
+        if overwrite and workdir.exists() and any(p.name != SHARED for p in workdir.iterdir()):
             raise ConfigError(
                 f"--workdir={workdir} holds files but no run (no {CONFIG}); --overwrite "
                 "deletes only run directories: delete it yourself or use another workdir"
@@ -307,9 +349,9 @@ def kind(workdir: PathLike) -> str | None:
     """ "sweep" (results.jsonl or runs/), "run" (a single run: config.json and metrics.jsonl),
     or None."""
     d = path(workdir)
-    if (d / RESULTS).exists() or (d / RUNS).is_dir():
+    if jsonl_exists(d / RESULTS) or (d / RUNS).is_dir():
         return "sweep"
-    if (d / CONFIG).exists() and (d / METRICS).exists():
+    if (d / CONFIG).exists() and jsonl_exists(d / METRICS):
         return "run"
     return None
 
@@ -398,6 +440,38 @@ def planned_grid(sweep_dir: PathLike, prefix: str = "") -> dict[str, list[float]
     for r in planned_runs(sweep_dir) or []:
         grid.setdefault(prefix + r["setting"], set()).add(float(r["lr"]))
     return {k: sorted(v) for k, v in grid.items()}
+
+
+def check_shared(workdir: PathLike) -> None:
+    """With several JAX processes, refuse (ConfigError, on every process) a workdir that some
+    process cannot see as process 0 writes it: a local directory on each host of a pod lets the
+    hosts decide from different files and hang. Process 0 writes a fresh token; after a
+    barrier every process reads it back. Nothing to check with one process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils as mh
+
+    token = int(mh.broadcast_one_to_all(np.int64(np.random.default_rng().integers(1, 2**62))))
+    d = path(workdir)
+    if jax.process_index() == 0:
+        d.mkdir(parents=True, exist_ok=True)
+        write_text(d / SHARED, str(token))
+    mh.sync_global_devices("stability_check_shared")
+    try:
+        seen = (d / SHARED).read_text().strip() == str(token)
+    except OSError:
+        seen = False
+    every = np.asarray(mh.process_allgather(np.asarray([seen])))
+    if not every.all():
+        blind = [i for i, ok in enumerate(every.reshape(-1)) if not ok]
+        raise ConfigError(
+            f"--workdir={workdir} is not shared by every process: process(es) {blind} do not "
+            "see what process 0 writes there; give a directory every host shares (e.g. "
+            "gs://BUCKET/...)"
+        )
 
 
 def write_manifest(sweep_dir: PathLike, manifest: dict) -> None:

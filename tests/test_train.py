@@ -6,13 +6,14 @@ import math
 import pytest
 
 from stability import train as T
+from stability import workdir as W
 from stability.config import ConfigError
 
 
 def test_fixed_metric_keys_present_and_finite(tiny, tmp_path):
     cfg = tiny()
     T.train(cfg, tmp_path, progress=False)
-    records = T.read_metrics(tmp_path)
+    records = W.metrics(tmp_path)[0]
     assert [r["step"] for r in records] == [5, 10, 15, 20]
     last = records[-1]
     fixed = ["step", "lr", "train/loss", "train/z_loss", "logits/log_z_mean", "logits/log_z_max",
@@ -37,7 +38,7 @@ def test_rerun_of_finished_run_does_nothing(tiny, tmp_path):
     first = T.train(cfg, tmp_path, progress=False)
     again = T.train(cfg, tmp_path, progress=False)
     assert again.final_eval_loss == first.final_eval_loss
-    assert len(T.read_metrics(tmp_path)) == 4
+    assert len(W.metrics(tmp_path)[0]) == 4
 
 
 def test_different_config_in_workdir_is_refused(tiny, tmp_path):
@@ -47,7 +48,7 @@ def test_different_config_in_workdir_is_refused(tiny, tmp_path):
         T.train(tiny(optim={"lr": 1e-3}), tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     T.train(tiny(optim={"lr": 1e-3}), tmp_path, overwrite=True, progress=False)
-    assert T.read_metrics(tmp_path)[-1]["step"] == 20
+    assert W.metrics(tmp_path)[0][-1]["step"] == 20
 
 
 def test_out_of_bound_loss_stops_with_last_finite_checkpoint(tiny, tmp_path):
@@ -56,7 +57,7 @@ def test_out_of_bound_loss_stops_with_last_finite_checkpoint(tiny, tmp_path):
                train={"divergence_loss": 4.3, "steps": 40, "log_every": 40})
     with pytest.raises(T.Diverged, match=r"update (\d+)") as err:
         T.train(cfg, tmp_path, progress=False)
-    records = T.read_metrics(tmp_path)
+    records = W.metrics(tmp_path)[0]
     last = records[-1]
     assert last["alive"] is False and not last["train/loss"] <= 4.3
     assert all(r["alive"] for r in records[:-1])

@@ -22,7 +22,12 @@ def test_torn_metrics_line_is_skipped_and_cut_on_resume(tmp_path):
 # On an object store (tests/fake_gcs.py: gs:// paths served locally, no appends).
 
 
-def test_jsonl_on_an_object_store_is_rewritten_whole_and_flushed_when_forced(tmp_path, monkeypatch):
+def test_jsonl_on_an_object_store_writes_segments_never_rewrites_and_flushes_when_forced(
+    tmp_path, monkeypatch
+):
+    """No object is rewritten whole in a loop: each flush is a new segment object, readers
+    concatenate a whole file of release 0.2.0 and the segments; a resume rewrites the kept
+    records once, as one segment."""
     from fake_gcs import bucket
 
     with bucket(tmp_path) as root:
@@ -30,16 +35,21 @@ def test_jsonl_on_an_object_store_is_rewritten_whole_and_flushed_when_forced(tmp
         p.parent.mkdir(parents=True)
         with pytest.raises(OSError, match="cannot append"):
             p.open("a")
-        out = W.Jsonl(p, keep_step=0)
+        local = root / "b" / "run"
+        (local / "metrics.jsonl").write_text('{"step": 0}\n')  # written whole by release 0.2.0
+        out = W.Jsonl(p)
         out.append([{"step": 1}])  # queued: less than REMOTE_FLUSH_SECONDS since opening
-        assert not p.exists()
+        assert W.read_jsonl(p)[0] == [{"step": 0}]
         out.append([{"step": 2}], force=True)
-        assert W.read_jsonl(p) == ([{"step": 1}, {"step": 2}], [])
+        assert W.read_jsonl(p) == ([{"step": 0}, {"step": 1}, {"step": 2}], [])
         monkeypatch.setattr(W, "REMOTE_FLUSH_SECONDS", 0.0)
         out.append([{"step": 3}])
-        assert (root / "b" / "run" / "metrics.jsonl").read_text().count("\n") == 3
+        segments = sorted((local / "metrics.jsonl.d").iterdir())
+        assert [s.read_text().count("\n") for s in segments] == [2, 1]  # each record written once
+        assert (local / "metrics.jsonl").read_text() == '{"step": 0}\n'  # never rewritten
         W.Jsonl(p, keep_step=2)  # a resume from step 2
-        assert W.read_jsonl(p)[0] == [{"step": 1}, {"step": 2}]
+        assert W.read_jsonl(p)[0] == [{"step": 0}, {"step": 1}, {"step": 2}]
+        assert not (local / "metrics.jsonl").exists() and len(W.segments(p)) == 1
         W.write_json("gs://b/run/config.json", {"a": 1})
         assert W.read_json("gs://b/run/config.json") == {"a": 1}
         assert W.kind("gs://b/run") == "run" and W.kind("gs://b/nothing") is None
@@ -82,7 +92,8 @@ def test_a_sweep_with_its_workdir_and_data_on_a_bucket_resumes_as_a_local_one(tm
                   progress=False)
         (chunk,) = W.path("gs://b/runs/w/chunks").iterdir()
         (chunk / "checkpoints" / "8").rmtree()
-        W.path("gs://b/runs/w/results.jsonl").unlink()
+        for segment in W.segments("gs://b/runs/w/results.jsonl"):  # results gone
+            segment.unlink()
         got = run_sweep(str(sweep_py), "gs://b/runs/w", config_spec=files["bucket"],
                         strategy="vmap", progress=False)
         assert (root / "b" / "runs" / "w" / "report.md").exists()
