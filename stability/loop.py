@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stability import programs as P
+from stability import programs as prog
 from stability import sharding as S
 from stability import step as St
 from stability import workdir as W
@@ -157,7 +157,7 @@ class _Call:
 
     begin: int
     end: int
-    out: dict  # device arrays: metrics rows, alive, diverged_step (+ eval)
+    out: S.Gathered  # metrics rows, alive, diverged_step (+ eval), their gather dispatched
     host: dict  # the call's batches on the host (for a replay)
     stream_state: dict  # the data position after the call (for its checkpoint)
     snapshot: Any  # a device copy of the state after the call, when it is checkpointed
@@ -188,10 +188,10 @@ def call_ends(start: int, steps: int, is_boundary, k_max: int) -> list[int]:
     return ends
 
 
-def stack_programs(cfg: Config, n_runs: int) -> P.Programs:
+def stack_programs(cfg: Config, n_runs: int) -> prog.Programs:
     """The programs of a stack of ``n_runs`` runs of ``cfg`` (mesh from ``programs.plan``)."""
-    mesh, padded = P.plan(cfg, n_runs)
-    return P.build(cfg, mesh, runs=padded, k_max=St.steps_per_call_max(cfg.train))
+    mesh, padded = prog.plan(cfg, n_runs)
+    return prog.build(cfg, mesh, runs=padded, k_max=St.steps_per_call_max(cfg.train))
 
 
 def train_stack(
@@ -201,7 +201,7 @@ def train_stack(
     label: str,
     preemption: Preemption,
     progress: bool = True,
-    programs: P.Programs | None = None,
+    programs: prog.Programs | None = None,
 ) -> StackResult:
     """Train (or resume from ``checkpoints``) a stack of runs sharing a static config; their
     records go to each run's directory (process 0 writes them). ``label`` names the stack on
@@ -214,7 +214,7 @@ def train_stack(
     t, n = cfg.train, len(runs)
     progs = programs or stack_programs(cfg, n)
     # XLA's memory check before anything runs (compiled once: the program is kept in progs)
-    P.refuse_unless_fits(P.compile_call(cfg, progs), cfg)
+    prog.refuse_unless_fits(prog.compile_call(cfg, progs), cfg)
     pad = lambda values, dtype: S.from_host(
         np.asarray(values + [values[-1]] * (progs.runs - n), dtype), progs.hp
     )
@@ -279,7 +279,7 @@ def train_stack(
     return StackResult(outcomes, start, position, preempted, time.time() - t0, late)
 
 
-def _restore_target(meta: dict, cfg: Config, progs: P.Programs, where) -> Any:
+def _restore_target(meta: dict, cfg: Config, progs: prog.Programs, where) -> Any:
     """The abstract state a checkpoint with sidecar ``meta`` restores onto: this format's
     (a run axis), a sweep chunk's of release 0.1.0 (the same), or a single run's of 0.1.0 (no
     run axis: restored as is, then given one)."""
@@ -294,7 +294,7 @@ def _restore_target(meta: dict, cfg: Config, progs: P.Programs, where) -> Any:
     if fmt == FORMAT or (fmt is None and "loss_at_init" in meta):
         return progs.abstract_state
     if _single_run_of_0_1(meta):
-        return P.build(cfg, progs.mesh, runs=None, k_max=1).abstract_state
+        return prog.build(cfg, progs.mesh, runs=None, k_max=1).abstract_state
     raise ConfigError(
         f"{where}: checkpoint format {fmt!r} is not one this release ({RELEASE}, format "
         f"{FORMAT}) reads; resume it with the release that wrote it, or use another workdir"
@@ -306,7 +306,7 @@ def _single_run_of_0_1(meta: dict) -> bool:
     return meta.get("format") is None and "diverged" in meta and "loss_at_init" not in meta
 
 
-def _add_run_axis(state: Any, progs: P.Programs) -> Any:
+def _add_run_axis(state: Any, progs: prog.Programs) -> Any:
     """A state without a run axis (a single run's checkpoint of release 0.1.0) as a stack."""
     stack = lambda x: jnp.broadcast_to(x[None], (progs.runs, *x.shape))
     return jax.jit(lambda s: jax.tree.map(stack, s), out_shardings=progs.state)(state)
@@ -429,6 +429,9 @@ class _Loop:
                 )
                 if self.is_eval(end):
                     out["eval"] = progs.evaluate(self.state, self.eval_batches)
+                # its outputs' gather (several processes) is dispatched now, before call c+1:
+                # reading call c then waits for call c only
+                out = S.gather(out)
                 snapshot = progs.copy(self.state) if self.is_ckpt(end) else None
                 if pending is not None:  # the device runs this call meanwhile
                     self._finish(pending)
@@ -445,7 +448,7 @@ class _Loop:
 
     def _finish(self, call: _Call) -> None:
         """Read a call's outputs; write its records, replay a failing update, checkpoint."""
-        host_out = S.to_host(call.out)
+        host_out = S.fetch(call.out)
         now = time.time()
         n = call.end - call.begin
         seconds, self.fetched_at = max(now - self.fetched_at, 1e-9), now

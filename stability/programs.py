@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 from typing import Any
 
@@ -225,9 +226,18 @@ def plan(cfg: Config, n_runs: int = 1) -> tuple[Mesh, int]:
     return mesh, padded
 
 
+# While a call runs, the loop may hold STATE_COPIES more copies of the train state on the
+# device: the checkpoint snapshot of the call before, and a copy for replaying a failing
+# update. HEADROOM of the device is left for what XLA's numbers do not count (the runtime,
+# fragmentation, the next call's batches).
+STATE_COPIES = 2
+HEADROOM = 0.05
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryReport:
-    """XLA's per-device bytes of one compiled program (``compiled.memory_analysis()``)."""
+    """XLA's per-device bytes of one compiled program (``compiled.memory_analysis()``), plus
+    the state copies the loop keeps beside it and a headroom."""
 
     argument: int
     output: int
@@ -235,26 +245,39 @@ class MemoryReport:
     temp: int
     limit: int  # the device's memory (:func:`sharding.device_limit_bytes`)
     mesh: str  # :func:`sharding.describe` of the mesh tried
+    state: int = 0  # one copy of the train state on this device
 
     @property
     def peak(self) -> int:
-        """argument + output − alias + temp (XLA:CPU's own peak leaves temp out)."""
-        return self.argument + self.output - self.alias + self.temp
+        """argument + output − alias + temp (XLA:CPU's own peak leaves temp out) + the state
+        copies the loop keeps while the program runs."""
+        return self.argument + self.output - self.alias + self.temp + STATE_COPIES * self.state
 
     @property
     def fits(self) -> bool:
-        return self.peak <= self.limit
+        return self.peak <= (1 - HEADROOM) * self.limit
 
     def line(self) -> str:
         g = 2**30
         return (
             f"per device: {self.peak / g:.2f} GiB of {self.limit / g:.2f} GiB (arguments "
             f"{self.argument / g:.2f}, outputs {self.output / g:.2f}, aliased {self.alias / g:.2f}, "
-            f"temporaries {self.temp / g:.2f}); {self.mesh}"
+            f"temporaries {self.temp / g:.2f}, {STATE_COPIES} state copies "
+            f"{STATE_COPIES * self.state / g:.2f}; {HEADROOM:.0%} kept free); {self.mesh}"
         )
 
 
-def memory_report(compiled, mesh: Mesh, train: TrainConfig, limit: int | None = None):
+def state_bytes(abstract_state: Any) -> int:
+    """Bytes of one copy of a state on one device (the largest shard of each leaf)."""
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        for x in jax.tree.leaves(abstract_state)
+    )
+
+
+def memory_report(
+    compiled, mesh: Mesh, train: TrainConfig, limit: int | None = None, state: int = 0
+):
     """:class:`MemoryReport` of a compiled program on ``mesh``."""
     m = compiled.memory_analysis()
     return MemoryReport(
@@ -264,6 +287,7 @@ def memory_report(compiled, mesh: Mesh, train: TrainConfig, limit: int | None = 
         temp=int(m.temp_size_in_bytes),
         limit=S.device_limit_bytes(mesh) if limit is None else limit,
         mesh=S.describe(mesh, train),
+        state=state,
     )
 
 
@@ -287,7 +311,7 @@ def compile_call(cfg: Config, progs: Programs, limit: int | None = None) -> Memo
     """Compile (never run) ``progs.call`` from abstract arguments and return XLA's numbers;
     the compiled program is kept, so training reuses it."""
     compiled = progs.call.compile(*call_args(cfg, progs))
-    return memory_report(compiled, progs.mesh, cfg.train, limit)
+    return memory_report(compiled, progs.mesh, cfg.train, limit, state_bytes(progs.abstract_state))
 
 
 def step_memory(

@@ -19,7 +19,9 @@ divisible by its mesh axis, and every vector or scalar without names are replica
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -91,6 +93,13 @@ def mesh_shape(
     n_data = n // n_run
     padded = lambda k: -(-n_runs // k) * k
     if batch_size % n_data or padded(n_run) >= padded(n):
+        if padded(n) - n_runs > n_runs:  # most devices would train copies, never said
+            raise ConfigError(
+                f"config.data.batch_size={batch_size} does not split over the {n_data} "
+                f"devices that {n_runs} run(s) leave free of the {n}: each device would "
+                f"train a copy of a run ({padded(n) - n_runs} copies); use a batch size "
+                f"divisible by {n_data}, more runs per program, or config.train.fsdp=True"
+            )
         return n, 1, tp
     return n_run, n_data, tp
 
@@ -213,17 +222,41 @@ def to_host(tree: Any) -> Any:
     On several processes one program gathers the whole tree, packed into one flat array per
     dtype: one collective per dtype, where ``multihost_utils.process_allgather`` runs one
     program and one collective per leaf (a sweep's ~200 metrics at every logged step)."""
+    return fetch(gather(tree))
+
+
+@dataclasses.dataclass
+class Gathered:
+    """A tree whose gather to every process has been dispatched (``gather``); ``fetch`` reads
+    it. On one process the tree itself."""
+
+    packed: Any  # {dtype name: replicated flat array}, or the tree on one process
+    treedef: Any = None
+    shapes: list | None = None  # (dtype name, shape) of each leaf
+
+
+def gather(tree: Any) -> Gathered:
+    """Dispatch the gather of ``tree`` to every process now, without waiting: the loop calls
+    it right after a call, so the gather runs after that call, before the next one."""
     if jax.process_count() == 1:
-        return jax.device_get(tree)
+        return Gathered(tree)
     leaves, treedef = jax.tree.flatten(tree)
-    packed = jax.device_get(_packed(leaves[0].sharding.mesh)(leaves))
+    packed = _packed(leaves[0].sharding.mesh)(leaves)
+    return Gathered(packed, treedef, [(x.dtype.name, x.shape) for x in leaves])
+
+
+def fetch(g: Gathered) -> Any:
+    """The numpy tree of a dispatched ``gather`` (waits for it, not for anything after it)."""
+    if g.treedef is None:
+        return jax.device_get(g.packed)
+    packed = jax.device_get(g.packed)
     offsets = dict.fromkeys(packed, 0)
     out = []
-    for x in leaves:
-        flat, start = packed[x.dtype.name], offsets[x.dtype.name]
-        out.append(flat[start : start + x.size].reshape(x.shape))
-        offsets[x.dtype.name] = start + x.size
-    return jax.tree.unflatten(treedef, out)
+    for dtype, shape in g.shapes:
+        flat, start, size = packed[dtype], offsets[dtype], math.prod(shape)
+        out.append(flat[start : start + size].reshape(shape))
+        offsets[dtype] = start + size
+    return jax.tree.unflatten(g.treedef, out)
 
 
 @functools.lru_cache(maxsize=8)

@@ -15,6 +15,7 @@ from conftest import assert_records_close, tiny_config, write_config_file
 from stability import loop as L
 from stability import sharding as S
 from stability import train as T
+from stability import workdir as W
 from stability.checkpoint import Checkpointer
 from stability.config import ConfigError
 from stability.sweep import read_results, run_sweep
@@ -58,14 +59,15 @@ def test_next_call_is_dispatched_before_the_host_reads_the_previous_one(tmp_path
             events.append(("dispatch", calls[id(out["alive"])]))
             return state, out
 
-    to_host = S.to_host
+    read = S.fetch
 
-    def fetch(tree):
+    def fetch(g):
+        tree = g.packed  # one process: the call's own outputs
         if isinstance(tree, dict) and id(tree.get("alive")) in calls:
             events.append(("fetch", calls[id(tree["alive"])]))
-        return to_host(tree)
+        return read(g)
 
-    monkeypatch.setattr(S, "to_host", fetch)
+    monkeypatch.setattr(S, "fetch", fetch)
     spec = T.run_spec(cfg, tmp_path / "run")
     with L.Preemption() as pre:
         result = L.train_stack([spec], tmp_path / "ckpt", label="x", preemption=pre,
@@ -92,11 +94,11 @@ def test_train_equals_a_one_point_sweep_and_k_one_with_wsd_s_decay_ends(tmp_path
     sweep_py.write_text(f"def get_sweep(arg=''):\n    return [{{'optim.lr': {cfg.optim.lr!r}}}]\n")
     (result,) = run_sweep(str(sweep_py), tmp_path / "sweep", progress=False, report=False,
                           config_spec=write_config_file(tmp_path / "cfg.py", cfg))
-    train_records = T.read_metrics(tmp_path / "train")
+    train_records = W.metrics(tmp_path / "train")[0]
     sweep_records = read_jsonl(tmp_path / "sweep" / "runs" / result["run_id"] / "metrics.jsonl")[0]
     assert [r["step"] for r in train_records if "eval/loss" in r] == [7, 13, 20]
     assert strip_perf(train_records) == strip_perf(sweep_records)
-    assert strip_perf(train_records) == strip_perf(T.read_metrics(tmp_path / "k1"))
+    assert strip_perf(train_records) == strip_perf(W.metrics(tmp_path / "k1")[0])
     assert checkpoint_steps(tmp_path / "train") == checkpoint_steps(tmp_path / "sweep") == [7, 13, 20]
     for step in (7, 13):
         meta = json.loads(next((tmp_path / "train" / "checkpoints" / str(step)).glob("meta/*")).read_text())
@@ -136,7 +138,7 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     # Simulate a crash after step 10: the last checkpoint is gone, metrics past it remain.
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "20")
     T.train(cfg, tmp_path / "b", progress=False)
-    a, b = T.read_metrics(tmp_path / "a"), T.read_metrics(tmp_path / "b")
+    a, b = W.metrics(tmp_path / "a")[0], W.metrics(tmp_path / "b")[0]
     assert strip_perf(a) == strip_perf(b)  # bitwise: floats compared exactly
 
 
@@ -162,7 +164,7 @@ def test_a_single_runs_checkpoint_of_the_previous_release_resumes_and_others_are
               {"stream": stream, "diverged": False, "diverged_step": None, "decay_end": False})
     ckpt.close()
     T.train(cfg, run, progress=False)
-    assert strip_perf(T.read_metrics(run)) == strip_perf(T.read_metrics(tmp_path / "ref"))
+    assert strip_perf(W.metrics(run)[0]) == strip_perf(W.metrics(tmp_path / "ref")[0])
 
     # A sweep chunk's checkpoint of 0.1.0 (stacked; meta without "format") resumes as it is.
     sweep_py = tmp_path / "one.py"
@@ -239,7 +241,6 @@ def watch_sweep(tmp_path, name: str, on_warning: str, max_to_keep: int = 1) -> d
     """A vmapped sweep of 3 LRs without qk-layernorm, a checkpoint every 2 steps: at LR 0.3
     the attention entropy collapses at step 4 and the logits climb (warnings at 4 and 6); the
     other runs raise none. {lr: (result record, history, events)}."""
-    from stability import workdir as W
 
     cfg = tiny_config(model={"qk_norm": False}, optim={"warmup_steps": 0, "grad_clip": 0.0},
                       train={"steps": 40, "log_every": 2, "eval_every": 20, "checkpoint_every": 2,
@@ -286,7 +287,6 @@ def test_stop_on_warning_stops_a_single_run_and_a_rerun_does_nothing(tmp_path, c
     of the warning), says so and exits 0; the run is recorded and reported as stopped, and a
     rerun trains nothing and says why."""
     from stability import report
-    from stability import workdir as W
     from stability.cli import main
 
     cfg = tiny_config(model={"qk_norm": False}, optim={"warmup_steps": 0, "grad_clip": 0.0, "lr": 0.3},

@@ -78,9 +78,13 @@ def test_mesh_shape_keeps_the_sweep_rule_and_adds_model_and_fsdp():
         (8, 1, 16, (1, 8)),  # one run: data parallel
         (8, 3, 16, (2, 4)),  # 3 runs padded to 4 on 2×4, to 8 on 8×1
         (8, 5, 16, (8, 1)),  # 4×2 would pad 5 runs to 8 as 8×1 does: no communication
-        (8, 2, 6, (8, 1)),  # batch 6 does not split 4 ways
+        (8, 6, 6, (8, 1)),  # batch 6 does not split 4 ways: 2 copies of 6 runs
     ]:
         assert S.mesh_shape(n_dev, n_runs, batch) == (*want, 1)
+    # most devices would train copies without a word: refused, saying what would split
+    for n_dev, n_runs, batch in [(8, 2, 6), (256, 1, 24)]:
+        with pytest.raises(ConfigError, match=f"batch_size={batch} does not split .* copies"):
+            S.mesh_shape(n_dev, n_runs, batch)
     assert S.mesh_shape(8, 2, 16, tensor_parallel=2) == (2, 2, 2)
     assert S.mesh_shape(8, 1, 16, tensor_parallel=2, fsdp=True) == (1, 4, 2)
     assert S.mesh_shape(8, 3, 16, fsdp=True) == (2, 4, 1)  # FSDP keeps the data split

@@ -138,7 +138,7 @@ def histories_by_lr(workdir):
 @pytest.mark.parametrize("n_dev, k, batch, expect", [
     (8, 3, 4, (2, 4)),  # fewer runs than devices: the rest split the batch
     (8, 1, 16, (1, 8)),
-    (8, 3, 2, (8, 1)),  # the batch does not split 4 ways: pad the runs
+    (8, 5, 2, (8, 1)),  # the batch does not split 4 ways: pad the runs (3 copies)
     (8, 7, 16, (8, 1)),  # a data axis would not lower the padded run count
     (8, 20, 16, (8, 1)),
     (1, 7, 16, (1, 1)),
