@@ -1,8 +1,9 @@
-"""Scaling forecasts across model sizes (Wortsman et al. 2023, §3.1.2 and §3.4).
+"""Scaling forecasts across model sizes (Wortsman et al. 2023, §3.3 and §3.4).
 
 For each setting (what differs between runs besides size, LR and seed) and each LR, a
-least-squares quadratic of y = log10(metric at step S) in x = log10(non-embedding parameters)
-is fitted over the sizes of one or more sweeps and extrapolated to a target size:
+least-squares fit of y = log10(metric at step S) in x = log10(non-embedding parameters) goes
+through the seeds' mean of y at each size (the seeds of a size are one point, not several) and
+is extrapolated to a target size:
 
   attention   the max attention logit (max over layers) at step S; crossing ``threshold``
               (1e4: every run of the paper whose max logit passed it diverged) predicts a
@@ -10,10 +11,13 @@ is fitted over the sizes of one or more sweeps and extrapolated to a target size
   §3.4        gradient RMS / Adam's ε of one parameter at step S, and the size at which the fit
               reaches 1 (where ε starts to shrink the update)
 
-Uncertainty is a 95% prediction interval from the residuals (Student t with n − 3 degrees
-of freedom, n = fitted points: sizes × seeds); with exactly 3 points there are no residual
-degrees of freedom and no interval. Optimal LR and LR sensitivity are also tabulated per size
-with a least-squares trend in log10(parameters).
+The fit is, per quantity, the method that forecast held-out sizes best in the shipped
+calibration (``DEFAULT_METHODS``, from ``stability forecast --calibrate`` on the CPU size
+family: ``stability/calibration.py``), or the one ``method`` names: "quadratic" (the paper's)
+or "linear". Uncertainty is a 95% prediction interval from the residuals (Student t with
+n − degree − 1 degrees of freedom, n = sizes); a fit with no residual degrees of freedom has no
+interval. Optimal LR and LR sensitivity are also tabulated per size with a least-squares trend
+in log10(parameters).
 
 A value that is missing (the run diverged before step S) or non-finite is marked in the
 outputs and never fitted.
@@ -44,6 +48,19 @@ LEVEL = 0.95  # prediction-interval coverage
 # prediction interval no wider than MAX_DECADES decades; otherwise it gives no flag, and says why.
 MIN_DOF = 2
 MAX_DECADES = 4.0
+DEGREES = {"quadratic": 2, "linear": 1}
+# The calibration's choice per quantity (docs/forecast_cpu/calibration.json, "chosen"; a test
+# keeps the two equal): the method with the lowest mean interval score over held-out sizes.
+DEFAULT_METHODS = {
+    "max_attn_logit": {
+        "method": "linear",
+        "why": "lowest mean interval score over the held-out folds: 0.884 decades (vs quadratic 1.57); median absolute error 0.0262 decades",
+    },
+    "grad_rms_over_eps": {
+        "method": "linear",
+        "why": "lowest mean interval score over the held-out folds: 1.48 decades (vs quadratic 3.67); median absolute error 0.0817 decades",
+    },
+}
 # Fields that define a run's size, LR or replicate rather than its setting. μParam (full)'s
 # logit multiplier is base width / width, so it follows the size.
 _NOT_SETTING = {
@@ -241,7 +258,9 @@ def _value_at(
 # The forecast.
 
 
-def _series(runs: list[Run], step: int, key: str, reduce_layers: bool, target: float, threshold):
+def _series(
+    runs: list[Run], step: int, key: str, reduce_layers: bool, target: float, threshold, degree: int
+):
     """Per (setting, LR): points, fit, prediction at the target and (with a threshold) whether
     it is crossed."""
     groups: dict[tuple[str, float], list[Run]] = defaultdict(list)
@@ -268,22 +287,37 @@ def _series(runs: list[Run], step: int, key: str, reduce_layers: bool, target: f
                 "setting": setting,
                 "lr": lr,
                 "points": points,
-                **_fit_entry(points, target, threshold),
+                **_fit_entry(points, target, threshold, degree),
             }
         )
     return out
 
 
-def _fit_entry(points: list[dict], target: float, threshold: float | None) -> dict[str, Any]:
-    used = [p for p in points if p["value"] is not None]
-    sizes = sorted({p["params"] for p in used})
-    entry: dict[str, Any] = {"sizes_used": sizes, "fit": None, "prediction": None}
-    if len(sizes) < 3:
-        entry["not_fitted"] = f"finite values at {len(sizes)} size(s); a quadratic needs 3"
+def size_means(points: list[dict], leave_out: int | None = None) -> dict[int, float]:
+    """{params: the seeds' mean of log10 value} of the points with a value (a size's seeds are
+    one point of a fit), without the size ``leave_out``."""
+    at: dict[int, list[float]] = defaultdict(list)
+    for p in points:
+        if p["value"] is not None and p["params"] != leave_out:
+            at[p["params"]].append(math.log10(p["value"]))
+    return {k: float(np.mean(v)) for k, v in sorted(at.items())}
+
+
+def fit_means(means: dict[int, float], degree: int) -> Fit:
+    return fit_polynomial([math.log10(k) for k in means], list(means.values()), degree)
+
+
+def _fit_entry(
+    points: list[dict], target: float, threshold: float | None, degree: int
+) -> dict[str, Any]:
+    means = size_means(points)
+    entry: dict[str, Any] = {"sizes_used": sorted(means), "fit": None, "prediction": None}
+    if len(means) < degree + 1:
+        entry["not_fitted"] = (
+            f"finite values at {len(means)} size(s); a degree-{degree} fit needs {degree + 1}"
+        )
         return entry
-    x = [math.log10(p["params"]) for p in used]
-    y = [math.log10(p["value"]) for p in used]
-    fit = fit_quadratic(x, y)
+    fit = fit_means(means, degree)
     entry["fit"] = {"coef": list(fit.coef), "n": fit.n, "dof": fit.dof, "rss": fit.rss}
     entry["_fit"] = fit
     entry["prediction"] = _predict(fit, target)
@@ -322,24 +356,20 @@ def _predict(fit: Fit, params: float) -> dict[str, Any]:
     }
 
 
-def _holdout(entry: dict) -> dict[str, Any] | None:
+def _holdout(entry: dict, degree: int) -> dict[str, Any] | None:
     """Fit without the largest size, predict it, compare with the measured values there."""
-    used = [p for p in entry["points"] if p["value"] is not None]
     largest = max(p["params"] for p in entry["points"])
-    sizes = sorted({p["params"] for p in used if p["params"] != largest})
-    measured = [p["value"] for p in used if p["params"] == largest]
-    if len(sizes) < 3 or not measured:
+    means = size_means(entry["points"], leave_out=largest)
+    measured = [p["value"] for p in entry["points"] if p["params"] == largest and p["value"]]
+    if len(means) < degree + 1 or not measured:
         why = (
             "no finite value at the largest size"
             if not measured
-            else f"finite values at {len(sizes)} smaller size(s); a quadratic needs 3"
+            else f"finite values at {len(means)} smaller size(s); a degree-{degree} fit needs "
+            f"{degree + 1}"
         )
         return {"params": largest, "not_checked": why}
-    rest = [p for p in used if p["params"] != largest]
-    fit = fit_quadratic(
-        [math.log10(p["params"]) for p in rest], [math.log10(p["value"]) for p in rest]
-    )
-    pred = _predict(fit, largest)
+    pred = _predict(fit_means(means, degree), largest)
     m_log = float(np.mean([math.log10(v) for v in measured]))
     inside = None if pred["lo"] is None else bool(pred["lo"] <= 10**m_log <= pred["hi"])
     return {
@@ -428,13 +458,22 @@ def forecast(
     param: str | None = None,
     holdout_largest: bool = False,
     min_sizes: int = 3,
+    method: str = "auto",
 ) -> dict[str, Any]:
     """The forecast of sweeps ``dirs`` at ``target_params`` non-embedding parameters, as a
     JSON-able dict (see the module docstring). ``step``: the step read (default: the last step
     of the shortest run's schedule). ``param``: the parameter path of the §3.4 fit (default
-    the layer-0 query kernel). ``min_sizes``: fewer model sizes raise a ConfigError (the
+    the layer-0 query kernel). ``method``: "auto" (per quantity, ``DEFAULT_METHODS``),
+    "quadratic" or "linear". ``min_sizes``: fewer model sizes raise a ConfigError (the
     notebook passes 1 to plot measurements it cannot fit yet); so does anything else that
     cannot be forecast."""
+    if method not in ("auto", *DEGREES):
+        raise ConfigError(f"--method={method!r} is not valid; valid: auto, {', '.join(DEGREES)}")
+    methods = {
+        q: DEFAULT_METHODS[q] if method == "auto" else {"method": method, "why": "--method"}
+        for q in DEFAULT_METHODS
+    }
+    degree = {q: DEGREES[m["method"]] for q, m in methods.items()}
     if not target_params > 0:
         raise ConfigError(f"--target-params={target_params!r} must be > 0")
     if not threshold > 0:
@@ -445,11 +484,12 @@ def forecast(
     if len(sizes) < min_sizes:
         raise ConfigError(
             f"{len(sizes)} model size(s) in {', '.join(map(str, dirs))} "
-            f"({', '.join(s for s, _ in sizes)}); a quadratic fit needs >= 3"
+            f"({', '.join(s for s, _ in sizes)}); a fit needs >= {max(min_sizes, 3)}"
         )
-    if holdout_largest and len(sizes) < 4:
+    if holdout_largest and len(sizes) < max(degree.values()) + 2:
         raise ConfigError(
-            f"--holdout-largest needs >= 4 model sizes (3 to fit, 1 to check), got {len(sizes)}"
+            f"--holdout-largest needs >= {max(degree.values()) + 2} model sizes (to fit and 1 "
+            f"to check), got {len(sizes)}"
         )
     schedule_end = min(r.config.train.steps for r in runs)
     if step is None:
@@ -475,8 +515,12 @@ def forecast(
     for d in map(W.path, dirs):
         recs, _ = W.results(d)
         records += [{**r, "_workdir": str(d)} for r in recs if "run_id" in r]
-    logit = _series(runs, step, LOGIT_KEY, True, target_params, threshold)
-    grad = _series(runs, step, grad_key, False, target_params, None) if grad_key in keys else []
+    logit = _series(runs, step, LOGIT_KEY, True, target_params, threshold, degree["max_attn_logit"])
+    grad = (
+        _series(runs, step, grad_key, False, target_params, None, degree["grad_rms_over_eps"])
+        if grad_key in keys
+        else []
+    )
     for e in grad:
         fit = e.pop("_fit", None)
         if fit is not None:
@@ -489,13 +533,15 @@ def forecast(
     for e in logit:
         e.pop("_fit", None)
         if holdout_largest:
-            e["holdout"] = _holdout(e)
+            e["holdout"] = _holdout(e, degree["max_attn_logit"])
     return {
         "dirs": [str(d) for d in dirs],
         "step": step,
         "threshold": threshold,
         "target_params": target_params,
-        "interval": f"{LEVEL:.0%} residual-based prediction interval (Student t, n − 3 dof)",
+        "interval": f"{LEVEL:.0%} residual-based prediction interval (Student t, n − degree − 1 "
+        "dof, n = sizes)",
+        "methods": methods,
         "sizes": [
             {"size": s, "params": sorted({r.params for r in runs if r.size == s})} for s, _ in sizes
         ],
@@ -537,9 +583,12 @@ def to_markdown(fc: dict[str, Any], command: str = "") -> str:
         f"Sweeps: {', '.join(fc['dirs'])}. Step read: {fc['step']}. Target: {t:.3g} "
         f"non-embedding parameters. Threshold: max attention logit {fc['threshold']:g}.",
         "",
-        "Fit: least-squares quadratic of log10(value) in log10(non-embedding parameters) per "
-        f"setting and LR. Uncertainty: {fc['interval']}; '–' where the fit has no residual "
-        "degrees of freedom (3 points). A fit flags a crossing (yes / possibly / no) only with "
+        "Fit: least-squares in log10(value) and log10(non-embedding parameters), per setting "
+        "and LR, through the seeds' mean at each size: "
+        + "; ".join(f"{q.replace('_', ' ')}: **{m['method']}** ({m['why']})"
+                    for q, m in fc["methods"].items())
+        + f". Uncertainty: {fc['interval']}; '–' where the fit has no residual "
+        "degrees of freedom. A fit flags a crossing (yes / possibly / no) only with "
         f"at least {MIN_DOF} residual degrees of freedom and an interval of at most "
         f"{MAX_DECADES:g} decades; otherwise it says why it gives no flag. Excluded points "
         "(diverged, non-finite, not logged) are listed below and never fitted.",
@@ -550,7 +599,7 @@ def to_markdown(fc: dict[str, Any], command: str = "") -> str:
         "",
         "## Max attention logit (max over layers)",
         "",
-        f"| setting | lr | sizes fitted | c0, c1, c2 | predicted at {t:.3g} | 95% interval | crosses {fc['threshold']:g} |",
+        f"| setting | lr | sizes fitted | coefficients c0, c1(, c2) | predicted at {t:.3g} | 95% interval | crosses {fc['threshold']:g} |",
         "|---|---|---|---|---|---|---|",
     ]
     for e in fc["max_attn_logit"]:
@@ -589,7 +638,7 @@ def to_markdown(fc: dict[str, Any], command: str = "") -> str:
         lines.append(f"`{g['key']}` is not logged by these runs (an optimizer without ε?).")
     else:
         lines += [
-            f"| setting | lr | sizes fitted | c0, c1, c2 | predicted at {t:.3g} | 95% interval | reaches 1 at (params) |",
+            f"| setting | lr | sizes fitted | coefficients c0, c1(, c2) | predicted at {t:.3g} | 95% interval | reaches 1 at (params) |",
             "|---|---|---|---|---|---|---|",
         ]
         for e in g["series"]:
@@ -675,165 +724,3 @@ def write_forecast(fc: dict[str, Any], out: str | Path, command: str = "") -> Pa
     md = out / "forecast.md"
     W.write_text(md, to_markdown(fc, command))
     return md
-
-
-# ---------------------------------------------------------------------------------------
-# The forecast, checked as a forecast.
-
-METHODS = ("quadratic", "linear", "persistence")
-
-
-def calibrate(
-    dirs: Sequence[str | Path], early_fraction: float = 0.25, param: str | None = None
-) -> dict[str, Any]:
-    """Hold out the largest size; per setting and LR, forecast its final max attention logit
-    and gradient RMS / ε (``param``) at the end of training from what is known when it has
-    trained ``early_fraction`` of its steps: the smaller sizes' final values (a quadratic in
-    log size, the paper's; and a line, a baseline) and its own value at that early step (a
-    persistence baseline). Every seed of the held-out size is a measurement: per method, the
-    error in decades (log10 forecast − log10 seed mean of the measurements) and the coverage
-    of its 95% prediction interval (the fraction of held-out seeds inside it)."""
-    runs = load_runs(dirs)
-    sizes = sorted({r.size: r.params for r in runs}.items(), key=lambda kv: kv[1])
-    if len(sizes) < 5:
-        raise ConfigError(
-            f"calibration needs >= 5 model sizes (4 to fit, 1 held out), got {len(sizes)}"
-        )
-    held = sizes[-1][0]
-    final = min(r.config.train.steps for r in runs)
-    logged = sorted({h["step"] for r in runs for h in r.history if isinstance(h.get("step"), int)})
-    early = max((s for s in logged if s <= early_fraction * final), default=None)
-    if early is None:
-        raise ConfigError(f"no step logged within the first {early_fraction:.0%} of {final}")
-    quantities = {
-        "max_attn_logit": (LOGIT_KEY, True),
-        "grad_rms_over_eps": (f"grad/rms_over_eps/{param or DEFAULT_PARAM}", False),
-    }
-    out: dict[str, Any] = {
-        "held_out": held,
-        "fitted_sizes": [s for s, _ in sizes[:-1]],
-        "early_step": early,
-        "final_step": final,
-        "quantities": {},
-    }
-    groups: dict[tuple[str, float], list[Run]] = defaultdict(list)
-    for r in runs:
-        groups[(r.setting, r.lr)].append(r)
-    for name, (key, reduce) in quantities.items():
-
-        def at(r: Run, step: int, key=key, reduce=reduce) -> float | None:
-            return _value_at(r, step, key, reduce)[0]
-
-        rows = []
-        for (setting, lr), group in sorted(groups.items()):
-            train = [(r.params, at(r, final)) for r in group if r.size != held]
-            train = [(p, v) for p, v in train if v is not None]
-            target = [r for r in group if r.size == held]
-            logs = [math.log10(v) for r in target if (v := at(r, final)) is not None]
-            early_logs = [math.log10(v) for r in target if (v := at(r, early)) is not None]
-            if not logs or len({p for p, _ in train}) < 3:
-                continue
-            x0 = math.log10(target[0].params)
-            xs = [math.log10(p) for p, _ in train]
-            ys = [math.log10(v) for _, v in train]
-            truth = float(np.mean(logs))
-            row = {"setting": setting, "lr": lr, "measured": 10**truth, "seeds": len(logs)}
-            for method, degree in (("quadratic", 2), ("linear", 1)):
-                fit = fit_polynomial(xs, ys, degree)
-                iv = fit.interval(x0)
-                row[method] = {
-                    "forecast": float(10 ** fit(x0)),
-                    "error_decades": float(fit(x0)) - truth,
-                    "interval": None if iv is None else [float(10 ** iv[0]), float(10 ** iv[1])],
-                    "inside": None if iv is None else int(sum(iv[0] <= v <= iv[1] for v in logs)),
-                }
-            guess = float(np.mean(early_logs)) if early_logs else None
-            row["persistence"] = {
-                "forecast": None if guess is None else 10**guess,
-                "error_decades": None if guess is None else guess - truth,
-                "interval": None,
-                "inside": None,
-            }
-            rows.append(row)
-        summary = {}
-        for method in METHODS:
-            errs = [
-                abs(r[method]["error_decades"])
-                for r in rows
-                if r[method]["error_decades"] is not None
-            ]
-            inside = [r[method]["inside"] for r in rows if r[method]["inside"] is not None]
-            summary[method] = {
-                "median_abs_error_decades": float(np.median(errs)) if errs else None,
-                "inside": sum(inside) if inside else None,
-                "measurements": sum(r["seeds"] for r in rows if r[method]["inside"] is not None),
-            }
-        out["quantities"][name] = {"rows": rows, "summary": summary}
-    return out
-
-
-def _cell(f: dict) -> str:
-    """A forecast with its interval."""
-    iv = "" if f["interval"] is None else f" [{f['interval'][0]:.3g}, {f['interval'][1]:.3g}]"
-    return f"{_g(f['forecast'])}{iv}"
-
-
-def calibration_markdown(cal: dict[str, Any], command: str = "") -> str:
-    """The calibration as markdown (``docs/forecast_calibration.md``)."""
-    lines = [
-        "# Forecast calibration",
-        "",
-        f"Held out: {cal['held_out']}; fitted on {', '.join(cal['fitted_sizes'])}. Forecast of the "
-        f"held-out size's value at step {cal['final_step']} (the end), made when it has trained "
-        f"{cal['early_step']} steps: a quadratic in log10(non-embedding parameters) through the "
-        "smaller sizes' final values (the paper's fit), a line through them (baseline), and the "
-        f"held-out size's own value at step {cal['early_step']} (persistence baseline). Error: "
-        "log10 forecast − log10 of the held-out seeds' geometric mean; inside: held-out seeds "
-        "inside the 95% prediction interval.",
-    ]
-    if command:
-        lines += ["", f"Command: `{command}`"]
-    for name, q in cal["quantities"].items():
-        lines += [
-            "",
-            f"## {name.replace('_', ' ')}",
-            "",
-            "| method | median abs error (decades) | inside the 95% interval |",
-            "|---|---|---|",
-        ]
-        for method, s in q["summary"].items():
-            inside = (
-                "n/a (no interval)"
-                if s["inside"] is None
-                else f"{s['inside']} of {s['measurements']}"
-            )
-            lines.append(f"| {method} | {_g(s['median_abs_error_decades'])} | {inside} |")
-        lines += [
-            "",
-            "| setting | lr | measured | quadratic [95%] | linear [95%] | persistence | errors q / l / p (decades) |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in q["rows"]:
-            errs = " / ".join(_g(r[m]["error_decades"], "+.2f") for m in METHODS)
-            lines.append(
-                f"| {r['setting']} | {r['lr']:g} | {r['measured']:.3g} | {_cell(r['quadratic'])} | "
-                f"{_cell(r['linear'])} | {_cell(r['persistence'])} | {errs} |"
-            )
-    lines += ["", "Does the quadratic beat the baselines (median absolute error)?", ""]
-    for name, q in cal["quantities"].items():
-        err = {m: q["summary"][m]["median_abs_error_decades"] for m in METHODS}
-        base = [m for m in METHODS if m != "quadratic" and err[m] is not None]
-        if err["quadratic"] is None or not base:
-            answer = "no comparison (no forecast)"
-        else:
-            worse = [m for m in base if err[m] <= err["quadratic"]]
-            answer = (
-                "no: " + ", ".join(f"{m} {_g(err[m])}" for m in worse)
-                + f" vs quadratic {_g(err['quadratic'])} decades"
-                if worse
-                else f"yes: quadratic {_g(err['quadratic'])} vs "
-                + ", ".join(f"{m} {_g(err[m])}" for m in base)
-                + " decades"
-            )
-        lines.append(f"- {name.replace('_', ' ')}: {answer}.")
-    return "\n".join(lines) + "\n"

@@ -542,7 +542,7 @@ def plot_panels(
 def plot_forecast(fc: dict, path: Path | None = None):
     """The figure of ``stability forecast`` (``stability.forecast.forecast``'s dict): per
     setting, measured max attention logit vs non-embedding parameters (one colour per LR),
-    the quadratic fits extrapolated (dashed) to the target with the prediction interval, the
+    the fits extrapolated (dashed) to the target with the prediction interval, the
     threshold; then gradient RMS / ε (§3.4) and LR sensitivity / optimal LR vs size."""
     import numpy as np
 
@@ -574,11 +574,12 @@ def plot_forecast(fc: dict, path: Path | None = None):
             ax.plot(bad, [ymin] * len(bad), "x", color=c, markersize=6)
         if e["fit"] is None:
             return
-        c0, c1, c2 = e["fit"]["coef"]
+        coef = e["fit"]["coef"]
         lo, hi = math.log10(min(e["sizes_used"])), math.log10(max(e["sizes_used"]))
         for a, b, style in ((lo, hi, "-"), (hi, max(hi, math.log10(target)), "--")):
             xs = np.linspace(a, b, 40)
-            ax.plot(10**xs, 10 ** (c0 + c1 * xs + c2 * xs**2), style, color=c, linewidth=1)
+            ys = sum(c * xs**k for k, c in enumerate(coef))
+            ax.plot(10**xs, 10**ys, style, color=c, linewidth=1)
         p = e["prediction"]
         if target_mark and p["lo"] is not None:
             ax.errorbar(

@@ -12,8 +12,7 @@ from conftest import tiny_config
 from stability.cli import main
 from stability.config import ConfigError
 from stability.forecast import (
-    calibrate,
-    calibration_markdown,
+    DEFAULT_METHODS,
     fit_quadratic,
     forecast,
     non_embedding_params,
@@ -138,7 +137,7 @@ def test_forecast_predicts_marks_and_holds_out(tmp_path):
         w16_lr1={"value": math.inf},  # logged a non-finite value
     )
     target = 1e9
-    fc = forecast([w], target, step=STEP, holdout_largest=True)
+    fc = forecast([w], target, step=STEP, holdout_largest=True, method="quadratic")
     by_lr = {e["lr"]: e for e in fc["max_attn_logit"]}
     lo = by_lr[0.01]
     np.testing.assert_allclose(lo["fit"]["coef"], COEF, rtol=1e-6)
@@ -165,16 +164,26 @@ def test_forecast_predicts_marks_and_holds_out(tmp_path):
     assert saved["max_attn_logit"][0]["sizes_used"] == lo["sizes_used"]
 
 
-def test_forecast_with_noise_and_two_seeds_has_an_interval(tmp_path):
-    w = write_sweep(tmp_path / "s", noise=0.02, seeds=(0, 1), lrs=(0.01,))
-    e = forecast([w], 1e7, step=STEP)["max_attn_logit"][0]
-    assert e["fit"]["n"] == 8 and e["fit"]["dof"] == 5
+def test_forecast_fits_seed_means_and_flags_only_with_enough_sizes(tmp_path):
+    """Two seeds of a size are one point (their mean of log10): 5 sizes give a quadratic 2
+    residual degrees of freedom, enough for a flag when its interval is narrow."""
+    w = write_sweep(tmp_path / "s", widths=(8, 16, 32, 64, 128), noise=0.02, seeds=(0, 1), lrs=(0.01,))
+    e = forecast([w], 1e7, step=STEP, method="quadratic")["max_attn_logit"][0]
+    assert e["fit"]["n"] == 5 and e["fit"]["dof"] == 2
     p = e["prediction"]
     assert p["lo"] < true_logit(1e7, 0.01) < p["hi"]
     np.testing.assert_allclose(e["fit"]["coef"], COEF, atol=0.5)
-    assert "no_flag" not in e and e["crosses_threshold"] == (p["value"] >= 1e4)  # 5 dof, narrow
-    wide = forecast([write_sweep(tmp_path / "wide", noise=1.0, seeds=(0, 1), lrs=(0.01,))], 1e12, step=STEP)
+    assert "no_flag" not in e and e["crosses_threshold"] == (p["value"] >= 1e4)
+    line = forecast([w], 1e7, step=STEP, method="linear")
+    assert line["max_attn_logit"][0]["fit"]["dof"] == 3 and line["methods"]["max_attn_logit"] == {
+        "method": "linear", "why": "--method"}
+    wide = forecast([write_sweep(tmp_path / "wide", widths=(8, 16, 32, 64, 128), noise=1.0,
+                                 seeds=(0, 1), lrs=(0.01,))], 1e12, step=STEP, method="quadratic")
     assert wide["max_attn_logit"][0]["no_flag"].startswith("interval spans")
+    auto = forecast([w], 1e7, step=STEP)  # the calibration's choice, said with its reason
+    assert auto["methods"] == DEFAULT_METHODS
+    with pytest.raises(ConfigError, match="--method='cubic'"):
+        forecast([w], 1e7, step=STEP, method="cubic")
 
 
 def test_forecast_refuses_too_few_sizes_and_an_unlogged_step(tmp_path, capsys):
@@ -191,27 +200,3 @@ def test_forecast_refuses_too_few_sizes_and_an_unlogged_step(tmp_path, capsys):
     assert err.count("\n") == 1 and "2 model size(s)" in err
     assert main(["forecast", str(w4), "--target-params=1e9", f"--out={tmp_path / 'o'}", "--holdout-largest"]) == 0
     assert (tmp_path / "o" / "forecast.md").exists()
-
-
-def test_calibration_holds_out_the_largest_size_against_two_baselines(tmp_path, capsys):
-    """Five sizes × 3 seeds of a known quadratic (noise 0.02 decades; the early value at step
-    5 is half the final): the quadratic forecasts the held-out size within the noise and its
-    intervals cover the seeds; persistence is off by log10 2; the line misses the curvature."""
-    w = write_sweep(tmp_path / "s", widths=(8, 16, 32, 64, 128), noise=0.02, seeds=(0, 1, 2), lrs=(0.01,))
-    cal = calibrate([w], early_fraction=0.5)
-    assert cal["held_out"] == "d=128,L=2,H=16" and len(cal["fitted_sizes"]) == 4
-    assert (cal["early_step"], cal["final_step"]) == (5, STEP)
-    (row,) = cal["quantities"]["max_attn_logit"]["rows"]
-    assert abs(row["quadratic"]["error_decades"]) < 0.05 and row["quadratic"]["inside"] == 3
-    assert row["persistence"]["error_decades"] == pytest.approx(-math.log10(2), abs=0.05)
-    s = cal["quantities"]["max_attn_logit"]["summary"]
-    assert s["quadratic"]["median_abs_error_decades"] < s["persistence"]["median_abs_error_decades"]
-    assert s["persistence"]["inside"] is None  # no interval
-    with pytest.raises(ConfigError, match=">= 5 model sizes"):
-        calibrate([write_sweep(tmp_path / "four")])
-    assert main(["forecast", str(w), "--calibrate", "--early-fraction=0.5", f"--out={tmp_path / 'o'}"]) == 0
-    md = (tmp_path / "o" / "calibration.md").read_text()
-    assert md.startswith("# Forecast calibration") and "| quadratic |" in md and "persistence" in md
-    assert "- max attn logit: yes: quadratic " in md
-    s["linear"]["median_abs_error_decades"] = 0.0  # a baseline that wins is said to win
-    assert "- max attn logit: no: linear 0 vs quadratic" in calibration_markdown(cal)
