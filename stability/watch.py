@@ -97,14 +97,15 @@ class LogitGrowth(Detector):
     ``threshold``. Over the trailing ``window`` logged steps, fit log ℓ = a + b·step by least
     squares; if b > 0, the extrapolated crossing is s* = (ln threshold − a) / b. Warns when
     the latest logit is at least ``min_logit`` and s* falls before the end of training
-    (``horizon`` = 0) or within ``horizon`` steps; the trend is ln 2 / b (steps to double).
-    Clears when the crossing recedes past twice that limit, or b ≤ 0."""
+    (``horizon`` = 0) or within ``horizon`` steps, at ``confirm`` consecutive logged steps
+    (a logit that grows then plateaus stops the count); the trend is ln 2 / b (steps to
+    double). Clears when the crossing recedes past twice that limit, or b ≤ 0."""
 
     name = "logit_growth"
 
     def __init__(self, cfg: LogitWatch, steps: int):
         super().__init__(steps)
-        self.cfg, self.points = cfg, []
+        self.cfg, self.points, self.held = cfg, [], 0
 
     def _limit(self, step: int, scale: float = 1.0) -> float:
         h = self.cfg.horizon
@@ -123,7 +124,9 @@ class LogitGrowth(Detector):
         if v >= self.cfg.threshold:
             predicted = step
         self._last = (step, b, predicted)
-        on = predicted is not None and v >= self.cfg.min_logit and predicted <= self._limit(step)
+        holds = predicted is not None and v >= self.cfg.min_logit and predicted <= self._limit(step)
+        self.held = self.held + 1 if holds else 0
+        on = holds and self.held >= self.cfg.confirm
         trend = math.log(2) / b if b > 0 else None  # steps to double
         grows = f"doubling every {trend:.3g} steps" if trend else "not growing"
         when = (
