@@ -46,39 +46,86 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    raw = _Formatter
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command (one small builder each)."""
     parser = _Parser(
         prog="stability",
         description="Train one run, a sweep of many runs, or a report.\n\n" + CONFIG_HELP,
-        formatter_class=raw,
+        formatter_class=_Formatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser(
+    for build in (_train_parser, _sweep_parser, _report_parser, _forecast_parser,
+                  _reproduce_parser, _prepare_parser):
+        p = build(sub)
+        p.error = parser.error  # type: ignore[method-assign]
+    return parser
+
+
+# command -> (its function, whether it takes --config.KEY=VALUE overrides)
+COMMANDS = {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rest, overrides = split_overrides(argv)
+        args, unknown = build_parser().parse_known_args(rest)
+        if unknown:
+            raise ConfigError(
+                f"unrecognized arguments: {' '.join(unknown)}{option_hint(unknown[0])}"
+            )
+        run, takes_overrides = COMMANDS[args.command]
+        if takes_overrides:
+            return run(args, overrides)
+        if overrides:
+            raise ConfigError(f"`stability {args.command}` takes no --config overrides")
+        return run(args)
+    except ConfigError as e:
+        print(f"stability: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # etils.epath reaches gs:// through fsspec's gcsfs
+        if "gcsfs" not in str(e):
+            raise
+        print(
+            "stability: error: gs:// paths need gcsfs, which is not installed: "
+            'pip install -e ".[tpu]" (or pip install gcsfs)',
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    raw = _Formatter
+    p = sub.add_parser(
         "train",
         help="train one run (resumes from its workdir)",
         description="Train one run in --workdir; rerunning resumes it.\n\n" + CONFIG_HELP,
         formatter_class=raw,
     )
-    p_train.add_argument("--config", default=None, help="PATH[:ARG] of a get_config() file")
-    p_train.add_argument(
+    p.add_argument("--config", default=None, help="PATH[:ARG] of a get_config() file")
+    p.add_argument(
         "--workdir",
         required=True,
         help="directory of the run: config.json, metrics.jsonl, checkpoints/, wandb/",
     )
-    p_train.add_argument(
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="delete the run in --workdir (printing what it held) and start from scratch",
     )
-    p_train.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p_train.add_argument(
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument(
         "--check",
         action="store_true",
         help="validate config, data, memory and the workdir; write nothing",
     )
-    p_sweep = sub.add_parser(
+    _jax_options(p)
+    return p
+
+
+def _sweep_parser(sub) -> argparse.ArgumentParser:
+    raw = _Formatter
+    p = sub.add_parser(
         "sweep",
         help="run (or resume) a sweep of many runs",
         description="Train every point of a sweep file's get_sweep(ARG) grid into --workdir; "
@@ -88,84 +135,61 @@ def main(argv: list[str] | None = None) -> int:
         + CONFIG_HELP,
         formatter_class=raw,
     )
-    p_sweep.add_argument("--sweep", required=True, help="PATH[:ARG] of a get_sweep() file")
-    p_sweep.add_argument("--config", default=None, help="PATH[:ARG] of the base get_config() file")
-    p_sweep.add_argument(
+    p.add_argument("--sweep", required=True, help="PATH[:ARG] of a get_sweep() file")
+    p.add_argument("--config", default=None, help="PATH[:ARG] of the base get_config() file")
+    p.add_argument(
         "--workdir",
         required=True,
         help="directory of the sweep: sweep.json, results.jsonl, runs/<run_id>/, report.md",
     )
-    p_sweep.add_argument(
+    p.add_argument(
         "--strategy",
         choices=["auto", "vmap", "sequential"],
         default="auto",
         help="vmap: the runs of a group as one vmapped program; sequential: one run after "
         "another with the same compiled step; auto: sequential on CPU, else vmap",
     )
-    p_sweep.add_argument(
+    p.add_argument(
         "--max-runs-per-program",
         type=int,
         default=16,
         metavar="K",
         help="vmap: at most K runs in one program",
     )
-    p_sweep.add_argument(
+    p.add_argument(
         "--seeds",
         type=int,
         default=1,
         help="runs per sweep point, with train.seed (and data.seed: see --seed-data) = "
         "OFFSET..OFFSET+N-1",
     )
-    p_sweep.add_argument(
+    p.add_argument(
         "--seed-offset",
         type=int,
         default=0,
         metavar="OFFSET",
         help="the first seed (other seeds than a previous sweep's)",
     )
-    p_sweep.add_argument(
+    p.add_argument(
         "--seed-data",
         choices=["vary", "fixed"],
         default="vary",
         help="vary: each seed also sets data.seed (another data order); fixed: every seed sees "
         "the config's batches (sweeps started with release 0.2.0)",
     )
-    p_sweep.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    p_sweep.add_argument(
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.add_argument(
         "--check",
         action="store_true",
         help="validate every run (config, data, memory) and the workdir; write nothing",
     )
-    for p in (p_train, p_sweep):
-        p.add_argument(
-            "--distributed",
-            action="store_true",
-            help="call jax.distributed.initialize() (auto-detects TPU pods and SLURM)",
-        )
-        p.add_argument(
-            "--coordinator", default=None, help="HOST:PORT of process 0 (implies --distributed)"
-        )
-        p.add_argument(
-            "--num-processes",
-            type=int,
-            default=None,
-            help="with --coordinator: how many processes (one per host) take part",
-        )
-        p.add_argument(
-            "--process-id",
-            type=int,
-            default=None,
-            help="with --coordinator: this process's rank, 0 .. num-processes − 1 (0 hosts "
-            "the coordinator)",
-        )
-        p.add_argument(
-            "--compilation-cache",
-            default=None,
-            metavar="DIR|off",
-            help="persistent XLA compilation cache (default $STABILITY_COMPILATION_CACHE or "
-            "~/.cache/stability/jax; off: none)",
-        )
-    p_report = sub.add_parser(
+    _jax_options(p)
+    return p
+
+
+def _report_parser(sub) -> argparse.ArgumentParser:
+    raw = _Formatter
+    p = sub.add_parser(
         "report",
         help="write report.md and figures for sweep or single-run workdirs",
         description="Writes report.md and its figures for a sweep's workdir (LR sensitivity, "
@@ -174,60 +198,72 @@ def main(argv: list[str] | None = None) -> int:
         "several LRs form one LR curve.",
         formatter_class=raw,
     )
-    p_report.add_argument("workdirs", nargs="+", metavar="DIR", help="sweep or run workdirs")
-    p_report.add_argument(
+    p.add_argument("workdirs", nargs="+", metavar="DIR", help="sweep or run workdirs")
+    p.add_argument(
         "--out",
         default=None,
         help="where to write them (default: the only DIR; needed for several)",
     )
-    p_forecast = sub.add_parser(
+    return p
+
+
+def _forecast_parser(sub) -> argparse.ArgumentParser:
+    raw = _Formatter
+    p = sub.add_parser(
         "forecast",
         help="fit max attention logit and grad RMS/ε vs model size; predict a target size",
-        description="Per setting and LR, a least-squares quadratic of log10(max attention "
-        "logit at --step) in log10(non-embedding parameters) over sweeps spanning >= 3 sizes, "
-        "extrapolated to --target-params with a 95% prediction interval; the same for "
-        "gradient RMS / Adam's eps (section 3.4); optimal LR and LR sensitivity vs size. "
-        "Writes forecast.md, forecast.png, forecast.json.",
+        description="Per setting and LR, a least-squares fit of log10(max attention logit at "
+        "--step) in log10(non-embedding parameters) through the seeds' mean at each size, over "
+        "sweeps spanning >= 3 sizes, extrapolated to --target-params with a 95% prediction "
+        "interval; the same for gradient RMS / Adam's eps (section 3.4); optimal LR and LR "
+        "sensitivity vs size. The fit of each quantity is the one that forecast held-out sizes "
+        "best in the shipped calibration (docs/forecast_calibration.md), unless --method names "
+        "one. Writes forecast.md, forecast.png, forecast.json.",
         formatter_class=raw,
     )
-    p_forecast.add_argument("dirs", nargs="+", metavar="DIR", help="sweep workdirs")
-    p_forecast.add_argument(
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep workdirs")
+    p.add_argument(
         "--target-params",
         type=float,
         default=None,
         help="non-embedding parameters to predict (needed unless --calibrate)",
     )
-    p_forecast.add_argument(
+    p.add_argument(
         "--step", type=int, default=None, help="step read (default: the shortest schedule's end)"
     )
-    p_forecast.add_argument(
+    p.add_argument(
         "--threshold", type=float, default=1e4, help="max attention logit that predicts divergence"
     )
-    p_forecast.add_argument(
+    p.add_argument(
         "--param",
         default=None,
         help="parameter of the grad RMS/eps fit (default blocks/0/attn/q/kernel)",
     )
-    p_forecast.add_argument(
+    p.add_argument(
+        "--method",
+        choices=["auto", "quadratic", "linear"],
+        default="auto",
+        help="the fit: auto = per quantity, the calibration's choice; quadratic = the paper's",
+    )
+    p.add_argument(
         "--holdout-largest",
         action="store_true",
         help="also fit without the largest size and compare its prediction with the measurement",
     )
-    p_forecast.add_argument(
+    p.add_argument(
         "--calibrate",
         action="store_true",
-        help="instead: hold out the largest size (needs >= 5) and forecast its end-of-training "
-        "values from an early step, against a linear and a persistence baseline; writes "
-        "calibration.md and calibration.json",
+        help="instead: leave each size out in turn (>= 4 others to fit) at 25/50/75/100%% of "
+        "training, score the quadratic, a line and persistence (median error, interval score, "
+        "coverage), check crossing flags against what happened; writes calibration.md, .json",
     )
-    p_forecast.add_argument(
-        "--early-fraction",
-        type=float,
-        default=0.25,
-        help="with --calibrate: the fraction of training after which the forecast is made",
-    )
-    p_forecast.add_argument("--out", default=None, help="output folder (default DIR/forecast)")
-    p_reproduce = sub.add_parser(
+    p.add_argument("--out", default=None, help="output folder (default DIR/forecast)")
+    return p
+
+
+def _reproduce_parser(sub) -> argparse.ArgumentParser:
+    raw = _Formatter
+    p = sub.add_parser(
         "reproduce",
         help="run the experiments behind the paper's findings; write paper_report.md",
         description="Runs (or resumes) the experiments of Wortsman et al. 2023's findings under "
@@ -242,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "  --config.wandb.KEY=VALUE   e.g. --config.wandb.mode=online",
         formatter_class=raw,
     )
-    p_reproduce.add_argument(
+    p.add_argument(
         "--preset",
         choices=["tiny", "cpu", "accelerator"],
         default="cpu",
@@ -251,19 +287,24 @@ def main(argv: list[str] | None = None) -> int:
         "accelerator: the paper's sizes on C4 (needs --config.data.tfds_data_dir and "
         "--config.data.tokenizer_path)",
     )
-    p_reproduce.add_argument("--workdir", required=True, help="one sweep workdir per experiment")
-    p_reproduce.add_argument(
+    p.add_argument("--workdir", required=True, help="one sweep workdir per experiment")
+    p.add_argument(
         "--seed-offset",
         type=int,
         default=0,
         metavar="N",
         help="the first seed (each seed sets the initialisation and the data order)",
     )
-    p_reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p_reproduce.add_argument(
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
         "--report-only", action="store_true", help="train nothing; report the finished runs"
     )
-    p_prepare = sub.add_parser(
+    return p
+
+
+def _prepare_parser(sub) -> argparse.ArgumentParser:
+    raw = _Formatter
+    p = sub.add_parser(
         "prepare-data",
         help="build a tfds text dataset (C4, lm1b, ...) as ArrayRecord for data.source=tfds",
         description="Builds the tfds dataset --name under --data-dir in ArrayRecord format, the "
@@ -272,37 +313,44 @@ def main(argv: list[str] | None = None) -> int:
         "(gsutil -m cp -r DIR gs://BUCKET/tfds).",
         formatter_class=raw,
     )
-    p_prepare.add_argument("--name", required=True, help="tfds name, e.g. c4/en:3.1.0 or lm1b")
-    p_prepare.add_argument("--data-dir", required=True, help="where to write the dataset")
-    p_prepare.add_argument(
+    p.add_argument("--name", required=True, help="tfds name, e.g. c4/en:3.1.0 or lm1b")
+    p.add_argument("--data-dir", required=True, help="where to write the dataset")
+    p.add_argument(
         "--manual-dir", default=None, help="the downloaded source files, if the dataset needs them"
     )
-    for p in (p_train, p_sweep, p_report, p_forecast, p_reproduce, p_prepare):
-        p.error = parser.error  # type: ignore[method-assign]
-    try:
-        rest, overrides = split_overrides(argv)
-        args, unknown = parser.parse_known_args(rest)
-        if unknown:
-            raise ConfigError(
-                f"unrecognized arguments: {' '.join(unknown)}{option_hint(unknown[0])}"
-            )
-        if args.command == "train":
-            return _train(args, overrides)
-        if args.command == "sweep":
-            return _sweep(args, overrides)
-        if args.command == "reproduce":
-            return _reproduce(args, overrides)
-        if overrides:
-            raise ConfigError(f"`stability {args.command}` takes no --config overrides")
-        if args.command == "forecast":
-            return _forecast(args)
-        if args.command == "prepare-data":
-            return _prepare(args)
-        return _report(args)
-    except ConfigError as e:
-        print(f"stability: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+    return p
+
+
+def _jax_options(p: argparse.ArgumentParser) -> None:
+    """--distributed, --coordinator, --num-processes, --process-id, --compilation-cache."""
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() (auto-detects TPU pods and SLURM)",
+    )
+    p.add_argument(
+        "--coordinator", default=None, help="HOST:PORT of process 0 (implies --distributed)"
+    )
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="with --coordinator: how many processes (one per host) take part",
+    )
+    p.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        help="with --coordinator: this process's rank, 0 .. num-processes − 1 (0 hosts "
+        "the coordinator)",
+    )
+    p.add_argument(
+        "--compilation-cache",
+        default=None,
+        metavar="DIR|off",
+        help="persistent XLA compilation cache (default $STABILITY_COMPILATION_CACHE or "
+        "~/.cache/stability/jax; off: none)",
+    )
 
 
 def _train(args, overrides) -> int:
@@ -446,22 +494,17 @@ def _forecast(args) -> int:
     import json
 
     from stability import workdir as W
-    from stability.forecast import calibrate, calibration_markdown, forecast, write_forecast
+    from stability.forecast import forecast, write_forecast
 
     out = W.path(args.out) if args.out else W.path(args.dirs[0]) / "forecast"
     if args.calibrate:
-        cal = calibrate(args.dirs, args.early_fraction, args.param)
+        from stability.calibration import calibrate, to_markdown
+
+        cal = calibrate(args.dirs, args.param)
         out.mkdir(parents=True, exist_ok=True)
-        command = " ".join(
-            [
-                "stability forecast",
-                *args.dirs,
-                "--calibrate",
-                f"--early-fraction={args.early_fraction:g}",
-            ]
-        )
+        command = " ".join(["stability forecast", *args.dirs, "--calibrate"])
         W.write_text(out / "calibration.json", json.dumps(cal, indent=1) + "\n")
-        W.write_text(out / "calibration.md", text := calibration_markdown(cal, command))
+        W.write_text(out / "calibration.md", text := to_markdown(cal, command))
         print(text)
         return 0
     if args.target_params is None:
@@ -474,11 +517,13 @@ def _forecast(args) -> int:
         threshold=args.threshold,
         param=args.param,
         holdout_largest=args.holdout_largest,
+        method=args.method,
     )
     command = " ".join(
         ["stability forecast", *args.dirs, f"--target-params={args.target_params:g}"]
         + [f"--{k.replace('_', '-')}={v}" for k in ("step", "param") if (v := getattr(args, k))]
         + [f"--threshold={args.threshold:g}"]
+        + [f"--method={args.method}"] * (args.method != "auto")
         + ["--holdout-largest"] * args.holdout_largest
     )
     md = write_forecast(fc, out, command=command)
@@ -510,6 +555,16 @@ def _reproduce(args, overrides) -> int:
     )
     print(report.read_text())
     return 0
+
+
+COMMANDS.update(
+    train=(_train, True),
+    sweep=(_sweep, True),
+    reproduce=(_reproduce, True),
+    report=(_report, False),
+    forecast=(_forecast, False),
+    **{"prepare-data": (_prepare, False)},
+)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,24 @@ Optimizer = Literal["adamw", "spam", "lion", "adafactor", "sgd"]
 Parametrization = Literal["standard", "mup_simple", "mup_hidden", "mup_full"]
 
 
+def per_run(default: Any) -> Any:
+    """Declare a per-run hyperparameter: a sweep may vary it between the runs of one compiled
+    program (vmapped; a traced scalar of the step, ``step.hyperparams``). Declaring it here is
+    all a new one needs besides the code that reads ``hp[name]``."""
+    return field(default=default, metadata={"per_run": True})
+
+
+def per_run_fields() -> list[tuple[str, str]]:
+    """(section, field) of every per-run hyperparameter, in declaration order."""
+    return [
+        (section, f.name)
+        for section, cls in (("model", ModelConfig), ("optim", OptimConfig), ("data", DataConfig),
+                             ("train", TrainConfig))
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("per_run")
+    ]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer; defaults are the recipe of Wortsman et al. 2023."""
@@ -94,16 +112,16 @@ class OptimConfig:
     # 3-10x smaller lr and larger λ than AdamW). adafactor: factored second moment (Shazeer &
     # Stern 2018), update clipping, absolute LR (no parameter-scale step). sgd: heavy-ball SGD.
     name: Optimizer = "adamw"
-    lr: float = 1e-2  # peak learning rate
+    lr: float = per_run(1e-2)  # peak learning rate
     # β1: first-moment decay of adamw/spam/adafactor (0 = none, the original Adafactor) and
     # Lion's update interpolation. β2: second-moment decay of adamw/spam; Lion's momentum decay
     # (Lion's reference: β1 0.9, β2 0.99). SPAM shares b1/b2/eps with adamw; its reference
     # defaults are β2 = 0.999, ε = 1e-6.
     b1: float = 0.9
     b2: float = 0.95
-    eps: float = 1e-8  # adamw/spam: ε added to √v (gradient units); 1e-15 ... 1e-6 all work
+    eps: float = per_run(1e-8)  # adamw/spam: ε added to √v (gradient units); 1e-15 … 1e-6 work
     momentum: float = 0.9  # sgd: heavy-ball momentum in [0, 1); 0 = plain SGD
-    weight_decay: float = 1e-4  # λ, per update (see weight_decay_mode)
+    weight_decay: float = per_run(1e-4)  # λ, per update (see weight_decay_mode)
     # independent: θ ← θ − η_t·Δ − (η_t/η)·λ·θ; coupled: θ ← θ − η_t·(Δ + λ·θ); Δ is the
     # optimizer's direction (times the μParam multiplier). Only params with ndim >= 2 decay.
     weight_decay_mode: WeightDecayMode = "independent"
@@ -134,7 +152,7 @@ class OptimConfig:
     # back to the peak after each decay; cycle ends are wsd_decay_ends plus train.steps, or
     # wsd_cycles equal cycles.
     schedule: Schedule = "cosine"
-    warmup_steps: int = 100
+    warmup_steps: int = per_run(100)
     min_lr: float = 1e-5  # absolute LR at the end of the decay
     decay_shape: DecayShape = "linear"  # wsd/wsd_s decay: linear, cosine, 1−√p, exponential
     decay_fraction: float = 0.1  # wsd/wsd_s: fraction of training (of each cycle) that decays
@@ -190,7 +208,7 @@ class WandbConfig:
 class TrainConfig:
     steps: int = 800
     seed: int = 0  # parameter initialisation (data order: data.seed)
-    z_loss: float = 1e-4  # weight on mean(log Z²) of the output logits
+    z_loss: float = per_run(1e-4)  # weight on mean(log Z²) of the output logits
     log_every: int = 10  # steps between metric records
     eval_every: int = 200  # steps between eval/loss; the last step always evaluates
     eval_batches: int = 4
@@ -231,6 +249,7 @@ class LogitWatch:
     window: int = 8  # trailing logged steps of the log-linear fit
     horizon: int = 0  # warn for a crossing within this many steps; 0 = before the end
     min_logit: float = 30.0  # no warning below this logit (stable runs stay under it)
+    confirm: int = 1  # warn once the condition has held at this many consecutive logged steps
 
 
 @dataclass(frozen=True)
@@ -415,9 +434,13 @@ NEW_FIELDS = ("watch", "train.scan_layers", "train.keep_final_checkpoint")
 
 def identity(cfg: Config) -> dict[str, Any]:
     """The config as a JSON-able dict for run ids and workdir comparisons: every field,
-    except those of ``NEW_FIELDS`` while they are at their defaults."""
+    except those of ``NEW_FIELDS`` while they are at their defaults, and the early-warning
+    detectors' settings (``watch.*`` but ``on_warning``), which read the records and never
+    change what a run computes."""
     out = _jsonable(cfg.to_dict())
+    out["watch"] = {"on_warning": out["watch"]["on_warning"]}
     default = _jsonable(Config().to_dict())
+    default["watch"] = {"on_warning": default["watch"]["on_warning"]}
     for name in NEW_FIELDS:
         *parents, leaf = name.split(".")
         node, ref = out, default
@@ -469,7 +492,7 @@ def _validate_watch(w: WatchConfig) -> None:
         group = getattr(w, name)
         for f in dataclasses.fields(group):
             v, path = getattr(group, f.name), f"config.watch.{name}.{f.name}"
-            if f.name in ("window", "threshold", "ratio", "k", "min_logit") and not v > 0:
+            if f.name in ("window", "threshold", "ratio", "k", "min_logit", "confirm") and not v > 0:
                 raise ConfigError(f"{path}={v!r} must be > 0")
             if f.name in ("horizon", "floor") and v < 0:
                 raise ConfigError(f"{path}={v!r} must be >= 0")

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from stability import metrics as M
-from stability.config import Config
+from stability.config import Config, per_run_fields
 from stability.models import Transformer
 from stability.models.layers import GradStat
 from stability.optim.build import optimizer_metrics, set_hyperparams
@@ -42,13 +42,9 @@ class TrainState(NamedTuple):
 
 
 # Per-run scalars: (section, field) of the config → key in the ``hp`` dict of the train step.
-HYPERPARAMS = {
-    ("optim", "lr"): "lr",
-    ("optim", "weight_decay"): "weight_decay",
-    ("optim", "warmup_steps"): "warmup_steps",
-    ("train", "z_loss"): "z_loss",
-    ("optim", "eps"): "eps",
-}
+# Per-run hyperparameters (declared with ``config.per_run``): (section, field) -> the key of
+# the step's ``hp`` dict, the field's name.
+HYPERPARAMS = {(section, name): name for section, name in per_run_fields()}
 
 
 def static_config(cfg: Config) -> Config:
@@ -68,11 +64,8 @@ def static_config(cfg: Config) -> Config:
 def hyperparams(cfg: Config) -> dict[str, jax.Array]:
     """Per-run scalars that are traced (never static): one compiled step serves them all."""
     return {
-        "lr": jnp.float32(cfg.optim.lr),
-        "weight_decay": jnp.float32(cfg.optim.weight_decay),
-        "warmup_steps": jnp.float32(cfg.optim.warmup_steps),
-        "z_loss": jnp.float32(cfg.train.z_loss),
-        "eps": jnp.float32(cfg.optim.eps),
+        key: jnp.float32(getattr(getattr(cfg, section), name))
+        for (section, name), key in HYPERPARAMS.items()
     }
 
 

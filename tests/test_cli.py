@@ -178,7 +178,7 @@ def test_sweep_check_refuses_a_different_sweep_saying_what_differs(tmp_path, cap
     assert "(config.train.checkpoint_every: 3 there, 2 now)" in err  # the first field (sorted)
 
 
-def fake_compile(chunks):
+def fake_compile(chunks, preemption=None):
     """Stands in for sweep.compile_chunks (no compile): one fake program per distinct one."""
     return {(static_config(c[0].config), len(c)): SimpleNamespace(
         mesh=SimpleNamespace(shape={"run": len(c), "data": 1})) for c in chunks}

@@ -147,3 +147,24 @@ def test_call_shape_follows_evals_and_checkpoints_not_logging(t, k_max, rows):
     train = TrainConfig(**t)
     assert St.steps_per_call_max(train) == k_max
     assert St.rows_per_call(train, k_max) == rows
+
+
+def test_per_run_hyperparameters_derive_from_their_declarations():
+    """Every field declared with ``config.per_run`` is a traced scalar of the step and never
+    part of the static config (so runs that differ only in it share one program)."""
+    import dataclasses
+
+    from stability.config import Config, per_run_fields
+    from stability.step import HYPERPARAMS, hyperparams, static_config
+
+    declared = per_run_fields()
+    assert set(declared) == {("optim", "lr"), ("optim", "eps"), ("optim", "weight_decay"),
+                             ("optim", "warmup_steps"), ("train", "z_loss")}
+    assert list(HYPERPARAMS) == declared and set(hyperparams(Config())) == set(HYPERPARAMS.values())
+    base = Config()
+    for section, name in declared:
+        value = getattr(getattr(base, section), name)
+        changed = dataclasses.replace(base, **{section: dataclasses.replace(
+            getattr(base, section), **{name: value * 2 + 1})})
+        assert static_config(changed) == static_config(base), name
+        assert float(hyperparams(changed)[name]) == pytest.approx(value * 2 + 1)

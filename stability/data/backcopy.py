@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from stability.config import ConfigError
-from stability.data import IndexedStream
+from stability.data.stream import IndexedStream
 from stability.data.synthetic import stationary
 
 # The chain is a fixed function of these, so every run and sweep point studies one language.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from stability.config import DataConfig
-from stability.data import IndexedStream
+from stability.data.stream import IndexedStream
 
 # The chain is a fixed function of this seed, independent of the run seed, so that every run
 # (and every sweep point) studies the same language.

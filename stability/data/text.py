@@ -20,7 +20,7 @@ import numpy as np
 
 from stability import workdir as W
 from stability.config import ConfigError, DataConfig
-from stability.data import IndexedStream
+from stability.data.stream import IndexedStream
 
 
 @functools.lru_cache(maxsize=1)
