@@ -3,7 +3,7 @@
 Wortsman et al. 2023, Figure 1 at laptop scale: d=128, 2 layers, 4 heads, T=64, B=16, on
 the paper's LR grid {3e-4 … 3e-1}. At this scale 400 steps suffice: without qk-layernorm the
 max attention logit grows from ~10 to ~1e6 across the grid while attention entropy collapses to
-0 and the loss degrades; with it the logits stay small. 14 runs, about 9 minutes on 2 cores.
+0 and the loss degrades; with it the logits stay small. 14 runs (measured time: the README).
 ARG: PRESET[,steps=N] (``presets.parse_arg``), PRESET "cpu" (default: the CPU preset at 400
 steps) or "accelerator" (the paper's setting, ``presets.ACCELERATOR``).
 """

@@ -54,7 +54,7 @@ def reproduce(
     set the initialisation and the data order). ``report_only``: train nothing, report the
     runs finished so far (ConfigError when there are none)."""
     from stability.loop import Preemption
-    from stability.reproduce.report import write_report
+    from stability.reproduce.report import write_paper_report
     from stability.sweep import run_sweep
 
     if preset not in PRESETS:
@@ -98,7 +98,7 @@ def reproduce(
     args = [f"--preset={preset}", f"--workdir={workdir}"]
     args += [f"--seed-offset={seed_offset}"] * bool(seed_offset)
     args += [f"--config.{k}={v}" for k, v in overrides if (k, v) != ("wandb.mode", "disabled")]
-    return write_report(
+    return write_paper_report(
         evaluate(rows, PRESET[preset]),
         rows,
         workdir,

@@ -55,6 +55,11 @@ def amendments(path: Path = PROTOCOL) -> list[str]:
     return out
 
 
+def _cell(text: str) -> str:
+    """Text for a markdown table cell (a "|" would end the cell)."""
+    return text.replace("|", "\\|")
+
+
 def _interval(c: dict) -> str:
     if c["mean"] is None:
         return "–"
@@ -68,23 +73,32 @@ def _counts(checks: list[dict]) -> str:
     return ", ".join(f"{v} {k}" for k, v in n.items() if v)
 
 
+def kind(verdict: str) -> str:
+    """A verdict without its "(gated checks not tested ...)" qualifier."""
+    return verdict.split(" (gated")[0]
+
+
 def what_would_change(f: dict, p: Preset) -> str:
     """One sentence: what would move this verdict."""
-    v = f["verdict"]
+    v = kind(f["verdict"])
+    gated = (
+        " A proxy in which the mechanism appears (larger models, longer runs or higher LRs, "
+        "see above) would let its gated checks count."
+    )
     if v.startswith("not tested"):
-        return ("A proxy in which the mechanism appears (larger models, longer runs or higher LRs, "
-                "see above) would let its checks count.")
+        return gated.strip()
     if v == "missing":
         return "Runs: the checks have no data."
     tested = [c for c in f["checks"] if c["lo"] is not None]
     if not tested:
         return "More seeds: no check has an interval yet."
     half = max((c["hi"] - c["lo"]) / 2 for c in tested)
+    extra = gated if v != f["verdict"] else ""
     if v in ("supported", "contradicted"):
         return (f"An interval reaching 0: with {p.seeds} seeds the widest half-width is {half:.3g}; "
-                "other data, sizes or seeds that shrink the effects below it would.")
+                "other data, sizes or seeds that shrink the effects below it would." + extra)
     return (f"Narrower intervals: the widest half-width is {half:.3g} with {p.seeds} seeds "
-            f"(it shrinks about as 1/√n), or effects that grow with size or steps.")
+            f"(it shrinks about as 1/√n), or effects that grow with size or steps." + extra)
 
 
 def _gist(name: str, p: Preset, data: str) -> list[tuple[str, str, str]]:
@@ -126,7 +140,7 @@ def _gist(name: str, p: Preset, data: str) -> list[tuple[str, str, str]]:
     return [*rows[name], *common]
 
 
-def write_report(
+def write_paper_report(
     findings: list[dict],
     rows: dict[str, list[dict]],
     workdir: W.PathLike,
@@ -190,7 +204,8 @@ def write_report(
         ],
         "",
         "Verdicts: "
-        + ", ".join(f"{k} {n}" for k in VERDICTS if (n := sum(f["verdict"] == k for f in findings)))
+        + ", ".join(f"{k} {n}" for k in VERDICTS if (n := sum(kind(f["verdict"]) == k
+                                                                for f in findings)))
         + ".",
         "",
         "| sweep | finished runs / planned | diverged | stopped | training time (s, sum over "
@@ -225,7 +240,7 @@ def write_report(
             "| check (D > 0 is the paper's direction) | source | D: mean [95% CI] (seeds) | outcome |",
             "|---|---|---|---|",
             *[
-                f"| {c['check']}{' (gated)' if c['gated'] else ''} | {c['source']} | "
+                f"| {_cell(c['check'])}{' (gated)' if c['gated'] else ''} | {c['source']} | "
                 f"{_interval(c)} {c['unit']} ({c['n']}) | {c['outcome']}"
                 f"{' (partial)' if c['partial'] else ''} |"
                 for c in f["checks"]

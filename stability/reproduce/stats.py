@@ -94,21 +94,24 @@ def verdict(checks: list[dict], mechanism_present: bool | None = None) -> str:
     tested = [
         c for c in checks if c["outcome"] != "missing" and not (c["gated"] and not mechanism_present)
     ]
+    absent = mechanism_present is False and any(c["gated"] for c in checks)
     if not tested:
-        absent = mechanism_present is False and any(c["gated"] for c in checks)
         return "not tested (mechanism absent)" if absent else "missing"
     kinds = {c["outcome"] for c in tested}
     if kinds == {"supported"}:
-        return "supported"
-    if kinds == {"contradicted"}:
-        return "contradicted"
-    if {"supported", "contradicted"} <= kinds:
-        return "mixed"
-    if "supported" in kinds:
-        return "partly supported"
-    if "contradicted" in kinds:
-        return "partly contradicted"
-    return "unresolved"
+        out = "supported"
+    elif kinds == {"contradicted"}:
+        out = "contradicted"
+    elif {"supported", "contradicted"} <= kinds:
+        out = "mixed"
+    elif "supported" in kinds:
+        out = "partly supported"
+    elif "contradicted" in kinds:
+        out = "partly contradicted"
+    else:
+        out = "unresolved"
+    # what the verdict does not cover: the claim's gated part, untested here
+    return out + " (gated checks not tested: mechanism absent)" if absent else out
 
 
 VERDICTS = (

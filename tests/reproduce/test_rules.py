@@ -10,7 +10,7 @@ import pytest
 
 from stability.reproduce import rules as R
 from stability.reproduce.presets import PRESET
-from stability.reproduce.report import amendments, write_report
+from stability.reproduce.report import amendments, write_paper_report
 
 # A small protocol: two sizes, three LRs, five seeds.
 P = dataclasses.replace(
@@ -96,7 +96,8 @@ def test_qk_finding_supported_contradicted_unresolved_and_gated():
     assert got["checks"][0]["outcome"] == "unresolved"  # an effect within the seeds' spread
     # no logit growth: the gated checks do not count, whatever they show
     got, v = verdict_of("qk_sensitivity", {"sizes": sizes_rows(0.1, 0.3, peak=50.0)})
-    assert got["mechanism_present"] is False and v == "partly supported"  # from the ungated ones
+    assert got["mechanism_present"] is False  # from the ungated ones, saying what is untested
+    assert v == "partly supported (gated checks not tested: mechanism absent)"
     assert "50" in got["mechanism"]
 
 
@@ -184,7 +185,8 @@ def test_logit_growth_z_loss_warmup_weight_decay_mup_and_eps_rules():
          for seed in SEEDS for eps in P.eps_values]
     got, v = verdict_of("eps", {"sizes": s, "eps": e})
     assert [c["outcome"] for c in got["checks"][:2]] == ["supported", "supported"]
-    assert got["mechanism_present"] is False and v == "supported"  # the ε checks do not count
+    assert got["mechanism_present"] is False  # the ε checks do not count
+    assert v == "supported (gated checks not tested: mechanism absent)"
     assert "reaches 10·ε" in got["details"][0]
 
 
@@ -193,7 +195,7 @@ def test_without_runs_every_finding_is_missing_and_the_report_says_partial(tmp_p
     assert [f["finding"] for f in findings] == [n for n, *_ in R.FINDINGS]
     assert {f["verdict"] for f in findings} <= {"missing", "not tested (mechanism absent)"}
     planned = {n: None for n in ("sizes", "warmup", "weight_decay", "z_loss", "mup", "eps")}
-    text = write_report(findings, {}, tmp_path, "cpu", planned=planned).read_text()
+    text = write_paper_report(findings, {}, tmp_path, "cpu", planned=planned).read_text()
     assert "partial: runs missing" in text.splitlines()[0]
     assert "(partial: `sizes` has no plan)" in text
     assert "## Amendments to the protocol" in text

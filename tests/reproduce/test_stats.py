@@ -70,6 +70,8 @@ def test_gated_checks_count_only_where_the_mechanism_appears():
     gated = outcomes("supported", gated=True)
     plain = outcomes("unresolved")
     assert verdict(gated + plain, mechanism_present=True) == "partly supported"
-    assert verdict(gated + plain, mechanism_present=False) == "unresolved"
+    # what the verdict covers is said: the claim's gated part went untested
+    assert verdict(gated + plain, mechanism_present=False) == (
+        "unresolved (gated checks not tested: mechanism absent)")
     assert verdict(gated, mechanism_present=False) == "not tested (mechanism absent)"
     assert verdict(outcomes("contradicted", gated=True), mechanism_present=False).startswith("not tested")
