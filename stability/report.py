@@ -156,15 +156,16 @@ def warnings_section(records: list[dict], hists: dict[str, list[dict]], dirs) ->
             # loss never leaves its own band, so "stable" would say more than is known
             calm = "stable" if band is not None else "no rise over its own best (no run to compare)"
             outcome = f"{happened[0]} at {happened[1]}" if happened else calm
-            cleared = {}
-            for e in events:
-                if e["event"] == "clear":
-                    cleared.setdefault(e["detector"], e["step"])
-            for e in (e for e in events if e["event"] == "warn"):
+            for i, e in enumerate(events):
+                if e["event"] != "warn":
+                    continue
+                # the clear that ends this warning: the detector's next clear, if any
+                cleared = next((c["step"] for c in events[i + 1 :]
+                                if c["event"] == "clear" and c["detector"] == e["detector"]), "")
                 lead = happened[1] - e["step"] if happened else None
                 rows.append(
                     f"| {setting} | {r['lr']:g} | {e['detector']} | {e['step']} | "
-                    f"{e.get('predicted_step') or ''} | {cleared.get(e['detector'], '')} | "
+                    f"{e.get('predicted_step') or ''} | {cleared} | "
                     f"{outcome} | {'' if lead is None else lead} |"
                 )
     if not rows:

@@ -421,6 +421,20 @@ def test_report_of_a_single_run_and_of_runs_pooled(tmp_path, capsys):
     assert "neither a sweep workdir" in capsys.readouterr().err
 
 
+def test_a_warning_raised_again_is_paired_with_its_own_clear(tmp_path):
+    """Warned at 2, cleared at 4, warned again at 6 and never cleared: the second warning's
+    row has no clear step (not the first warning's)."""
+    run = write_single_run(tmp_path / "run", 0.1)
+    warn = {"detector": "logit_growth", "message": "m"}
+    write_jsonl(run / "events.jsonl", [{**warn, "event": "warn", "step": 2},
+                                       {**warn, "event": "clear", "step": 4},
+                                       {**warn, "event": "warn", "step": 6}])
+    records = [{"run_id": "run", "setting": "default", "lr": 0.1}]
+    rows = [line for line in report.warnings_section(records, {"run": history(0.1)}, {"run": run})
+            if line.startswith("| default |")]
+    assert [row.split(" | ")[3:6] for row in rows] == [["2", "", "4"], ["6", "", ""]]
+
+
 def test_import_does_not_touch_wandb():
     code = "import sys, stability.results; assert 'wandb' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
