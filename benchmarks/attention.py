@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stability.kernels import flash, reference
+from stability.kernels import flash, mosaic_gpu, reference
+from stability.kernels.tiles import MGPU_SMEM_BYTES
 
 IMPLS = ("pallas", "pallas-nostats", "pallas-triton", "xla", "cudnn", "jax-triton", "jax-mgpu")
 MODES = ("fwd", "fwd+bwd")
@@ -278,7 +279,7 @@ def candidates(backend: str, kernel: str, head_dim: int) -> list[flash.KernelCon
             flash.KernelConfig(64, bk, max_concurrent_steps=ring)
             for bk, ring in itertools.product((64, 128), (2, 3, 4))
         ]
-        return [c for c in grid if flash.mgpu_smem_bytes(c, head_dim) <= flash.MGPU_SMEM_BYTES]
+        return [c for c in grid if mosaic_gpu.smem_bytes(c, head_dim) <= MGPU_SMEM_BYTES]
     if backend in ("triton", "mosaic_gpu"):  # the Mosaic GPU backward is the Triton one
         if kernel == "fwd":
             blocks = [(64, 32), (64, 64), (64, 128), (128, 32), (128, 64), (128, 128)]

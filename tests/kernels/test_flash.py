@@ -20,7 +20,7 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from stability.kernels import flash, reference
+from stability.kernels import flash, reference, tiles
 
 from .test_reference import (
     huge_logit_qkv,
@@ -332,7 +332,7 @@ def test_block_ranges_are_exactly_the_visible_blocks(q_len, kv_len, bq, bk, caus
         pad_q = pad_k = -(-q_len // max(bq, bk)) * max(bq, bk)
     else:
         pad_q, pad_k = -(-q_len // bq) * bq, -(-kv_len // bk) * bk
-    spec = flash._Spec(
+    spec = tiles.Spec(
         causal=causal,
         windows=None if window is None else (window,),
         score="softmax",
@@ -357,7 +357,7 @@ def test_block_ranges_are_exactly_the_visible_blocks(q_len, kv_len, bq, bk, caus
         visible &= i - j < window
     want = visible.reshape(pad_q // bq, bq, pad_k // bk, bk).any(axis=(1, 3))
     for qb in range(want.shape[0]):
-        lo, hi = flash._kv_blocks(spec, jnp.int32(qb), window, bq, bk)
+        lo, hi = tiles._kv_blocks(spec, jnp.int32(qb), window, bq, bk)
         np.testing.assert_array_equal(
             (np.arange(want.shape[1]) >= lo) & (np.arange(want.shape[1]) < hi),
             want[qb],
@@ -371,7 +371,7 @@ def test_block_ranges_are_exactly_the_visible_blocks(q_len, kv_len, bq, bk, caus
         unmasked &= i - j < window
     full_want = want & unmasked.reshape(pad_q // bq, bq, pad_k // bk, bk).all(axis=(1, 3))
     for qb in range(want.shape[0]):
-        lo, full_lo, full_hi, hi = flash._full_kv_blocks(spec, jnp.int32(qb), window, bq, bk)
+        lo, full_lo, full_hi, hi = tiles._full_kv_blocks(spec, jnp.int32(qb), window, bq, bk)
         blocks = np.arange(want.shape[1])
         np.testing.assert_array_equal(
             (blocks >= full_lo) & (blocks < full_hi),
@@ -380,7 +380,7 @@ def test_block_ranges_are_exactly_the_visible_blocks(q_len, kv_len, bq, bk, caus
         )
         assert lo <= full_lo <= full_hi <= hi
     for kb in range(want.shape[1]):
-        lo, hi = flash._q_blocks(spec, jnp.int32(kb), window, bq, bk)
+        lo, hi = tiles._q_blocks(spec, jnp.int32(kb), window, bq, bk)
         np.testing.assert_array_equal(
             (np.arange(want.shape[0]) >= lo) & (np.arange(want.shape[0]) < hi),
             want[:, kb],
