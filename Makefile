@@ -45,7 +45,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sweep.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check stability tests benchmarks sweeps configs
+	$(BIN)/ruff check stability tests benchmarks sweeps configs notebooks
+	$(BIN)/ruff format --check stability tests benchmarks sweeps configs notebooks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -80,7 +80,9 @@ def evaluate(tune_rows: list[dict], held_rows: list[dict]) -> dict:
         ]
         if det == "logit":  # what the confirmation costs in lead time
             once = E.watch_config(det, t["value"], 1)
-            out["logit_confirm_1_heldout"] = E.score(held_rows, lambda r, c=once: E.first_warning(r, c))
+            out["logit_confirm_1_heldout"] = E.score(
+                held_rows, lambda r, c=once: E.first_warning(r, c)
+            )
     physical = {d: chosen_cfgs[d] for d in E.PHYSICAL}
     out["union"] = {
         "in_sample": E.score(tune_rows, E.union_warning(physical)),
@@ -127,10 +129,19 @@ def table(result: dict, which: str) -> list[str]:
         "| detector (threshold) | precision | recall | lead, median (quartiles), steps | false alarms | on best-LR runs | unwarnable (apart) |",
         "|---|---|---|---|---|---|---|",
     ]
-    rows = [(f"{n} ({d['field']}={d['value']:g}" + (f", confirm={d['confirm']}" if d["confirm"] else "") + ")", d[which])
-            for n, d in result["detectors"].items()]
-    rows += [("any physical detector", result["union"][which]),
-             ("config only (logistic, step 0)", result["config_only"][which])]
+    rows = [
+        (
+            f"{n} ({d['field']}={d['value']:g}"
+            + (f", confirm={d['confirm']}" if d["confirm"] else "")
+            + ")",
+            d[which],
+        )
+        for n, d in result["detectors"].items()
+    ]
+    rows += [
+        ("any physical detector", result["union"][which]),
+        ("config only (logistic, step 0)", result["config_only"][which]),
+    ]
     for name, s in rows:
         lines.append(
             f"| {name} | {_pct(s['precision'])} | {_rate(s['hits'], s['warnable_positives'])} | "
@@ -149,17 +160,31 @@ def main():
     t0 = time.time()
     for d in a.tune:
         if W.kind(d) != "sweep":
-            raise SystemExit(f"{d}: no results.jsonl; run `stability reproduce --preset=cpu` first, or pass --tune DIR")
+            raise SystemExit(
+                f"{d}: no results.jsonl; run `stability reproduce --preset=cpu` first, or pass --tune DIR"
+            )
     spec, seeds, offset = HELDOUT
     held = Path(a.workdir) / spec.removesuffix(".py")
-    run_sweep(f"{ROOT / 'sweeps' / spec}:cpu", held, seeds=seeds, seed_offset=offset,
-              strategy="vmap", progress=False, report=False)
+    run_sweep(
+        f"{ROOT / 'sweeps' / spec}:cpu",
+        held,
+        seeds=seeds,
+        seed_offset=offset,
+        strategy="vmap",
+        progress=False,
+        report=False,
+    )
     trained = time.time() - t0
     tune_rows, held_rows = E.label_runs(a.tune), E.label_runs([held])
     result = evaluate(tune_rows, held_rows)
     result.update(
-        tune=a.tune, heldout=[str(held)], heldout_seeds=list(range(offset, offset + seeds)),
-        margin_nats=E.MARGIN, defaults_before=json.loads(json.dumps(WatchConfig().__dict__, default=lambda o: o.__dict__)),
+        tune=a.tune,
+        heldout=[str(held)],
+        heldout_seeds=list(range(offset, offset + seeds)),
+        margin_nats=E.MARGIN,
+        defaults_before=json.loads(
+            json.dumps(WatchConfig().__dict__, default=lambda o: o.__dict__)
+        ),
         runs={"tune": len(tune_rows), "heldout": len(held_rows)},
         seconds={"heldout_training": round(trained, 1), "total": round(time.time() - t0, 1)},
         unwarnable_heldout=[r["run_id"] for r in held_rows if r["unwarnable"]],
@@ -168,10 +193,14 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     figure(result, out.with_suffix(".png"))
-    print(f"Tuned on {len(tune_rows)} runs of {', '.join(a.tune)}; held out: {len(held_rows)} runs of {held}.")
+    print(
+        f"Tuned on {len(tune_rows)} runs of {', '.join(a.tune)}; held out: {len(held_rows)} runs of {held}."
+    )
     print("\nHeld out:\n" + "\n".join(table(result, "heldout")))
     print("\nIn sample (the tuning runs):\n" + "\n".join(table(result, "in_sample")))
-    print(f"\n{result['seconds']['total']:.0f} s ({result['seconds']['heldout_training']:.0f} s training the held-out sweep)")
+    print(
+        f"\n{result['seconds']['total']:.0f} s ({result['seconds']['heldout_training']:.0f} s training the held-out sweep)"
+    )
 
 
 if __name__ == "__main__":

@@ -83,8 +83,7 @@ def bench_meshes(a, cfg: Config) -> None:
 
     rng = np.random.default_rng(0)
     batches = [
-        {"tokens": rng.integers(0, a.vocab, (a.batch, a.seq + 1), dtype=np.int32)}
-        for _ in range(4)
+        {"tokens": rng.integers(0, a.vocab, (a.batch, a.seq + 1), dtype=np.int32)} for _ in range(4)
     ]
     rows = []
     for spec in a.mesh:
@@ -115,7 +114,9 @@ def bench_meshes(a, cfg: Config) -> None:
                 "tokens_per_sec": a.batch * a.seq / dt,
                 "first_call_seconds": compile_s,
                 "state_bytes_per_device_max": max(held.values()),
-                "state_bytes_total": sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state))),
+                "state_bytes_total": sum(
+                    x.nbytes for x in jax.tree.leaves((state.params, state.opt_state))
+                ),
                 "final_loss": float(out["train/loss"]),
             }
         )
@@ -123,7 +124,9 @@ def bench_meshes(a, cfg: Config) -> None:
     result = {"config": vars(a), "backend": jax.default_backend(), "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("| mesh | run×data×model | ms/step | tokens/s | state MiB/device (of total) | loss after |")
+    print(
+        "| mesh | run×data×model | ms/step | tokens/s | state MiB/device (of total) | loss after |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         sizes = r["description"].split()[2]
@@ -204,7 +207,9 @@ def main():
     p.add_argument("--remat", default="none", choices=("none", "block", "full"))
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
     p.add_argument("--scan", action="store_true", help="train.scan_layers")
-    p.add_argument("--layers-override", type=int, default=0, help="--memory: layers (0: the size's)")
+    p.add_argument(
+        "--layers-override", type=int, default=0, help="--memory: layers (0: the size's)"
+    )
     p.add_argument("--memory-table", action="store_true", help="the memory and depth table")
     a = p.parse_args()
     if a.mesh or a.memory or a.memory_table:
@@ -226,7 +231,9 @@ def main():
     progs = one_device(cfg)
     step, state, hp = progs.step, progs.init(np.int32(0)), St.hyperparams(cfg)
     rng = np.random.default_rng(0)
-    batches = [{"tokens": rng.integers(0, a.vocab, (a.batch, a.seq + 1), dtype=np.int32)} for _ in range(4)]
+    batches = [
+        {"tokens": rng.integers(0, a.vocab, (a.batch, a.seq + 1), dtype=np.int32)} for _ in range(4)
+    ]
     state, out = step(state, hp, batches[0])  # compile
     jax.block_until_ready(out)
     n_metrics = len(out)
@@ -236,7 +243,9 @@ def main():
     jax.block_until_ready((state, out))
     dt = (time.perf_counter() - t0) / a.steps
 
-    n_params = sum(x.size for x in jax.tree.leaves(state.params)) - a.vocab * a.d  # minus input embedding
+    n_params = (
+        sum(x.size for x in jax.tree.leaves(state.params)) - a.vocab * a.d
+    )  # minus input embedding
     tokens = a.batch * a.seq
     flops = tokens * (6 * n_params + 12 * a.layers * a.seq * a.d)
     peak = matmul_peak()
@@ -257,8 +266,10 @@ def main():
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print("| backend | tokens/s | model TFLOP/s | matmul peak TFLOP/s | MFU | metrics/step |")
     print("|---|---|---|---|---|---|")
-    print(f"| {result['backend']} | {result['tokens_per_sec']:.0f} | {result['model_tflops_per_sec']:.3f} | "
-          f"{result['peak_matmul_tflops_per_sec']:.3f} | {result['mfu']:.1%} | {n_metrics} |")
+    print(
+        f"| {result['backend']} | {result['tokens_per_sec']:.0f} | {result['model_tflops_per_sec']:.3f} | "
+        f"{result['peak_matmul_tflops_per_sec']:.3f} | {result['mfu']:.1%} | {n_metrics} |"
+    )
 
 
 if __name__ == "__main__":

@@ -103,7 +103,10 @@ def _lost(records: dict[str, dict]) -> dict[str, bool]:
             continue
         best = min(done, key=lambda r: r["final_loss"])
         for r in runs:
-            high = r.get("diverged") or (r.get("final_loss") or math.inf) >= best["final_loss"] + LOSS_MARGIN
+            high = (
+                r.get("diverged")
+                or (r.get("final_loss") or math.inf) >= best["final_loss"] + LOSS_MARGIN
+            )
             out[r["run_id"]] = bool(high and r["lr"] > best["lr"])
     return out
 
@@ -134,8 +137,13 @@ def calibrate(dirs: Sequence[str | Path], param: str | None = None) -> dict[str,
         "max_attn_logit": (LOGIT_KEY, True),
         "grad_rms_over_eps": (f"grad/rms_over_eps/{param or DEFAULT_PARAM}", False),
     }
-    out: dict[str, Any] = {"steps": steps, "final_step": final, "origins": list(ORIGINS),
-                           "sizes": sizes, "quantities": {}}
+    out: dict[str, Any] = {
+        "steps": steps,
+        "final_step": final,
+        "origins": list(ORIGINS),
+        "sizes": sizes,
+        "quantities": {},
+    }
     for name, (key, reduce) in quantities.items():
         folds = []
         for (setting, lr), group in sorted(groups.items()):
@@ -197,7 +205,11 @@ def summarize(folds: list[dict]) -> dict[str, dict[str, Any]]:
 
 def choose(summary: dict[str, dict]) -> dict[str, str]:
     """The method with the lowest mean interval score (methods with intervals only), and why."""
-    scored = {m: s["mean_interval_score"] for m, s in summary.items() if s["mean_interval_score"] is not None}
+    scored = {
+        m: s["mean_interval_score"]
+        for m, s in summary.items()
+        if s["mean_interval_score"] is not None
+    }
     if not scored:
         return {"method": "quadratic", "why": "no fold had an interval: the paper's quadratic"}
     best = min(scored, key=scored.get)

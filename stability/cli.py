@@ -54,8 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for build in (_train_parser, _sweep_parser, _report_parser, _forecast_parser,
-                  _reproduce_parser, _prepare_parser):
+    for build in (
+        _train_parser,
+        _sweep_parser,
+        _report_parser,
+        _forecast_parser,
+        _reproduce_parser,
+        _prepare_parser,
+    ):
         p = build(sub)
         p.error = parser.error  # type: ignore[method-assign]
     return parser

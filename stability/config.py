@@ -49,8 +49,12 @@ def per_run_fields() -> list[tuple[str, str]]:
     """(section, field) of every per-run hyperparameter, in declaration order."""
     return [
         (section, f.name)
-        for section, cls in (("model", ModelConfig), ("optim", OptimConfig), ("data", DataConfig),
-                             ("train", TrainConfig))
+        for section, cls in (
+            ("model", ModelConfig),
+            ("optim", OptimConfig),
+            ("data", DataConfig),
+            ("train", TrainConfig),
+        )
         for f in dataclasses.fields(cls)
         if f.metadata.get("per_run")
     ]
@@ -492,7 +496,10 @@ def _validate_watch(w: WatchConfig) -> None:
         group = getattr(w, name)
         for f in dataclasses.fields(group):
             v, path = getattr(group, f.name), f"config.watch.{name}.{f.name}"
-            if f.name in ("window", "threshold", "ratio", "k", "min_logit", "confirm") and not v > 0:
+            if (
+                f.name in ("window", "threshold", "ratio", "k", "min_logit", "confirm")
+                and not v > 0
+            ):
                 raise ConfigError(f"{path}={v!r} must be > 0")
             if f.name in ("horizon", "floor") and v < 0:
                 raise ConfigError(f"{path}={v!r} must be >= 0")

@@ -585,8 +585,10 @@ def to_markdown(fc: dict[str, Any], command: str = "") -> str:
         "",
         "Fit: least-squares in log10(value) and log10(non-embedding parameters), per setting "
         "and LR, through the seeds' mean at each size: "
-        + "; ".join(f"{q.replace('_', ' ')}: **{m['method']}** ({m['why']})"
-                    for q, m in fc["methods"].items())
+        + "; ".join(
+            f"{q.replace('_', ' ')}: **{m['method']}** ({m['why']})"
+            for q, m in fc["methods"].items()
+        )
         + f". Uncertainty: {fc['interval']}; '–' where the fit has no residual "
         "degrees of freedom. A fit flags a crossing (yes / possibly / no) only with "
         f"at least {MIN_DOF} residual degrees of freedom and an interval of at most "

@@ -180,7 +180,9 @@ def summary_table(
     groups = by_setting(records)
     for setting in grid or {}:
         groups.setdefault(setting, [])
-    lrs = sorted({r["lr"] for r in records if "lr" in r} | {x for g in (grid or {}).values() for x in g})
+    lrs = sorted(
+        {r["lr"] for r in records if "lr" in r} | {x for g in (grid or {}).values() for x in g}
+    )
     head = (
         "| setting | " + " | ".join(f"{lr:g}" for lr in lrs) + " | LR sensitivity | diverged LRs |"
     )

@@ -32,9 +32,7 @@ def run_record(run_dir: W.PathLike) -> tuple[dict, list[int]]:
     steps = (config.get("train") or {}).get("steps")
     done = not diverged and last.get("step") == steps and last.get("eval/loss") is not None
     stop = next((e for e in W.events(run_dir) if e.get("event") == "stop"), None)
-    status = (
-        "diverged" if diverged else "stopped" if stop else "finished" if done else "unfinished"
-    )
+    status = "diverged" if diverged else "stopped" if stop else "finished" if done else "unfinished"
     rec = {
         "run_id": run_dir.name,
         "setting": run_dir.name,
@@ -99,8 +97,7 @@ def read(workdirs: list[W.Path]) -> Pool:
             pool.bad.append(f"{d / W.RESULTS}: lines {bad}")
         latest = {r["run_id"]: r for r in records if "run_id" in r and "setting" in r}
         plan = W.planned_runs(d) or [
-            {"run_id": r["run_id"], "setting": r["setting"], "lr": r["lr"]}
-            for r in latest.values()
+            {"run_id": r["run_id"], "setting": r["setting"], "lr": r["lr"]} for r in latest.values()
         ]
         pool.planned += len(plan)
         for p in plan:  # every planned LR enters its setting's grid, started or not
@@ -160,8 +157,14 @@ def warnings_section(records: list[dict], hists: dict[str, list[dict]], dirs) ->
                 if e["event"] != "warn":
                     continue
                 # the clear that ends this warning: the detector's next clear, if any
-                cleared = next((c["step"] for c in events[i + 1 :]
-                                if c["event"] == "clear" and c["detector"] == e["detector"]), "")
+                cleared = next(
+                    (
+                        c["step"]
+                        for c in events[i + 1 :]
+                        if c["event"] == "clear" and c["detector"] == e["detector"]
+                    ),
+                    "",
+                )
                 lead = happened[1] - e["step"] if happened else None
                 rows.append(
                     f"| {setting} | {r['lr']:g} | {e['detector']} | {e['step']} | "

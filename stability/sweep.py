@@ -403,13 +403,13 @@ def run_sweep(
         # Chunks are formed over every run, so a rerun meets the same programs (and checkpoints)
         # as the first attempt; a chunk with any unfinished run runs again (from its checkpoint).
         every_chunk = chunks_of(runs, strat, max_runs_per_program)
-        chunks = [
-            c for c in every_chunk if check_only or any(r.run_id not in done_ids for r in c)
-        ]
+        chunks = [c for c in every_chunk if check_only or any(r.run_id not in done_ids for r in c)]
         programs = compile_chunks(chunks, None if check_only else pre)
         if programs is None:
-            print("interrupted during the up-front compile; rerun the same command to continue",
-                  file=sys.stderr)
+            print(
+                "interrupted during the up-front compile; rerun the same command to continue",
+                file=sys.stderr,
+            )
             return W.results(workdir)[0]
         if check_only:
             return runs

@@ -51,8 +51,13 @@ GRIDS: dict[str, tuple[str, tuple]] = {
     "loss_spike": ("k", (2.0, 3.0, 4.0, 6.0)),
 }
 CONFIRM = (1, 2, 3)
-NAMES = {"logit": "logit_growth", "entropy": "entropy_collapse", "log_z": "log_z_drift",
-         "eps": "updates_vs_eps", "loss_spike": "loss_spike"}
+NAMES = {
+    "logit": "logit_growth",
+    "entropy": "entropy_collapse",
+    "log_z": "log_z_drift",
+    "eps": "updates_vs_eps",
+    "loss_spike": "loss_spike",
+}
 PHYSICAL = ("logit", "entropy", "log_z", "eps")  # every detector but the loss-spike baseline
 
 
@@ -78,28 +83,36 @@ def label_runs(workdirs: Sequence[W.PathLike]) -> list[dict[str, Any]]:
             for r in runs:
                 cfg = from_config_dict(r["config"])
                 hist = hists[r["run_id"]]
-                high = r.get("diverged") or best is None or r["final_loss"] is None or (
-                    r["final_loss"] >= best["final_loss"] + MARGIN
+                high = (
+                    r.get("diverged")
+                    or best is None
+                    or r["final_loss"] is None
+                    or (r["final_loss"] >= best["final_loss"] + MARGIN)
                 )
                 unstable = bool(high and best is not None and r["lr"] > best["lr"])
                 happened = instability(hist, band, MARGIN) if unstable else None
                 first = hist[0]["step"] if hist else None
                 event = happened[1] if happened else None
-                rows.append({
-                    "sweep": wd.name,
-                    "run_id": r["run_id"],
-                    "setting": setting,
-                    "seed": seed,
-                    "lr": r["lr"],
-                    "qk_norm": cfg.model.qk_norm,
-                    "params": non_embedding_params(cfg.model),
-                    "steps": cfg.train.steps,
-                    "unstable": unstable,
-                    "event_step": event,
-                    "unwarnable": unstable and event is not None and first is not None and event <= first,
-                    "best_lr": best is not None and r["run_id"] == best["run_id"],
-                    "history": hist,
-                })
+                rows.append(
+                    {
+                        "sweep": wd.name,
+                        "run_id": r["run_id"],
+                        "setting": setting,
+                        "seed": seed,
+                        "lr": r["lr"],
+                        "qk_norm": cfg.model.qk_norm,
+                        "params": non_embedding_params(cfg.model),
+                        "steps": cfg.train.steps,
+                        "unstable": unstable,
+                        "event_step": event,
+                        "unwarnable": unstable
+                        and event is not None
+                        and first is not None
+                        and event <= first,
+                        "best_lr": best is not None and r["run_id"] == best["run_id"],
+                        "history": hist,
+                    }
+                )
     return rows
 
 
@@ -189,8 +202,13 @@ def tune(rows: list[dict], detector: str) -> dict[str, Any]:
         -g["rank"],
     )
     best = min(grid, key=key)
-    return {"field": field, "value": best["value"], "confirm": best["confirm"],
-            "score": best["score"], "grid": grid}
+    return {
+        "field": field,
+        "value": best["value"],
+        "confirm": best["confirm"],
+        "score": best["score"],
+        "grid": grid,
+    }
 
 
 def union_warning(rows_cfgs: dict[str, WatchConfig]) -> Callable[[dict], int | None]:

@@ -29,8 +29,14 @@ def get_sweep(arg: str = "cpu"):
         "train.log_every": 10,
     }
     return [
-        {**base, "model.d_model": d, "model.n_layers": layers, "model.n_heads": heads,
-         "model.qk_norm": qk, "optim.lr": lr}
+        {
+            **base,
+            "model.d_model": d,
+            "model.n_layers": layers,
+            "model.n_heads": heads,
+            "model.qk_norm": qk,
+            "optim.lr": lr,
+        }
         for qk in (False, True)
         for d, layers, heads in SIZES
         for lr in PAPER_LRS

@@ -22,7 +22,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # tests of the cache itself pass their own directory.
 # With pytest-xdist the workers inherit the controller's directory; its creator removes it.
 if "STABILITY_COMPILATION_CACHE" not in os.environ:
-    os.environ["STABILITY_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="stability-tests-jax-cache-")
+    os.environ["STABILITY_COMPILATION_CACHE"] = tempfile.mkdtemp(
+        prefix="stability-tests-jax-cache-"
+    )
     atexit.register(shutil.rmtree, os.environ["STABILITY_COMPILATION_CACHE"], ignore_errors=True)
 
 from stability.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, validate  # noqa: E402
@@ -39,7 +41,9 @@ def tiny_config(**sections) -> Config:
         data=DataConfig(
             source="synthetic_markov", seq_len=16, batch_size=4, markov_vocab=64, markov_branching=8
         ),
-        train=TrainConfig(steps=20, log_every=5, eval_every=10, eval_batches=2, checkpoint_every=10),
+        train=TrainConfig(
+            steps=20, log_every=5, eval_every=10, eval_batches=2, checkpoint_every=10
+        ),
     )
     for name, fields in sections.items():
         cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)})
@@ -64,8 +68,13 @@ def write_config_file(path, cfg: Config) -> str:
 ATOL_FOR = {"logits/mean": 1e-6}
 
 
-def assert_records_close(a: list[dict], b: list[dict], rtol: float = 1e-6, atol: float = 0.0,
-                         rtol_for: dict[str, float] | None = None) -> None:
+def assert_records_close(
+    a: list[dict],
+    b: list[dict],
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    rtol_for: dict[str, float] | None = None,
+) -> None:
     """The same metric records: equal keys and non-float values, floats to ``rtol`` (``atol``);
     ``rtol_for`` maps a key prefix to its own rtol, ``ATOL_FOR`` to its own atol."""
     assert [sorted(r) for r in a] == [sorted(r) for r in b]
@@ -93,7 +102,12 @@ def tiny():
 
 # The longest files first: with pytest-xdist (`make test`, one file per worker at a time) none
 # of them is left to run alone at the end.
-LONGEST_FIRST = ("test_multihost.py", "test_sharding.py", "test_reproduce.py", "test_train_faults.py")
+LONGEST_FIRST = (
+    "test_multihost.py",
+    "test_sharding.py",
+    "test_reproduce.py",
+    "test_train_faults.py",
+)
 
 
 def pytest_collection_modifyitems(items):

@@ -66,18 +66,34 @@ def bucket(root: Path):
         return fn(to_local(path), mode, *args, **kwargs)
 
     def glob(fn, pattern):
-        return [remote(p, root) if os.fspath(pattern).startswith(PREFIX) else p
-                for p in fn(to_local(pattern))]
+        return [
+            remote(p, root) if os.fspath(pattern).startswith(PREFIX) else p
+            for p in fn(to_local(pattern))
+        ]
 
     def walk(fn, top, **kwargs):
         for d, dirs, files in fn(to_local(top), **kwargs):
             yield (remote(d, root) if os.fspath(top).startswith(PREFIX) else d), dirs, files
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(testing.mock_epath(
-            open=open_, copy=two, rename=two, replace=two, exists=one, isdir=one, listdir=one,
-            makedirs=one, mkdir=one, remove=one, rmtree=one, stat=one, glob=glob, walk=walk,
-        ))
+        stack.enter_context(
+            testing.mock_epath(
+                open=open_,
+                copy=two,
+                rename=two,
+                replace=two,
+                exists=one,
+                isdir=one,
+                listdir=one,
+                makedirs=one,
+                mkdir=one,
+                remove=one,
+                rmtree=one,
+                stat=one,
+                glob=glob,
+                walk=walk,
+            )
+        )
         stack.enter_context(_translated_clients(to_local))
         yield root
 
@@ -96,8 +112,10 @@ def _translated_clients(to_local):
     def manager(self, directory, *args, **kwargs):
         return init(self, to_local(directory), *args, **kwargs)
 
-    with mock.patch.object(ocp.CheckpointManager, "__init__", manager), \
-            mock.patch.object(ards, "_create_reader", lambda f, *a: create_reader(to_local(f), *a)):
+    with (
+        mock.patch.object(ocp.CheckpointManager, "__init__", manager),
+        mock.patch.object(ards, "_create_reader", lambda f, *a: create_reader(to_local(f), *a)),
+    ):
         yield
 
 

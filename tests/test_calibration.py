@@ -27,7 +27,9 @@ def test_leave_one_size_out_on_seed_means_scores_the_methods_and_chooses(tmp_pat
     in turn at steps 5 and 10 (the logged ones); a fold's truth is the seeds' mean; the
     quadratic forecasts within the noise, persistence (the nearest size) misses by the
     curve's slope."""
-    w = write_sweep(tmp_path / "s", widths=(8, 16, 32, 64, 128), noise=0.02, seeds=(0, 1, 2), lrs=(0.01,))
+    w = write_sweep(
+        tmp_path / "s", widths=(8, 16, 32, 64, 128), noise=0.02, seeds=(0, 1, 2), lrs=(0.01,)
+    )
     cal = C.calibrate([w])
     assert cal["steps"] == [5, STEP] and len(cal["sizes"]) == 5
     q = cal["quantities"]["max_attn_logit"]
@@ -40,8 +42,9 @@ def test_leave_one_size_out_on_seed_means_scores_the_methods_and_chooses(tmp_pat
     assert cal["chosen"]["max_attn_logit"]["method"] in ("quadratic", "linear")
     assert "lowest mean interval score" in cal["chosen"]["max_attn_logit"]["why"]
     fold = q["folds"][0]
-    assert fold["quadratic"]["score"] == pytest.approx(C.interval_score(
-        fold["quadratic"]["lo"], fold["quadratic"]["hi"], fold["truth_log10"]))
+    assert fold["quadratic"]["score"] == pytest.approx(
+        C.interval_score(fold["quadratic"]["lo"], fold["quadratic"]["hi"], fold["truth_log10"])
+    )
     with pytest.raises(ConfigError, match=">= 5 model sizes"):
         C.calibrate([write_sweep(tmp_path / "four")])
     assert main(["forecast", str(w), "--calibrate", f"--out={tmp_path / 'o'}"]) == 0
@@ -76,5 +79,6 @@ def test_the_forecast_default_is_the_shipped_calibrations_choice():
     shipped = Path(__file__).resolve().parent.parent / "docs" / "forecast_cpu" / "calibration.json"
     chosen = json.loads(shipped.read_text())["chosen"]
     assert {q: c["method"] for q, c in chosen.items()} == {
-        q: m["method"] for q, m in DEFAULT_METHODS.items()}
+        q: m["method"] for q, m in DEFAULT_METHODS.items()
+    }
     assert all(math.isfinite(len(m["why"])) and m["why"] for m in DEFAULT_METHODS.values())

@@ -180,16 +180,31 @@ def test_sweep_check_refuses_a_different_sweep_saying_what_differs(tmp_path, cap
 
 def fake_compile(chunks, preemption=None):
     """Stands in for sweep.compile_chunks (no compile): one fake program per distinct one."""
-    return {(static_config(c[0].config), len(c)): SimpleNamespace(
-        mesh=SimpleNamespace(shape={"run": len(c), "data": 1})) for c in chunks}
+    return {
+        (static_config(c[0].config), len(c)): SimpleNamespace(
+            mesh=SimpleNamespace(shape={"run": len(c), "data": 1})
+        )
+        for c in chunks
+    }
 
 
 def fake_train(chunk, *args):
     """Stands in for sweep.train_chunk: every run of the chunk finishes at once."""
-    out = SimpleNamespace(status="finished", last={}, loss_at_init=4.0, diverged_step=None,
-                          stopped_step=None, warnings=[])
-    return SimpleNamespace(preempted=False, position=2, wall_seconds=0.0, runs=[out] * len(chunk),
-                           notice_after_end=False)
+    out = SimpleNamespace(
+        status="finished",
+        last={},
+        loss_at_init=4.0,
+        diverged_step=None,
+        stopped_step=None,
+        warnings=[],
+    )
+    return SimpleNamespace(
+        preempted=False,
+        position=2,
+        wall_seconds=0.0,
+        runs=[out] * len(chunk),
+        notice_after_end=False,
+    )
 
 
 def test_sweep_prints_each_chunks_point_and_the_program_count(tmp_path, capsys, monkeypatch):

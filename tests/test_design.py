@@ -30,8 +30,11 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = ([f"stability.{a.name}" for a in node.names]
-                           if node.module == "stability" else [node.module])
+                targets = (
+                    [f"stability.{a.name}" for a in node.names]
+                    if node.module == "stability"
+                    else [node.module]
+                )
             else:
                 continue
             for t in targets:
@@ -42,7 +45,7 @@ def import_graph() -> dict[str, set[str]]:
 
 def documented() -> dict[str, set[str]]:
     text = (ROOT / "docs" / "design.md").read_text()
-    table = text[text.index("## Rooms"):].split("\n## ")[0]
+    table = text[text.index("## Rooms") :].split("\n## ")[0]
     rows = {}
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -55,7 +58,7 @@ def test_the_import_graph_has_no_circle():
     graph, done, active = import_graph(), set(), []
 
     def visit(node):
-        assert node not in active, " -> ".join([*active[active.index(node):], node])
+        assert node not in active, " -> ".join([*active[active.index(node) :], node])
         if node in done:
             return
         active.append(node)
@@ -70,6 +73,12 @@ def test_the_import_graph_has_no_circle():
 
 def test_the_design_docs_table_is_the_import_graph():
     graph, table = import_graph(), documented()
-    assert set(table) == set(graph), (set(table) ^ set(graph))
+    assert set(table) == set(graph), set(table) ^ set(graph)
     for name, imports in graph.items():
-        assert table[name] == imports, (name, "doc only:", table[name] - imports, "code only:", imports - table[name])
+        assert table[name] == imports, (
+            name,
+            "doc only:",
+            table[name] - imports,
+            "code only:",
+            imports - table[name],
+        )

@@ -156,7 +156,9 @@ def test_forecast_predicts_marks_and_holds_out(tmp_path):
     tr = fc["lr_trends"][0]
     assert [r["optimal_lr"] for r in tr["by_size"]] == [0.01] * 4
     # loss 2.01 at lr 0.01, 3.0 (or diverged: ℓ0 = 4) at lr 1 → sensitivity (0 + 0.99)/2 or 1.99/2
-    assert [r["lr_sensitivity"] for r in tr["by_size"]] == pytest.approx([1.99 / 2, 0.99 / 2, 0.99 / 2, 0.99 / 2])
+    assert [r["lr_sensitivity"] for r in tr["by_size"]] == pytest.approx(
+        [1.99 / 2, 0.99 / 2, 0.99 / 2, 0.99 / 2]
+    )
     md = write_forecast(fc, tmp_path / "out", command="stability forecast ...").read_text()
     assert "diverged at step 5" in md and "Held-out largest size" in md
     assert (tmp_path / "out" / "forecast.png").read_bytes()[:4] == b"\x89PNG"
@@ -167,7 +169,9 @@ def test_forecast_predicts_marks_and_holds_out(tmp_path):
 def test_forecast_fits_seed_means_and_flags_only_with_enough_sizes(tmp_path):
     """Two seeds of a size are one point (their mean of log10): 5 sizes give a quadratic 2
     residual degrees of freedom, enough for a flag when its interval is narrow."""
-    w = write_sweep(tmp_path / "s", widths=(8, 16, 32, 64, 128), noise=0.02, seeds=(0, 1), lrs=(0.01,))
+    w = write_sweep(
+        tmp_path / "s", widths=(8, 16, 32, 64, 128), noise=0.02, seeds=(0, 1), lrs=(0.01,)
+    )
     e = forecast([w], 1e7, step=STEP, method="quadratic")["max_attn_logit"][0]
     assert e["fit"]["n"] == 5 and e["fit"]["dof"] == 2
     p = e["prediction"]
@@ -176,9 +180,19 @@ def test_forecast_fits_seed_means_and_flags_only_with_enough_sizes(tmp_path):
     assert "no_flag" not in e and e["crosses_threshold"] == (p["value"] >= 1e4)
     line = forecast([w], 1e7, step=STEP, method="linear")
     assert line["max_attn_logit"][0]["fit"]["dof"] == 3 and line["methods"]["max_attn_logit"] == {
-        "method": "linear", "why": "--method"}
-    wide = forecast([write_sweep(tmp_path / "wide", widths=(8, 16, 32, 64, 128), noise=1.0,
-                                 seeds=(0, 1), lrs=(0.01,))], 1e12, step=STEP, method="quadratic")
+        "method": "linear",
+        "why": "--method",
+    }
+    wide = forecast(
+        [
+            write_sweep(
+                tmp_path / "wide", widths=(8, 16, 32, 64, 128), noise=1.0, seeds=(0, 1), lrs=(0.01,)
+            )
+        ],
+        1e12,
+        step=STEP,
+        method="quadratic",
+    )
     assert wide["max_attn_logit"][0]["no_flag"].startswith("interval spans")
     auto = forecast([w], 1e7, step=STEP)  # the calibration's choice, said with its reason
     assert auto["methods"] == DEFAULT_METHODS
@@ -198,5 +212,16 @@ def test_forecast_refuses_too_few_sizes_and_an_unlogged_step(tmp_path, capsys):
     assert main(["forecast", str(w), "--target-params=1e9"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "2 model size(s)" in err
-    assert main(["forecast", str(w4), "--target-params=1e9", f"--out={tmp_path / 'o'}", "--holdout-largest"]) == 0
+    assert (
+        main(
+            [
+                "forecast",
+                str(w4),
+                "--target-params=1e9",
+                f"--out={tmp_path / 'o'}",
+                "--holdout-largest",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "o" / "forecast.md").exists()

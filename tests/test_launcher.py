@@ -25,16 +25,30 @@ def test_launcher_runs_the_worker_script_on_every_worker_with_its_arguments(tmp_
     fake.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path / 'args'}\n")
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "REPO": "src/stability"}
-    subprocess.run(["sweeps/launch_tpu_pod.sh", "my-tpu", "us-west4-a", "sweeps/qk_norm.py:accelerator",
-                    "gs://b/runs/qk", "--config.data.tokenizer_path=gs://b/t5 model"],
-                   cwd=ROOT, env=env, check=True)
+    subprocess.run(
+        [
+            "sweeps/launch_tpu_pod.sh",
+            "my-tpu",
+            "us-west4-a",
+            "sweeps/qk_norm.py:accelerator",
+            "gs://b/runs/qk",
+            "--config.data.tokenizer_path=gs://b/t5 model",
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
     args = (tmp_path / "args").read_text().splitlines()
     assert args[:6] == ["compute", "tpus", "tpu-vm", "ssh", "my-tpu", "--zone=us-west4-a"]
     assert "--worker=all" in args
     (command,) = [a for a in args if a.startswith("--command=")]
-    assert command.startswith("--command=cd src/stability && WANDB_MODE=${WANDB_MODE:-offline} "
-                              "sweeps/pod_worker.sh sweeps/qk_norm.py:accelerator gs://b/runs/qk ")
-    assert command.endswith(r"--config.data.tokenizer_path=gs://b/t5\ model")  # quoted for the shell
+    assert command.startswith(
+        "--command=cd src/stability && WANDB_MODE=${WANDB_MODE:-offline} "
+        "sweeps/pod_worker.sh sweeps/qk_norm.py:accelerator gs://b/runs/qk "
+    )
+    assert command.endswith(
+        r"--config.data.tokenizer_path=gs://b/t5\ model"
+    )  # quoted for the shell
 
 
 @pytest.mark.slow
@@ -42,8 +56,11 @@ def test_worker_install_line_resolves_from_the_lock_in_a_fresh_venv(tmp_path):
     """The worker's install line, in a fresh venv, as a dry run (PyPI, no download of the
     packages themselves): it resolves, with jax at the lock's version and the tpu extra's
     libtpu and gcsfs."""
-    line = next(x for x in (ROOT / "sweeps/pod_worker.sh").read_text().splitlines()
-                if "pip install" in x and "lock.txt" in x).strip()
+    line = next(
+        x
+        for x in (ROOT / "sweeps/pod_worker.sh").read_text().splitlines()
+        if "pip install" in x and "lock.txt" in x
+    ).strip()
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True)
     cmd = line.replace(".venv/bin/python", str(tmp_path / "venv" / "bin" / "python"))
     cmd += f" --dry-run --ignore-installed --report {tmp_path / 'report.json'}"
@@ -51,7 +68,11 @@ def test_worker_install_line_resolves_from_the_lock_in_a_fresh_venv(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     got = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in report["install"]}
-    lock = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / "requirements/lock.txt").read_text(), re.M))
+    lock = dict(
+        re.findall(
+            r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / "requirements/lock.txt").read_text(), re.M
+        )
+    )
     assert got["jax"] == lock["jax"] and got["jaxlib"] == lock["jaxlib"]
     assert "libtpu" in got and "gcsfs" in got
 
@@ -90,7 +111,9 @@ sys.exit(rc)
     assert out.returncode == 2, out.stderr[-2000:]
     (line,) = [x for x in out.stderr.splitlines() if x.startswith("stability: error")]
     assert "--name='c4/en:3.1.0'" in line and "pip install apache-beam" in line
-    assert "c4/en:3.1.0 ['content-length', 'content-type', 'text', 'timestamp', 'url']" in out.stdout
+    assert (
+        "c4/en:3.1.0 ['content-length', 'content-type', 'text', 'timestamp', 'url']" in out.stdout
+    )
     assert "lm1b ['text']" in out.stdout
     assert not [f for f in (tmp_path / "downloads").rglob("*") if f.is_file()]  # no download
 
@@ -101,8 +124,15 @@ def test_readme_datasets_train_through_the_mock_path(tmp_path, name):
     from stability.config import DataConfig
     from stability.data.tfds import TfdsSource
 
-    cfg = DataConfig(source="tfds", tfds_name=name, tfds_data_dir=str(tmp_path),
-                     tfds_split="train", tfds_eval_split="validation", seq_len=15, batch_size=4)
+    cfg = DataConfig(
+        source="tfds",
+        tfds_name=name,
+        tfds_data_dir=str(tmp_path),
+        tfds_split="train",
+        tfds_eval_split="validation",
+        seq_len=15,
+        batch_size=4,
+    )
     import tensorflow_datasets as tfds
 
     with tfds.testing.mock_data(num_examples=8):
@@ -114,10 +144,17 @@ def test_readme_datasets_train_through_the_mock_path(tmp_path, name):
 
 def test_worker_refuses_a_python_older_than_3_11(tmp_path):
     old = tmp_path / "python3.9"
-    old.write_text('#!/bin/sh\ncase "$2" in *version_info*) exit 1;; *python_version*) echo 3.9.18;; esac\n')
+    old.write_text(
+        '#!/bin/sh\ncase "$2" in *version_info*) exit 1;; *python_version*) echo 3.9.18;; esac\n'
+    )
     old.chmod(0o755)
-    out = subprocess.run(["sweeps/pod_worker.sh", "sweeps/qk_norm.py:cpu", str(tmp_path / "w")],
-                         cwd=ROOT, env={**os.environ, "PYTHON": str(old)}, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        ["sweeps/pod_worker.sh", "sweeps/qk_norm.py:cpu", str(tmp_path / "w")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": str(old)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "is Python 3.9.18, the project needs >= 3.11" in out.stderr
     assert not (tmp_path / "w").exists()

@@ -46,13 +46,23 @@ GRACE = 60  # seconds from the SIGTERM to every process's exit
 def config(prefix: str):
     return tiny_config(
         model={"vocab_size": 96},
-        data={"source": "tfds", "tfds_name": "stability_test_text",
-              "tfds_data_dir": f"{prefix}/tfds", "tokenizer": "sentencepiece",
-              "tokenizer_path": f"{prefix}/sp.model", "batch_size": 8,
-              "markov_vocab": DataConfig.markov_vocab,
-              "markov_branching": DataConfig.markov_branching},
-        train={"steps": STEPS, "log_every": 4, "eval_every": 64, "checkpoint_every": 8,
-               "fsdp": True},
+        data={
+            "source": "tfds",
+            "tfds_name": "stability_test_text",
+            "tfds_data_dir": f"{prefix}/tfds",
+            "tokenizer": "sentencepiece",
+            "tokenizer_path": f"{prefix}/sp.model",
+            "batch_size": 8,
+            "markov_vocab": DataConfig.markov_vocab,
+            "markov_branching": DataConfig.markov_branching,
+        },
+        train={
+            "steps": STEPS,
+            "log_every": 4,
+            "eval_every": 64,
+            "checkpoint_every": 8,
+            "fsdp": True,
+        },
     )
 
 
@@ -62,17 +72,26 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pod")
     root = tmp / "bucket"
     data = root / "b"
-    StabilityTestText(data_dir=str(data / "tfds"), file_format="array_record").download_and_prepare()
+    StabilityTestText(
+        data_dir=str(data / "tfds"), file_format="array_record"
+    ).download_and_prepare()
     train_sentencepiece(data, TRAIN_DOCS + EVAL_DOCS)  # data/sp.model
     cfgs = {"bucket": config("gs://b"), "local": config(str(data))}
     files = {k: write_config_file(tmp / f"{k}.py", c) for k, c in cfgs.items()}
     sweep_py = tmp / "sweep.py"
-    sweep_py.write_text("def get_sweep(arg=''):\n    return [{'optim.lr': lr} for lr in (1e-3, 3e-3)]\n")
+    sweep_py.write_text(
+        "def get_sweep(arg=''):\n    return [{'optim.lr': lr} for lr in (1e-3, 3e-3)]\n"
+    )
     return tmp, root, cfgs, files, str(sweep_py)
 
 
-def start(cmd: list[str], n_proc: int, n_dev: int, root: Path,
-          extra_env: dict[int, dict[str, str]] | None = None) -> list[subprocess.Popen]:
+def start(
+    cmd: list[str],
+    n_proc: int,
+    n_dev: int,
+    root: Path,
+    extra_env: dict[int, dict[str, str]] | None = None,
+) -> list[subprocess.Popen]:
     """``cmd`` on ``n_proc`` processes of ``n_dev`` CPU devices each, with the fake bucket and
     pod devices, told their ranks as SLURM tells them (one process per node); ``extra_env``:
     more variables for some ranks."""
@@ -82,16 +101,24 @@ def start(cmd: list[str], n_proc: int, n_dev: int, root: Path,
         env = {
             **os.environ,
             "WANDB_MODE": "disabled",
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_dev}",
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={n_dev}",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(POD), os.environ.get("PYTHONPATH")])),
             "STABILITY_FAKE_GCS": str(root),
             "STABILITY_FAKE_POD": "1",
-            "SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": str(n_proc),
-            "SLURM_PROCID": str(i), "SLURM_LOCALID": "0", "JAX_COORDINATOR_PORT": port,
+            "SLURM_JOB_ID": "1",
+            "SLURM_STEP_NODELIST": "127.0.0.1",
+            "SLURM_NTASKS": str(n_proc),
+            "SLURM_PROCID": str(i),
+            "SLURM_LOCALID": "0",
+            "JAX_COORDINATOR_PORT": port,
             **(extra_env or {}).get(i, {}),
         }
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     return procs
 
 
@@ -105,8 +132,9 @@ def finish(procs, timeout=900) -> list[str]:
     return errs
 
 
-def sigterm_one(cmd, n_proc: int, n_dev: int, root: Path, tmp: Path, seed: int,
-                in_compile: bool = False) -> list[str]:
+def sigterm_one(
+    cmd, n_proc: int, n_dev: int, root: Path, tmp: Path, seed: int, in_compile: bool = False
+) -> list[str]:
     """Start ``cmd`` with one process (chosen at random) set to SIGTERM itself once it has
     read a call ending at a random step of the first quarter of training (or, ``in_compile``,
     once it has compiled its first train call); every process exits 0 within GRACE seconds of
@@ -114,8 +142,11 @@ def sigterm_one(cmd, n_proc: int, n_dev: int, root: Path, tmp: Path, seed: int,
     rng = random.Random(seed)
     log = tmp / f"sigterm-{seed}.log"
     log.unlink(missing_ok=True)
-    when = ({"STABILITY_TEST_SIGTERM_IN_COMPILE": "1"} if in_compile
-            else {"STABILITY_TEST_SIGTERM_AT": str(rng.randrange(8, STEPS // 4))})
+    when = (
+        {"STABILITY_TEST_SIGTERM_IN_COMPILE": "1"}
+        if in_compile
+        else {"STABILITY_TEST_SIGTERM_AT": str(rng.randrange(8, STEPS // 4))}
+    )
     at = {**when, "STABILITY_TEST_SIGTERM_LOG": str(log)}
     procs = start(cmd, n_proc, n_dev, root, {rng.randrange(n_proc): at})
     errs = finish(procs, timeout=900)
@@ -126,10 +157,13 @@ def sigterm_one(cmd, n_proc: int, n_dev: int, root: Path, tmp: Path, seed: int,
 
 def interrupted_at(errs: list[str]) -> int:
     """The step every process says it stopped at (the same line in each)."""
-    lines = [re.findall(r"^interrupted at step (\d+); rerun the same command to continue$", e, re.M)
-             for e in errs]
+    lines = [
+        re.findall(r"^interrupted at step (\d+); rerun the same command to continue$", e, re.M)
+        for e in errs
+    ]
     assert all(len(x) == 1 for x in lines) and len({x[0] for x in lines}) == 1, "\n\n".join(
-        "\n".join(e.splitlines()[-6:]) for e in errs)
+        "\n".join(e.splitlines()[-6:]) for e in errs
+    )
     return int(lines[0][0])
 
 
@@ -142,17 +176,28 @@ def assert_close(a: list[dict], b: list[dict]) -> None:
 
 def test_pod_sweep_on_4_processes_sigterm_one_then_rerun(setup):
     tmp, root, cfgs, files, sweep_py = setup
-    ref = run_sweep(sweep_py, tmp / "ref", config_spec=files["local"], strategy="vmap",
-                    overrides=[("train.steps_per_call", "1")], progress=False, report=False)
+    ref = run_sweep(
+        sweep_py,
+        tmp / "ref",
+        config_spec=files["local"],
+        strategy="vmap",
+        overrides=[("train.steps_per_call", "1")],
+        progress=False,
+        report=False,
+    )
     cmd = ["sweeps/pod_worker.sh", sweep_py, "gs://b/runs/pod", f"--config={files['bucket']}"]
     runs = root / "b" / "runs" / "pod" / "runs"
     # a notice during the up-front compile: every process stops before training
     errs = sigterm_one(cmd, 4, 1, root, tmp, seed=2, in_compile=True)
-    said = [re.findall(r"^interrupted.*; rerun the same command to continue$", e, re.M) for e in errs]
+    said = [
+        re.findall(r"^interrupted.*; rerun the same command to continue$", e, re.M) for e in errs
+    ]
     assert all(len(x) == 1 for x in said) and len({x[0] for x in said}) == 1, said
-    assert said[0][0] in ("interrupted at step 0; rerun the same command to continue",
-                          "interrupted; rerun the same command to continue",
-                          "interrupted during the up-front compile; rerun the same command to continue")
+    assert said[0][0] in (
+        "interrupted at step 0; rerun the same command to continue",
+        "interrupted; rerun the same command to continue",
+        "interrupted during the up-front compile; rerun the same command to continue",
+    )
     assert not list(runs.glob("*/metrics.jsonl*"))  # nothing trained
     errs = sigterm_one(cmd, 4, 1, root, tmp, seed=0)
     stop = interrupted_at(errs)
@@ -161,26 +206,43 @@ def test_pod_sweep_on_4_processes_sigterm_one_then_rerun(setup):
     # XLA's check asked a device of each process for its memory (another host's would refuse)
     assert all("train call per device: 0.00 GiB of 16.00 GiB" in e for e in errs)
     errs = finish(start(cmd, 4, 1, root))
-    assert "train call (2 runs vmapped, up to 8 updates, 3 metric rows) [mesh " \
-           "run×data×model 2×2×1 on 4 cpu device(s) in 4 processes; fsdp on" in errs[0]
+    assert (
+        "train call (2 runs vmapped, up to 8 updates, 3 metric rows) [mesh "
+        "run×data×model 2×2×1 on 4 cpu device(s) in 4 processes; fsdp on" in errs[0]
+    )
     assert "resuming default-lr0.001" in errs[0] and f"at step {stop}" in errs[0]
-    got = sorted(read_jsonl(root / "b" / "runs" / "pod" / "results.jsonl")[0], key=lambda r: r["lr"])
+    got = sorted(
+        read_jsonl(root / "b" / "runs" / "pod" / "results.jsonl")[0], key=lambda r: r["lr"]
+    )
     ref = sorted(ref, key=lambda r: r["lr"])  # run ids differ: the configs name other paths
     assert [r["lr"] for r in got] == [r["lr"] for r in ref]
     for r, g in zip(ref, got, strict=True):
         np.testing.assert_allclose(g["final_loss"], r["final_loss"], rtol=1e-5)
         assert g["steps"] == STEPS
-        assert_close(read_jsonl(tmp / "ref" / "runs" / r["run_id"] / "metrics.jsonl")[0],
-                     read_jsonl(runs / g["run_id"] / "metrics.jsonl")[0])
+        assert_close(
+            read_jsonl(tmp / "ref" / "runs" / r["run_id"] / "metrics.jsonl")[0],
+            read_jsonl(runs / g["run_id"] / "metrics.jsonl")[0],
+        )
 
 
 def test_train_on_2_processes_sigterm_one_then_rerun(setup):
     tmp, root, cfgs, files, _ = setup
     local = cfgs["local"]
-    T.train(replace(local, train=replace(local.train, steps_per_call=1)), tmp / "train_ref",
-            progress=False)
-    cmd = [sys.executable, "-m", "stability", "train", f"--config={files['bucket']}",
-           "--workdir=gs://b/runs/train", "--distributed", "--no-progress"]
+    T.train(
+        replace(local, train=replace(local.train, steps_per_call=1)),
+        tmp / "train_ref",
+        progress=False,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "stability",
+        "train",
+        f"--config={files['bucket']}",
+        "--workdir=gs://b/runs/train",
+        "--distributed",
+        "--no-progress",
+    ]
     metrics = root / "b" / "runs" / "train" / "metrics.jsonl"
     errs = sigterm_one(cmd, 2, 2, root, tmp, seed=1)
     stop = interrupted_at(errs)

@@ -35,7 +35,9 @@ def tiny_sweep(tmp_path_factory) -> Path:
     """2 settings (qk_norm off/on) × 2 LRs × 2 seeds, 8 steps, each setting one vmapped
     program of one update per call (what the notebook reads does not depend on it)."""
     tmp = tmp_path_factory.mktemp("sweep")
-    config_py, sweep_py = write_files(tmp, lrs=(1e-2, 1.0), steps=8, qk_norm=(False, True), steps_per_call=1)
+    config_py, sweep_py = write_files(
+        tmp, lrs=(1e-2, 1.0), steps=8, qk_norm=(False, True), steps_per_call=1
+    )
     run_sweep(
         sweep_py,
         tmp / "w",

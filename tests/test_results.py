@@ -405,7 +405,10 @@ def test_report_of_a_single_run_and_of_runs_pooled(tmp_path, capsys):
     assert main(["report", str(a)]) == 0
     text = (a / "report.md").read_text()
     assert text.startswith("# Run report: base\n") and "Status: finished" in text
-    assert "LR sensitivity" not in text.split("\n\n", 2)[1] and (a / "run.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        "LR sensitivity" not in text.split("\n\n", 2)[1]
+        and (a / "run.png").read_bytes()[:4] == b"\x89PNG"
+    )
     assert not (a / "lr_sensitivity.png").exists()
     cut = write_single_run(tmp_path / "cut", 0.1, last=4)
     assert main(["report", str(cut)]) == 0
@@ -426,12 +429,20 @@ def test_a_warning_raised_again_is_paired_with_its_own_clear(tmp_path):
     row has no clear step (not the first warning's)."""
     run = write_single_run(tmp_path / "run", 0.1)
     warn = {"detector": "logit_growth", "message": "m"}
-    write_jsonl(run / "events.jsonl", [{**warn, "event": "warn", "step": 2},
-                                       {**warn, "event": "clear", "step": 4},
-                                       {**warn, "event": "warn", "step": 6}])
+    write_jsonl(
+        run / "events.jsonl",
+        [
+            {**warn, "event": "warn", "step": 2},
+            {**warn, "event": "clear", "step": 4},
+            {**warn, "event": "warn", "step": 6},
+        ],
+    )
     records = [{"run_id": "run", "setting": "default", "lr": 0.1}]
-    rows = [line for line in report.warnings_section(records, {"run": history(0.1)}, {"run": run})
-            if line.startswith("| default |")]
+    rows = [
+        line
+        for line in report.warnings_section(records, {"run": history(0.1)}, {"run": run})
+        if line.startswith("| default |")
+    ]
     assert [row.split(" | ")[3:6] for row in rows] == [["2", "", "4"], ["6", "", ""]]
 
 
@@ -634,4 +645,9 @@ def test_report_of_an_interrupted_sweep_takes_the_grid_from_the_plan(tmp_path, p
     md = report.write_report(d).read_text()
     assert "| qk_norm=False | 3.200 |  | div | n/a (2 of 3 LRs) | 1 |" in md
     assert "n/a (0 of 3 LRs)" in md and "(partial: 3 of 9 runs finished)" in md
-    assert plots.summary_table(results.records(results.runs_table(d)), grid=results.planned_grid(d)).count("n/a (") == 3
+    assert (
+        plots.summary_table(
+            results.records(results.runs_table(d)), grid=results.planned_grid(d)
+        ).count("n/a (")
+        == 3
+    )

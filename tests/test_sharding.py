@@ -61,7 +61,10 @@ def assert_same(got: list[dict], want: list[dict], what: str) -> None:
         assert g.keys() == w.keys(), what
         for k in w:
             np.testing.assert_allclose(
-                np.asarray(g[k], np.float64), np.asarray(w[k], np.float64), rtol=RTOL, atol=ATOL,
+                np.asarray(g[k], np.float64),
+                np.asarray(w[k], np.float64),
+                rtol=RTOL,
+                atol=ATOL,
                 err_msg=f"{what}: step {i + 1} {k}",
             )
 
@@ -101,7 +104,9 @@ def test_rules_map_logical_names_with_divisibility_fallback():
     assert S.spec(("embed", "mlp"), (64, 256), sizes, fsdp) == S.P("data", "model")
     assert S.spec(("embed", "mlp"), (64, 256), sizes, plain) == S.P(None, "model")
     assert S.spec(("vocab", "embed"), (255, 64), sizes, fsdp) == S.P(None, "data")  # 255 % 2
-    assert S.spec(("run", "heads", "embed"), (2, 64, 64), sizes, fsdp) == S.P("run", "model", "data")
+    assert S.spec(("run", "heads", "embed"), (2, 64, 64), sizes, fsdp) == S.P(
+        "run", "model", "data"
+    )
     assert S.spec((None,), (64,), sizes, fsdp) == S.P()
 
 
@@ -116,8 +121,9 @@ def test_device_memory_is_asked_of_this_processs_devices_only():
 
         def memory_stats(self):
             if self.process_index != jax.process_index():
-                raise RuntimeError("INVALID_ARGUMENT: MemoryStats is only supported for "
-                                   "addressable PjRt devices")
+                raise RuntimeError(
+                    "INVALID_ARGUMENT: MemoryStats is only supported for addressable PjRt devices"
+                )
             return {"bytes_limit": 123}
 
     devices = np.array([Device(jax.process_index() + 1), Device(jax.process_index())], object)
@@ -128,7 +134,9 @@ def test_device_memory_is_asked_of_this_processs_devices_only():
 
 
 def test_tensor_parallel_must_divide_heads():
-    with pytest.raises(ConfigError, match=r"train.tensor_parallel=3 must divide config.model.n_heads=4"):
+    with pytest.raises(
+        ConfigError, match=r"train.tensor_parallel=3 must divide config.model.n_heads=4"
+    ):
         small(tensor_parallel=3)
 
 
@@ -165,17 +173,23 @@ def test_remat_modes_give_identical_losses_and_gradients():
 def _child(args: list[str], n_devices: int, out, err) -> subprocess.Popen:
     """This file as a program with ``n_devices`` CPU devices, writing to files ``out``/``err``
     (pipes could fill while the other process of a pair waits)."""
-    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
-           + f" --xla_force_host_platform_device_count={n_devices}"}
-    return subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, env=env,
-                            stdout=out, stderr=err, text=True)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={n_devices}",
+    }
+    return subprocess.Popen(
+        [sys.executable, __file__, *args], cwd=ROOT, env=env, stdout=out, stderr=err, text=True
+    )
 
 
 def command_files(tmp: Path) -> tuple[str, str]:
     """A config file (fsdp on, batch 8, 10 steps, one per call: the program compiles in half the
     time of a loop of updates, which test_multihost covers on 8 sharded devices) and a sweep
     file of 3 LRs (on 8 devices: 3 runs padded to 4 on a run 2 × data 4 mesh)."""
-    cfg = small(fsdp=True, steps=10, log_every=5, eval_every=10, checkpoint_every=10, steps_per_call=1)
+    cfg = small(
+        fsdp=True, steps=10, log_every=5, eval_every=10, checkpoint_every=10, steps_per_call=1
+    )
     config_py = write_config_file(tmp / "config.py", cfg)
     sweep_py = tmp / "sweep.py"
     sweep_py.write_text(
@@ -192,7 +206,13 @@ def run_commands(tmp: Path, name: str) -> None:
     config_py, sweep_py = command_files(tmp)
     common = [f"--config={config_py}", "--no-progress"]
     assert main(["train", *common, f"--workdir={tmp / f'{name}-train'}"]) == 0
-    sweep = ["sweep", f"--sweep={sweep_py}", *common, f"--workdir={tmp / f'{name}-sweep'}", "--strategy=vmap"]
+    sweep = [
+        "sweep",
+        f"--sweep={sweep_py}",
+        *common,
+        f"--workdir={tmp / f'{name}-sweep'}",
+        "--strategy=vmap",
+    ]
     assert main(sweep) == 0
 
 
@@ -223,7 +243,10 @@ def test_eight_devices_fsdp_tensor_parallel_runs_checkpoints_and_memory(tmp_path
     one_run = "train call (one run, up to 1 updates, 1 metric rows) [mesh run×data×model"
     assert one_err.count(f"compiled {one_run} 1×1×1") == 1
     assert "3 run(s), run×data×model mesh 2×4×1" in err  # runs 2 ways (one padded), batch 4 ways
-    assert "train call (4 runs vmapped, up to 1 updates, 1 metric rows) [mesh run×data×model 2×4×1 on 8 cpu" in err
+    assert (
+        "train call (4 runs vmapped, up to 1 updates, 1 metric rows) [mesh run×data×model 2×4×1 on 8 cpu"
+        in err
+    )
     assert f"compiled {one_run} 1×8×1" in err
     # stability train with fsdp on 8 devices, and a vmapped sweep on run 2 × fsdp 4: the
     # records of the single-device commands.
@@ -235,8 +258,11 @@ def test_eight_devices_fsdp_tensor_parallel_runs_checkpoints_and_memory(tmp_path
     )
     keep = ("final_loss", "loss_at_init", "max_attn_logit", "min_attn_entropy", "steps")
     assert [r["run_id"] for r in got] == [r["run_id"] for r in want] and len(want) == 3
-    assert_same_records([{k: r[k] for k in keep} for r in got],
-                        [{k: r[k] for k in keep} for r in want], "sweep results")
+    assert_same_records(
+        [{k: r[k] for k in keep} for r in got],
+        [{k: r[k] for k in keep} for r in want],
+        "sweep results",
+    )
     for r in want:
         runs = lambda n, r=r: metrics(tmp_path / f"{n}-sweep" / "runs" / r["run_id"])
         assert_same_records(runs("eight"), runs("one"), f"sweep run {r['run_id']}")
@@ -260,8 +286,14 @@ def test_train_check_prints_xla_memory_and_refuses_what_does_not_fit(tmp_path, c
     assert "does not fit: the compiled train call needs per device:" in err
     assert "of 0.00 GiB" in err and "mesh run×data×model 1×1×1" in err
     assert not re.search(r"^compiled train call", err, re.M)  # no second compile
-    sweep = ["sweep", f"--sweep={sweep_py}", f"--config={config_py}", f"--workdir={tmp_path / 's'}",
-             "--strategy=vmap", "--check"]
+    sweep = [
+        "sweep",
+        f"--sweep={sweep_py}",
+        f"--config={config_py}",
+        f"--workdir={tmp_path / 's'}",
+        "--strategy=vmap",
+        "--check",
+    ]
     assert main(sweep) == 2
     err = capsys.readouterr().err
     assert "chunk default lr=0.003…0.03 ×3 (model.d_model=32" in err and "does not fit" in err
@@ -313,7 +345,9 @@ def eight_devices(tmp: Path) -> None:
         ckpt.wait()
         _, more = _run_sharded(cfg, mesh, state, hp, bs, start=10)
         assert_same(got + more, want, "mesh (1, 4, 2)")
-        fsdp_only = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tensor_parallel=1))
+        fsdp_only = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, tensor_parallel=1)
+        )
         for n in (2, 1):
             small_mesh = S.make_mesh(fsdp_only, devices=devs[:n])
             like = Pr.build(fsdp_only, small_mesh).abstract_state
@@ -323,7 +357,10 @@ def eight_devices(tmp: Path) -> None:
             _, cont = _run_sharded(fsdp_only, small_mesh, restored, hp, bs, start=10)
             assert_same(cont, want[10:], f"restored on {n} device(s)")
         ckpt.close()
-    print(f"mesh (1, 4, 2): {STEPS} steps equal to one device, restored on fsdp 2 and 1 device", flush=True)
+    print(
+        f"mesh (1, 4, 2): {STEPS} steps equal to one device, restored on fsdp 2 and 1 device",
+        flush=True,
+    )
 
     # XLA's memory numbers for the paper's w4096 at 256 × 512, bf16, fsdp 8, remat block:
     # compile only; the arguments per device are 1/8 of the state (FSDP is in the program).

@@ -134,13 +134,20 @@ def test_call_returns_the_logged_updates_metrics_only_and_equals_single_steps(ti
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-@pytest.mark.parametrize("t, k_max, rows", [
-    (dict(log_every=10, eval_every=100, checkpoint_every=100, steps=1000), 100, 11),
-    (dict(log_every=5, eval_every=10, checkpoint_every=10, steps=20), 10, 3),
-    (dict(log_every=1, eval_every=4, checkpoint_every=8, steps=8), 4, 4),
-    (dict(log_every=10, eval_every=500, checkpoint_every=500, steps=1000), 100, 11),
-    (dict(log_every=10, eval_every=500, checkpoint_every=500, steps=1000, steps_per_call=30), 30, 4),
-])
+@pytest.mark.parametrize(
+    "t, k_max, rows",
+    [
+        (dict(log_every=10, eval_every=100, checkpoint_every=100, steps=1000), 100, 11),
+        (dict(log_every=5, eval_every=10, checkpoint_every=10, steps=20), 10, 3),
+        (dict(log_every=1, eval_every=4, checkpoint_every=8, steps=8), 4, 4),
+        (dict(log_every=10, eval_every=500, checkpoint_every=500, steps=1000), 100, 11),
+        (
+            dict(log_every=10, eval_every=500, checkpoint_every=500, steps=1000, steps_per_call=30),
+            30,
+            4,
+        ),
+    ],
+)
 def test_call_shape_follows_evals_and_checkpoints_not_logging(t, k_max, rows):
     from stability.config import TrainConfig
 
@@ -158,13 +165,19 @@ def test_per_run_hyperparameters_derive_from_their_declarations():
     from stability.step import HYPERPARAMS, hyperparams, static_config
 
     declared = per_run_fields()
-    assert set(declared) == {("optim", "lr"), ("optim", "eps"), ("optim", "weight_decay"),
-                             ("optim", "warmup_steps"), ("train", "z_loss")}
+    assert set(declared) == {
+        ("optim", "lr"),
+        ("optim", "eps"),
+        ("optim", "weight_decay"),
+        ("optim", "warmup_steps"),
+        ("train", "z_loss"),
+    }
     assert list(HYPERPARAMS) == declared and set(hyperparams(Config())) == set(HYPERPARAMS.values())
     base = Config()
     for section, name in declared:
         value = getattr(getattr(base, section), name)
-        changed = dataclasses.replace(base, **{section: dataclasses.replace(
-            getattr(base, section), **{name: value * 2 + 1})})
+        changed = dataclasses.replace(
+            base, **{section: dataclasses.replace(getattr(base, section), **{name: value * 2 + 1})}
+        )
         assert static_config(changed) == static_config(base), name
         assert float(hyperparams(changed)[name]) == pytest.approx(value * 2 + 1)

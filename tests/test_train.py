@@ -16,11 +16,24 @@ def test_fixed_metric_keys_present_and_finite(tiny, tmp_path):
     records = W.metrics(tmp_path)[0]
     assert [r["step"] for r in records] == [5, 10, 15, 20]
     last = records[-1]
-    fixed = ["step", "lr", "train/loss", "train/z_loss", "logits/log_z_mean", "logits/log_z_max",
-             "logits/mean",
-             "grad/global_norm", "perf/tokens_per_sec", "eval/loss"]
+    fixed = [
+        "step",
+        "lr",
+        "train/loss",
+        "train/z_loss",
+        "logits/log_z_mean",
+        "logits/log_z_max",
+        "logits/mean",
+        "grad/global_norm",
+        "perf/tokens_per_sec",
+        "eval/loss",
+    ]
     for i in range(cfg.model.n_layers):
-        fixed += [f"attn/max_logit/layer_{i}", f"attn/entropy/layer_{i}", f"attn/entropy_min/layer_{i}"]
+        fixed += [
+            f"attn/max_logit/layer_{i}",
+            f"attn/entropy/layer_{i}",
+            f"attn/entropy_min/layer_{i}",
+        ]
     for key in fixed:
         assert key in last and math.isfinite(last[key]), key
     for prefix in ("grad/rms/", "update/rms/", "param/rms/"):
@@ -53,8 +66,11 @@ def test_different_config_in_workdir_is_refused(tiny, tmp_path):
 
 def test_out_of_bound_loss_stops_with_last_finite_checkpoint(tiny, tmp_path):
     # The loss starts near log 64 ≈ 4.16 and first exceeds 4.16 after a few updates at this LR.
-    cfg = tiny(optim={"lr": 0.5, "grad_clip": 0.0, "warmup_steps": 0}, model={"qk_norm": False},
-               train={"divergence_loss": 4.3, "steps": 40, "log_every": 40})
+    cfg = tiny(
+        optim={"lr": 0.5, "grad_clip": 0.0, "warmup_steps": 0},
+        model={"qk_norm": False},
+        train={"divergence_loss": 4.3, "steps": 40, "log_every": 40},
+    )
     with pytest.raises(T.Diverged, match=r"update (\d+)") as err:
         T.train(cfg, tmp_path, progress=False)
     records = W.metrics(tmp_path)[0]
@@ -84,20 +100,20 @@ def test_wandb_offline_run_directory_has_logged_keys(tiny, tmp_path, monkeypatch
         assert key in data, key
 
 
-
-
-
-
 def test_a_mup_simple_checkpoint_of_release_0_2_is_refused(tiny, tmp_path):
     """Release 0.2.0's "mup_simple" left the head's LR unscaled: its checkpoints (meta without
     "release") are not resumed under the paper's rule, and the message names both ways out."""
     import json
 
-    cfg = tiny(optim={"parametrization": "mup_simple", "mup_base_d_model": 16},
-               train={"steps": 20, "checkpoint_every": 10})
+    cfg = tiny(
+        optim={"parametrization": "mup_simple", "mup_base_d_model": 16},
+        train={"steps": 20, "checkpoint_every": 10},
+    )
     T.train(cfg, tmp_path, progress=False)
     (tmp_path / "checkpoints" / "20").rename(tmp_path / "later")
     meta = next((tmp_path / "checkpoints" / "10").glob("meta/*"))
-    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "release"}))
+    meta.write_text(
+        json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "release"})
+    )
     with pytest.raises(ConfigError, match="release 0.2.0 or earlier.*mup_hidden"):
         T.train(cfg, tmp_path, progress=False)

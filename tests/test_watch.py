@@ -25,8 +25,13 @@ def run(detector, records):
 
 
 def logits(values, every=10, layers=2):
-    return [{"step": every * (i + 1), **{f"attn/max_logit/layer_{j}": v / (j + 1) for j in range(layers)}}
-            for i, v in enumerate(values)]
+    return [
+        {
+            "step": every * (i + 1),
+            **{f"attn/max_logit/layer_{j}": v / (j + 1) for j in range(layers)},
+        }
+        for i, v in enumerate(values)
+    ]
 
 
 def test_logit_growth_predicts_the_crossing_and_fires_once():
@@ -59,8 +64,14 @@ def test_logit_growth_stays_quiet_on_slow_growth_and_small_logits():
 
 
 def test_entropy_collapse_floor_and_drop():
-    ent = lambda vals, start=0: [{"step": start + 10 * (i + 1), "attn/entropy_min/layer_0": v,
-                                  "attn/entropy_min/layer_1": 3.0} for i, v in enumerate(vals)]
+    ent = lambda vals, start=0: [
+        {
+            "step": start + 10 * (i + 1),
+            "attn/entropy_min/layer_0": v,
+            "attn/entropy_min/layer_1": 3.0,
+        }
+        for i, v in enumerate(vals)
+    ]
     d = EntropyCollapse(CFG.entropy, steps=1000)
     assert run(d, ent([2.0, 2.1, 1.9, 1.5, 1.0, 0.5, 0.3])) == []  # falls 86%: not 90%
     assert run(d, ent([0.2], start=70)) == [(80, "warn")]  # below (1 - 0.9) x 2.1
@@ -71,8 +82,9 @@ def test_entropy_collapse_floor_and_drop():
 
 
 def test_log_z_drift_extrapolates_to_the_end():
-    z = lambda vals, start=0: [{"step": start + 10 * (i + 1), "logits/log_z_mean": v}
-                               for i, v in enumerate(vals)]
+    z = lambda vals, start=0: [
+        {"step": start + 10 * (i + 1), "logits/log_z_mean": v} for i, v in enumerate(vals)
+    ]
     assert run(LogZDrift(CFG.log_z, steps=1000), z([3.0, 2.0, 1.0, 0.5, 0.2])) == []  # positive
     assert run(LogZDrift(CFG.log_z, steps=100), z([-1, -1.1, -1.2, -1.3])) == []  # -2.3 at 100
     # -0.1 per step from -1 at step 50: -20 at step 240, before the end at 1000; warned once.
@@ -85,8 +97,11 @@ def test_log_z_drift_extrapolates_to_the_end():
 
 
 def test_updates_vs_eps_takes_a_running_median_and_names_the_parameter():
-    rec = lambda step, r: {"step": step, "grad/rms_over_eps/head/kernel": 50.0,
-                           "grad/rms_over_eps/blocks/0/attn/q/kernel": r}
+    rec = lambda step, r: {
+        "step": step,
+        "grad/rms_over_eps/head/kernel": 50.0,
+        "grad/rms_over_eps/blocks/0/attn/q/kernel": r,
+    }
     ratios = [5.0, 4.0, 0.5, 300.0, 0.3, 0.2, 0.4, 200.0, 3.0, 3.0, 4.0, 5.0]
     d = UpdatesVsEps(CFG.eps, steps=100)
     events = [e for i, r in enumerate(ratios) for e in d.update(rec(i + 1, r))]

@@ -7,8 +7,14 @@ from stability import watch_eval as E
 
 
 def run(rid, unstable=False, event=None, best=False, first=10, **kw):
-    return {"run_id": rid, "unstable": unstable, "event_step": event, "best_lr": best,
-            "unwarnable": unstable and event is not None and event <= first, **kw}
+    return {
+        "run_id": rid,
+        "unstable": unstable,
+        "event_step": event,
+        "best_lr": best,
+        "unwarnable": unstable and event is not None and event <= first,
+        **kw,
+    }
 
 
 ROWS = [
@@ -22,8 +28,14 @@ ROWS = [
     run("best_warned", False, best=True),  # a false alarm on a best-LR run
     run("best_quiet", False, best=True),
 ]
-WARN = {"hit_early": 40, "hit_late_ok": 50, "miss_late": 80, "unwarnable": 5,
-        "stable_warned": 30, "best_warned": 20}
+WARN = {
+    "hit_early": 40,
+    "hit_late_ok": 50,
+    "miss_late": 80,
+    "unwarnable": 5,
+    "stable_warned": 30,
+    "best_warned": 20,
+}
 
 
 def test_precision_recall_leads_and_false_alarms_on_hand_made_runs():
@@ -45,8 +57,14 @@ def test_an_event_at_the_first_logged_step_is_unwarnable_never_a_miss():
 
 
 def hist(logits, losses=None):
-    return [{"step": 10 * (i + 1), "attn/max_logit/layer_0": v, "train/loss": (losses or [2.0] * len(logits))[i]}
-            for i, v in enumerate(logits)]
+    return [
+        {
+            "step": 10 * (i + 1),
+            "attn/max_logit/layer_0": v,
+            "train/loss": (losses or [2.0] * len(logits))[i],
+        }
+        for i, v in enumerate(logits)
+    ]
 
 
 def test_tuning_picks_the_highest_recall_without_best_lr_false_alarms():
@@ -66,8 +84,12 @@ def test_tuning_picks_the_highest_recall_without_best_lr_false_alarms():
 
 
 def test_the_config_only_rule_learns_lr_and_qk():
-    rows = [run(f"{lr}-{qk}", unstable=(lr >= 0.1 and not qk), lr=lr, qk_norm=qk, params=1e5)
-            for lr in (1e-3, 1e-2, 0.1, 0.3) for qk in (False, True) for _ in range(3)]
+    rows = [
+        run(f"{lr}-{qk}", unstable=(lr >= 0.1 and not qk), lr=lr, qk_norm=qk, params=1e5)
+        for lr in (1e-3, 1e-2, 0.1, 0.3)
+        for qk in (False, True)
+        for _ in range(3)
+    ]
     w = E.fit_logistic(rows)
     rule = E.config_rule(w)
     assert rule({"lr": 0.3, "qk_norm": False, "params": 1e5}) == 0  # warned at step 0

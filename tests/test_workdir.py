@@ -68,39 +68,65 @@ def test_a_sweep_with_its_workdir_and_data_on_a_bucket_resumes_as_a_local_one(tm
     from stability.sweep import run_sweep
 
     local = tmp_path / "bucket_root" / "b"
-    StabilityTestText(data_dir=str(local / "tfds"), file_format="array_record").download_and_prepare()
+    StabilityTestText(
+        data_dir=str(local / "tfds"), file_format="array_record"
+    ).download_and_prepare()
     train_sentencepiece(local, TRAIN_DOCS + EVAL_DOCS)  # local/sp.model
     files = {}
     for where, prefix in (("bucket", "gs://b"), ("local", str(local))):
         cfg = tiny_config(
             model={"vocab_size": 96},
-            data={"source": "tfds", "tfds_name": "stability_test_text",
-                  "tfds_data_dir": f"{prefix}/tfds", "tokenizer": "sentencepiece",
-                  "tokenizer_path": f"{prefix}/sp.model", "batch_size": 4,
-                  "markov_vocab": DataConfig.markov_vocab,
-                  "markov_branching": DataConfig.markov_branching},
-            train={"steps": 8, "log_every": 2, "eval_every": 4, "checkpoint_every": 4,
-                   "keep_final_checkpoint": True},
+            data={
+                "source": "tfds",
+                "tfds_name": "stability_test_text",
+                "tfds_data_dir": f"{prefix}/tfds",
+                "tokenizer": "sentencepiece",
+                "tokenizer_path": f"{prefix}/sp.model",
+                "batch_size": 4,
+                "markov_vocab": DataConfig.markov_vocab,
+                "markov_branching": DataConfig.markov_branching,
+            },
+            train={
+                "steps": 8,
+                "log_every": 2,
+                "eval_every": 4,
+                "checkpoint_every": 4,
+                "keep_final_checkpoint": True,
+            },
         )
         files[where] = write_config_file(tmp_path / f"{where}.py", cfg)
     sweep_py = tmp_path / "sweep.py"
-    sweep_py.write_text("def get_sweep(arg=''):\n    return [{'optim.lr': lr} for lr in (1e-3, 1e-2)]\n")
-    ref = run_sweep(str(sweep_py), tmp_path / "ref", config_spec=files["local"], strategy="vmap",
-                    progress=False)
+    sweep_py.write_text(
+        "def get_sweep(arg=''):\n    return [{'optim.lr': lr} for lr in (1e-3, 1e-2)]\n"
+    )
+    ref = run_sweep(
+        str(sweep_py), tmp_path / "ref", config_spec=files["local"], strategy="vmap", progress=False
+    )
     with bucket(tmp_path / "bucket_root") as root:
-        run_sweep(str(sweep_py), "gs://b/runs/w", config_spec=files["bucket"], strategy="vmap",
-                  progress=False)
+        run_sweep(
+            str(sweep_py),
+            "gs://b/runs/w",
+            config_spec=files["bucket"],
+            strategy="vmap",
+            progress=False,
+        )
         (chunk,) = W.path("gs://b/runs/w/chunks").iterdir()
         (chunk / "checkpoints" / "8").rmtree()
         for segment in W.segments("gs://b/runs/w/results.jsonl"):  # results gone
             segment.unlink()
-        got = run_sweep(str(sweep_py), "gs://b/runs/w", config_spec=files["bucket"],
-                        strategy="vmap", progress=False)
+        got = run_sweep(
+            str(sweep_py),
+            "gs://b/runs/w",
+            config_spec=files["bucket"],
+            strategy="vmap",
+            progress=False,
+        )
         assert (root / "b" / "runs" / "w" / "report.md").exists()
     key = lambda r: r["lr"]
     keep = ("lr", "final_loss", "loss_at_init", "diverged", "max_attn_logit", "steps")
     assert [{k: r[k] for k in keep} for r in sorted(got, key=key)] == [
-        {k: r[k] for k in keep} for r in sorted(ref, key=key)]
+        {k: r[k] for k in keep} for r in sorted(ref, key=key)
+    ]
     for a, b in zip(sorted(ref, key=key), sorted(got, key=key), strict=True):
         strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs]
         ours = W.read_jsonl(root / "b" / "runs" / "w" / "runs" / b["run_id"] / "metrics.jsonl")[0]

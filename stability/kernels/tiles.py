@@ -39,7 +39,6 @@ _NT = (((1,), (1,)), ((), ()))  # dot_general: a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # dot_general: a.T @ b
 
 
-
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Launch parameters of one kernel; a driver ignores the fields it has no use for.
@@ -55,7 +54,6 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     max_concurrent_steps: int = 2
-
 
 
 @dataclasses.dataclass(frozen=True)

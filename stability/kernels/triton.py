@@ -97,9 +97,7 @@ def _gpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, s
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _gpu_dkv_kernel(
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, spec: Spec
-):
+def _gpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, spec: Spec):
     j, head = pl.program_id(0), pl.program_id(2)
     window = _head_window(spec, head)
     k, v = k_ref[...], v_ref[...]

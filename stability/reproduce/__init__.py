@@ -18,8 +18,17 @@ from stability.reproduce.rules import FINDINGS, evaluate, load_rows
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 OVERRIDABLE = ("data.", "wandb.")  # where the data, the tokenizer and logging live
 
-__all__ = ["FINDINGS", "NAMES", "PRESET", "PRESETS", "evaluate", "load_rows", "points",
-           "reproduce", "sweep_file"]
+__all__ = [
+    "FINDINGS",
+    "NAMES",
+    "PRESET",
+    "PRESETS",
+    "evaluate",
+    "load_rows",
+    "points",
+    "reproduce",
+    "sweep_file",
+]
 
 
 def sweep_file(name: str) -> Path:

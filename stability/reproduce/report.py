@@ -69,7 +69,10 @@ def _interval(c: dict) -> str:
 
 
 def _counts(checks: list[dict]) -> str:
-    n = {k: sum(c["outcome"] == k for c in checks) for k in ("supported", "contradicted", "unresolved", "missing")}
+    n = {
+        k: sum(c["outcome"] == k for c in checks)
+        for k in ("supported", "contradicted", "unresolved", "missing")
+    }
     return ", ".join(f"{v} {k}" for k, v in n.items() if v)
 
 
@@ -95,10 +98,14 @@ def what_would_change(f: dict, p: Preset) -> str:
     half = max((c["hi"] - c["lo"]) / 2 for c in tested)
     extra = gated if v != f["verdict"] else ""
     if v in ("supported", "contradicted"):
-        return (f"An interval reaching 0: with {p.seeds} seeds the widest half-width is {half:.3g}; "
-                "other data, sizes or seeds that shrink the effects below it would." + extra)
-    return (f"Narrower intervals: the widest half-width is {half:.3g} with {p.seeds} seeds "
-            f"(it shrinks about as 1/√n), or effects that grow with size or steps." + extra)
+        return (
+            f"An interval reaching 0: with {p.seeds} seeds the widest half-width is {half:.3g}; "
+            "other data, sizes or seeds that shrink the effects below it would." + extra
+        )
+    return (
+        f"Narrower intervals: the widest half-width is {half:.3g} with {p.seeds} seeds "
+        f"(it shrinks about as 1/√n), or effects that grow with size or steps." + extra
+    )
 
 
 def _gist(name: str, p: Preset, data: str) -> list[tuple[str, str, str]]:
@@ -111,31 +118,68 @@ def _gist(name: str, p: Preset, data: str) -> list[tuple[str, str, str]]:
         ("seeds", "one run per point", f"{p.seeds} per point: initialisation and data order"),
     ]
     rows = {
-        "qk_sensitivity": [("sizes", "width, depth and heads scaled together (figure only)", sizes),
-                           ("LRs", "3e-4 … 3e-1 (7)", f"{p.lrs[0]:g} … {p.lrs[-1]:g} ({len(p.lrs)})")],
-        "logit_growth": [("read at", "layer 0; step 2e3 (§3.3), over training (Fig. 2)",
-                          f"layer 0, peak over training; d={p.sizes[-1][0]}, lr={max(p.lrs):g}")],
-        "z_loss": [("model, LR", "2.4M parameters, LR 0.1 (Fig. 4); qk-LN; no weight decay",
-                    f"d={p.z_size[0]}·L={p.z_size[1]}, LR {', '.join(f'{x:g}' for x in p.z_lrs)}; "
-                    "qk-LN; no weight decay"),
-                   ("steps", "1e5 (the drift comes \"towards the end\")", f"{p.z_steps}")],
-        "warmup": [("warm-up", "5e3 vs longer (lengths in the figure only), qk-LN",
-                    f"{p.warmup:.0%} vs {p.long_warmup:.0%} of training, qk-LN"),
-                   ("sizes", "several (figure only)", f"d={p.sizes[0][0]} and d={p.sizes[-1][0]}")],
-        "weight_decay": [("decay", "independent λ=1e-4 vs coupled λ=0.1, qk-LN",
-                          "the same λs, qk-LN"),
-                         ("LR ranges", "coupled: the better of [1e-4, 1e-1] and [3e-4, 3e-1]",
-                          "the same")],
-        "mup": [("μParam", "simple: LR of linear layers × base-fan-in/fan-in; base width 256",
-                 f"the same (head included); base width {p.mup_widths[0]}"),
-                ("widths", "from 256 (figure only)", f"{p.mup_widths[0]} → {p.mup_widths[-1]} "
-                 f"({p.mup_widths[-1] // p.mup_widths[0]}×), {p.mup_layers} layers"),
-                ("LRs", "3e-4 … 3e-1 (and 1 with full μParam)",
-                 f"quarter decades {p.mup_lrs[0]:g} … {p.mup_lrs[-1]:g} ({len(p.mup_lrs)})")],
-        "eps": [("ε", "1e-15 vs 1e-8 (vs 1e-6), 4.8B params, LR 0.3",
-                 f"the same εs, d={p.sizes[-1][0]}, LR {', '.join(f'{x:g}' for x in p.eps_lrs)}"),
-                ("grad RMS", "first MLP layer of block 0, mean of the last 500 steps",
-                 "the same layer, mean of the last 10% of logged steps")],
+        "qk_sensitivity": [
+            ("sizes", "width, depth and heads scaled together (figure only)", sizes),
+            ("LRs", "3e-4 … 3e-1 (7)", f"{p.lrs[0]:g} … {p.lrs[-1]:g} ({len(p.lrs)})"),
+        ],
+        "logit_growth": [
+            (
+                "read at",
+                "layer 0; step 2e3 (§3.3), over training (Fig. 2)",
+                f"layer 0, peak over training; d={p.sizes[-1][0]}, lr={max(p.lrs):g}",
+            )
+        ],
+        "z_loss": [
+            (
+                "model, LR",
+                "2.4M parameters, LR 0.1 (Fig. 4); qk-LN; no weight decay",
+                f"d={p.z_size[0]}·L={p.z_size[1]}, LR {', '.join(f'{x:g}' for x in p.z_lrs)}; "
+                "qk-LN; no weight decay",
+            ),
+            ("steps", '1e5 (the drift comes "towards the end")', f"{p.z_steps}"),
+        ],
+        "warmup": [
+            (
+                "warm-up",
+                "5e3 vs longer (lengths in the figure only), qk-LN",
+                f"{p.warmup:.0%} vs {p.long_warmup:.0%} of training, qk-LN",
+            ),
+            ("sizes", "several (figure only)", f"d={p.sizes[0][0]} and d={p.sizes[-1][0]}"),
+        ],
+        "weight_decay": [
+            ("decay", "independent λ=1e-4 vs coupled λ=0.1, qk-LN", "the same λs, qk-LN"),
+            ("LR ranges", "coupled: the better of [1e-4, 1e-1] and [3e-4, 3e-1]", "the same"),
+        ],
+        "mup": [
+            (
+                "μParam",
+                "simple: LR of linear layers × base-fan-in/fan-in; base width 256",
+                f"the same (head included); base width {p.mup_widths[0]}",
+            ),
+            (
+                "widths",
+                "from 256 (figure only)",
+                f"{p.mup_widths[0]} → {p.mup_widths[-1]} "
+                f"({p.mup_widths[-1] // p.mup_widths[0]}×), {p.mup_layers} layers",
+            ),
+            (
+                "LRs",
+                "3e-4 … 3e-1 (and 1 with full μParam)",
+                f"quarter decades {p.mup_lrs[0]:g} … {p.mup_lrs[-1]:g} ({len(p.mup_lrs)})",
+            ),
+        ],
+        "eps": [
+            (
+                "ε",
+                "1e-15 vs 1e-8 (vs 1e-6), 4.8B params, LR 0.3",
+                f"the same εs, d={p.sizes[-1][0]}, LR {', '.join(f'{x:g}' for x in p.eps_lrs)}",
+            ),
+            (
+                "grad RMS",
+                "first MLP layer of block 0, mean of the last 500 steps",
+                "the same layer, mean of the last 10% of logged steps",
+            ),
+        ],
     }
     return [*rows[name], *common]
 
@@ -198,14 +242,14 @@ def write_paper_report(
         "| finding | mechanism in these runs | checks | verdict |",
         "|---|---|---|---|",
         *[
-            f"| {f['claim']} | {_yes_no(f)} | {_counts(f['checks'])} | "
-            f"**{f['verdict']}** |"
+            f"| {f['claim']} | {_yes_no(f)} | {_counts(f['checks'])} | **{f['verdict']}** |"
             for f in findings
         ],
         "",
         "Verdicts: "
-        + ", ".join(f"{k} {n}" for k in VERDICTS if (n := sum(kind(f["verdict"]) == k
-                                                                for f in findings)))
+        + ", ".join(
+            f"{k} {n}" for k in VERDICTS if (n := sum(kind(f["verdict"]) == k for f in findings))
+        )
         + ".",
         "",
         "| sweep | finished runs / planned | diverged | stopped | training time (s, sum over "
@@ -249,8 +293,10 @@ def write_paper_report(
             f"**Verdict: {f['verdict']}**"
             + (
                 " (partial: "
-                + ", ".join(f"`{s}` {'has no plan' if m is None else f'misses {m} runs'}"
-                            for s, m in gone.items())
+                + ", ".join(
+                    f"`{s}` {'has no plan' if m is None else f'misses {m} runs'}"
+                    for s, m in gone.items()
+                )
                 + ")"
                 if gone
                 else ""
@@ -263,8 +309,13 @@ def write_paper_report(
         ]
         for s in f["sweeps"]:
             if rows.get(s):
-                lines += [f"Sweep `{s}`: final eval loss per LR (mean ± std over seeds; 'div': "
-                          "diverged), LR sensitivity.", "", summary_table(rows[s]), ""]
+                lines += [
+                    f"Sweep `{s}`: final eval loss per LR (mean ± std over seeds; 'div': "
+                    "diverged), LR sensitivity.",
+                    "",
+                    summary_table(rows[s]),
+                    "",
+                ]
         lines.append(f"![{f['finding']}](figures/{fig.name})")
     lines += ["", "## Amendments to the protocol", ""]
     lines += [f"- {a}" for a in prov["amendments"]] or ["None."]
@@ -273,8 +324,13 @@ def write_paper_report(
     W.write_text(
         workdir / "paper_report.json",
         json.dumps(
-            {"preset": preset, **prov, "partial": partial, "seed_offset": seed_offset,
-             "findings": findings},
+            {
+                "preset": preset,
+                **prov,
+                "partial": partial,
+                "seed_offset": seed_offset,
+                "findings": findings,
+            },
             indent=1,
             default=_jsonable,
         )

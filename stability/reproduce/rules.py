@@ -234,7 +234,7 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
 
 
 def interval_text(values: dict[int, float | None], spec: str = ".3f") -> str:
-    """"mean [lo, hi]" (95% t-interval over seeds) of per-seed values."""
+    """ "mean [lo, hi]" (95% t-interval over seeds) of per-seed values."""
     iv = t_interval(values.values())
     if iv["mean"] is None:
         return "–"
@@ -265,19 +265,43 @@ def finding_qk_sensitivity(rows: dict[str, list[dict]], p: Preset) -> dict:
     gap = {d: paired(sens[d, False]["total"], sens[d, True]["total"]) for d in (small, large)}
     src = "§3.1.1, Figure 1"
     checks = [
-        check(f"d={large}: LR sensitivity without − with qk-LN", src, gap[large].values(),
-              "nats", planned=n, gated=True),
-        check(f"that gap at d={large} − at d={small}", src, paired(gap[large], gap[small]).values(),
-              "nats", planned=n, gated=True),
-        check(f"with qk-LN: LR sensitivity at d={large} − at d={small}", src,
-              paired(sens[large, True]["total"], sens[small, True]["total"]).values(), "nats",
-              planned=n),
-        check(f"without qk-LN: LR sensitivity at d={large} − at d={small}", src,
-              paired(sens[large, False]["total"], sens[small, False]["total"]).values(), "nats",
-              planned=n),
+        check(
+            f"d={large}: LR sensitivity without − with qk-LN",
+            src,
+            gap[large].values(),
+            "nats",
+            planned=n,
+            gated=True,
+        ),
+        check(
+            f"that gap at d={large} − at d={small}",
+            src,
+            paired(gap[large], gap[small]).values(),
+            "nats",
+            planned=n,
+            gated=True,
+        ),
+        check(
+            f"with qk-LN: LR sensitivity at d={large} − at d={small}",
+            src,
+            paired(sens[large, True]["total"], sens[small, True]["total"]).values(),
+            "nats",
+            planned=n,
+        ),
+        check(
+            f"without qk-LN: LR sensitivity at d={large} − at d={small}",
+            src,
+            paired(sens[large, False]["total"], sens[small, False]["total"]).values(),
+            "nats",
+            planned=n,
+        ),
     ]
-    peak = mean_of(by_seed(where(s, d_model=large, qk_norm=False),
-                           lambda rs: log10(max((r["peak_logit"] or 0.0 for r in rs), default=None))))
+    peak = mean_of(
+        by_seed(
+            where(s, d_model=large, qk_norm=False),
+            lambda rs: log10(max((r["peak_logit"] or 0.0 for r in rs), default=None)),
+        )
+    )
     return {
         "checks": checks,
         "mechanism_present": None if peak is None else peak >= math.log10(LOGIT_THRESHOLD),
@@ -340,17 +364,35 @@ def finding_logit_growth(rows: dict[str, list[dict]], p: Preset) -> dict:
     log_on = by_seed(on, lambda rs: log10(one(rs, "peak_logit0")))
     src = "§3.1.1, Figure 2; §3.3"
     checks = [
-        check(f"d={d}, lr={lr:g}, no qk-LN: log10 peak layer-0 logit − log10 1e4", src,
-              [None if v is None else v - t for v in log_off.values()], "decades", planned=n),
-        check("same LR, with qk-LN: log10 1e4 − log10 peak layer-0 logit", src,
-              [None if v is None else t - v for v in log_on.values()], "decades", planned=n),
-        check("final min attention entropy with − without qk-LN (entropy collapse)", "§3.1.1",
-              paired(by_seed(on, lambda rs: one(rs, "final_entropy")),
-                     by_seed(off, lambda rs: one(rs, "final_entropy"))).values(), "nats",
-              planned=n),
+        check(
+            f"d={d}, lr={lr:g}, no qk-LN: log10 peak layer-0 logit − log10 1e4",
+            src,
+            [None if v is None else v - t for v in log_off.values()],
+            "decades",
+            planned=n,
+        ),
+        check(
+            "same LR, with qk-LN: log10 1e4 − log10 peak layer-0 logit",
+            src,
+            [None if v is None else t - v for v in log_on.values()],
+            "decades",
+            planned=n,
+        ),
+        check(
+            "final min attention entropy with − without qk-LN (entropy collapse)",
+            "§3.1.1",
+            paired(
+                by_seed(on, lambda rs: one(rs, "final_entropy")),
+                by_seed(off, lambda rs: one(rs, "final_entropy")),
+            ).values(),
+            "nats",
+            planned=n,
+        ),
     ]
-    q = paired(by_seed(off, lambda rs: log10(one(rs, "q_param_rms"))),
-               by_seed(on, lambda rs: log10(one(rs, "q_param_rms"))))
+    q = paired(
+        by_seed(off, lambda rs: log10(one(rs, "q_param_rms"))),
+        by_seed(on, lambda rs: log10(one(rs, "q_param_rms"))),
+    )
     ratio = mean_of(q)
     passed = [r for r in s if (r["peak_logit"] or 0) >= LOGIT_THRESHOLD]
     return {
@@ -388,23 +430,52 @@ def finding_z_loss(rows: dict[str, list[dict]], p: Preset) -> dict:
         mean_l = lambda a, b, x: b  # noqa: E731
         rise = lambda a, b, x: _rise(x[0]["evals"]) if len(x) == 1 else None  # noqa: E731
         checks += [
-            check(f"lr={lr:g}: |final mean log Z| without − with z-loss", src,
-                  paired(get(off, abs_z), get(on, abs_z)).values(), "nats", planned=n, gated=True),
-            check(f"lr={lr:g}: final mean output logit with − without z-loss", src,
-                  paired(get(on, mean_l), get(off, mean_l)).values(), "nats", planned=n,
-                  gated=True),
-            check(f"lr={lr:g}: late eval-loss rise (final − lowest) without − with z-loss", src,
-                  paired(get(off, rise), get(on, rise)).values(), "nats", planned=n, gated=True),
+            check(
+                f"lr={lr:g}: |final mean log Z| without − with z-loss",
+                src,
+                paired(get(off, abs_z), get(on, abs_z)).values(),
+                "nats",
+                planned=n,
+                gated=True,
+            ),
+            check(
+                f"lr={lr:g}: final mean output logit with − without z-loss",
+                src,
+                paired(get(on, mean_l), get(off, mean_l)).values(),
+                "nats",
+                planned=n,
+                gated=True,
+            ),
+            check(
+                f"lr={lr:g}: late eval-loss rise (final − lowest) without − with z-loss",
+                src,
+                paired(get(off, rise), get(on, rise)).values(),
+                "nats",
+                planned=n,
+                gated=True,
+            ),
         ]
     base = where(z, lr=p.z_lrs[0], z_loss=0.0)
-    drift = mean_of(by_seed(base, lambda x: max(
-        (abs(v) for v in (one(x, "log_z"), one(x, "mean_logit")) if v is not None), default=None)))
-    details = ["| lr | z-loss | final mean log Z | final mean output logit | lowest eval loss | "
-               "final eval loss |", "|---|---|---|---|---|---|"]
+    drift = mean_of(
+        by_seed(
+            base,
+            lambda x: max(
+                (abs(v) for v in (one(x, "log_z"), one(x, "mean_logit")) if v is not None),
+                default=None,
+            ),
+        )
+    )
+    details = [
+        "| lr | z-loss | final mean log Z | final mean output logit | lowest eval loss | "
+        "final eval loss |",
+        "|---|---|---|---|---|---|",
+    ]
     for lr in p.z_lrs:
         for zl in (0.0, 1e-4):
             rs = where(z, lr=lr, z_loss=zl)
-            col = lambda f, rs=rs: interval_text(by_seed(rs, lambda x: f(x[0]) if len(x) == 1 else None))  # noqa: E731
+            col = lambda f, rs=rs: interval_text(
+                by_seed(rs, lambda x: f(x[0]) if len(x) == 1 else None)
+            )  # noqa: E731
             details.append(
                 f"| {lr:g} | {zl:g} | {col(lambda r: r['log_z'])} | {col(lambda r: r['mean_logit'])} | "
                 f"{col(lambda r: min((v for _, v in r['evals']), default=None))} | "
@@ -435,10 +506,22 @@ def finding_warmup(rows: dict[str, list[dict]], p: Preset) -> dict:
         gap[d] = paired(short, long)
     src = "§3.2.1, Figure 5"
     checks = [
-        check(f"d={large}: LR sensitivity short − long warm-up", src, gap[large].values(), "nats",
-              planned=n, gated=True),
-        check(f"that gap at d={large} − at d={small}", src,
-              paired(gap[large], gap[small]).values(), "nats", planned=n, gated=True),
+        check(
+            f"d={large}: LR sensitivity short − long warm-up",
+            src,
+            gap[large].values(),
+            "nats",
+            planned=n,
+            gated=True,
+        ),
+        check(
+            f"that gap at d={large} − at d={small}",
+            src,
+            paired(gap[large], gap[small]).values(),
+            "nats",
+            planned=n,
+            gated=True,
+        ),
     ]
     rs = where(s, d_model=large, qk_norm=True)
     l0 = loss_at_init(rs)
@@ -452,10 +535,14 @@ def finding_warmup(rows: dict[str, list[dict]], p: Preset) -> dict:
     dmg = mean_of(by_seed(rs, damage))
     details = ["| size | warm-up | LR sensitivity [95% CI] |", "|---|---|---|"]
     for d in (small, large):
-        details.append(f"| d={d} | {p.warmup:.0%} | "
-                       f"{interval_text(sensitivity(where(s, d_model=d, qk_norm=True), p.lrs)['total'])} |")
-        details.append(f"| d={d} | {p.long_warmup:.0%} | "
-                       f"{interval_text(sensitivity(where(w, d_model=d), p.lrs)['total'])} |")
+        details.append(
+            f"| d={d} | {p.warmup:.0%} | "
+            f"{interval_text(sensitivity(where(s, d_model=d, qk_norm=True), p.lrs)['total'])} |"
+        )
+        details.append(
+            f"| d={d} | {p.long_warmup:.0%} | "
+            f"{interval_text(sensitivity(where(w, d_model=d), p.lrs)['total'])} |"
+        )
     return {
         "checks": checks,
         "mechanism_present": None if dmg is None else dmg >= DAMAGE_NATS,
@@ -478,14 +565,28 @@ def finding_weight_decay(rows: dict[str, list[dict]], p: Preset) -> dict:
     ind = sensitivity(ind_rows, p.lrs)["total"]
     per_range = [sensitivity(c, r)["total"] for r in ranges]
     coupled = {
-        seed: None if any(pr.get(seed) is None for pr in per_range) else min(pr[seed] for pr in per_range)
+        seed: None
+        if any(pr.get(seed) is None for pr in per_range)
+        else min(pr[seed] for pr in per_range)
         for seed in per_range[0]
     }
-    checks = [check("LR sensitivity coupled (better range) − independent", "§3.2.2, Figure 6",
-                    paired(coupled, ind).values(), "nats", planned=n, gated=True)]
+    checks = [
+        check(
+            "LR sensitivity coupled (better range) − independent",
+            "§3.2.2, Figure 6",
+            paired(coupled, ind).values(),
+            "nats",
+            planned=n,
+            gated=True,
+        )
+    ]
     top = max(p.lrs)
-    shrink = mean_of(paired(by_seed(where(ind_rows, lr=top), lambda x: log10(one(x, "param_rms"))),
-                            by_seed(where(c, lr=top), lambda x: log10(one(x, "param_rms")))))
+    shrink = mean_of(
+        paired(
+            by_seed(where(ind_rows, lr=top), lambda x: log10(one(x, "param_rms"))),
+            by_seed(where(c, lr=top), lambda x: log10(one(x, "param_rms"))),
+        )
+    )
 
     def loss_stats(rs, grid):
         l0 = loss_at_init(rs)
@@ -494,13 +595,21 @@ def finding_weight_decay(rows: dict[str, list[dict]], p: Preset) -> dict:
         best = by_seed(rs, lambda x: None if (v := curve(x)) is None else min(v))
         return interval_text(mean), interval_text(best)
 
-    details = ["| arm | LR range | LR sensitivity [95% CI] | mean loss over the range | best loss |",
-               "|---|---|---|---|---|"]
-    details.append(f"| independent, λ=1e-4 | {p.lrs[0]:g}–{p.lrs[-1]:g} | {interval_text(ind)} | "
-                   + " | ".join(loss_stats(ind_rows, p.lrs)) + " |")
+    details = [
+        "| arm | LR range | LR sensitivity [95% CI] | mean loss over the range | best loss |",
+        "|---|---|---|---|---|",
+    ]
+    details.append(
+        f"| independent, λ=1e-4 | {p.lrs[0]:g}–{p.lrs[-1]:g} | {interval_text(ind)} | "
+        + " | ".join(loss_stats(ind_rows, p.lrs))
+        + " |"
+    )
     for r, sens in zip(ranges, per_range, strict=True):
-        details.append(f"| coupled, λ=0.1 | {r[0]:g}–{r[-1]:g} | {interval_text(sens)} | "
-                       + " | ".join(loss_stats(c, r)) + " |")
+        details.append(
+            f"| coupled, λ=0.1 | {r[0]:g}–{r[-1]:g} | {interval_text(sens)} | "
+            + " | ".join(loss_stats(c, r))
+            + " |"
+        )
     return {
         "checks": checks,
         "mechanism_present": None if shrink is None else shrink >= math.log10(SHRINK),
@@ -525,18 +634,35 @@ def finding_mup(rows: dict[str, list[dict]], p: Preset) -> dict:
     shift_std = paired(std, base, lambda a, b: abs(a - b))
     shift_mup = paired(mup, base, lambda a, b: abs(a - b))
     src = "§3.2.4, Figures 8, E.4"
-    sens = {qk: sensitivity(where(m, d_model=w1, parametrization="mup_simple", qk_norm=qk),
-                            p.mup_lrs)["total"] for qk in (False, True)}
+    sens = {
+        qk: sensitivity(where(m, d_model=w1, parametrization="mup_simple", qk_norm=qk), p.mup_lrs)[
+            "total"
+        ]
+        for qk in (False, True)
+    }
     checks = [
-        check(f"|optimal-LR shift| d={w0}→{w1}: standard − μParam (decades)", src,
-              paired(shift_std, shift_mup).values(), "decades", planned=n, gated=True),
-        check(f"d={w1}: μParam's LR sensitivity without − with qk-LN", src,
-              paired(sens[False], sens[True]).values(), "nats", planned=n),
+        check(
+            f"|optimal-LR shift| d={w0}→{w1}: standard − μParam (decades)",
+            src,
+            paired(shift_std, shift_mup).values(),
+            "decades",
+            planned=n,
+            gated=True,
+        ),
+        check(
+            f"d={w1}: μParam's LR sensitivity without − with qk-LN",
+            src,
+            paired(sens[False], sens[True]).values(),
+            "nats",
+            planned=n,
+        ),
     ]
     moved = mean_of(shift_std)
     std_sens = sensitivity(where(m, d_model=w1, parametrization="standard"), p.mup_lrs)["total"]
     l0 = loss_at_init(where(m, d_model=w1))
-    best = lambda rs: by_seed(rs, lambda x: None if (v := _curve(x, p.mup_lrs, l0)) is None else min(v))  # noqa: E731
+    best = lambda rs: by_seed(
+        rs, lambda x: None if (v := _curve(x, p.mup_lrs, l0)) is None else min(v)
+    )  # noqa: E731
     details = [
         "| setting | optimal LR (seeds' geometric mean) [95% CI] | LR sensitivity [95% CI] |",
         "|---|---|---|",
@@ -547,16 +673,24 @@ def finding_mup(rows: dict[str, list[dict]], p: Preset) -> dict:
         (f"μParam, d={w1}", mup, where(m, d_model=w1, parametrization="mup_simple", qk_norm=True)),
     ):
         iv = t_interval(opt.values())
-        ci = "–" if iv["mean"] is None else (
-            f"{10**iv['mean']:.3g}" + ("" if iv["lo"] is None else f" [{10**iv['lo']:.3g}, {10**iv['hi']:.3g}]"))
+        ci = (
+            "–"
+            if iv["mean"] is None
+            else (
+                f"{10 ** iv['mean']:.3g}"
+                + ("" if iv["lo"] is None else f" [{10 ** iv['lo']:.3g}, {10 ** iv['hi']:.3g}]")
+            )
+        )
         details.append(f"| {label} | {ci} | {interval_text(sensitivity(rs, p.mup_lrs)['total'])} |")
     details += [
         "",
         "The paper's other claims here are of no difference (\"μParam does not improve loss or "
-        "reduce LR sensitivity\"); an interval that contains 0 is consistent with them, and no "
+        'reduce LR sensitivity"); an interval that contains 0 is consistent with them, and no '
         "verdict is drawn from them. At d={w1}, μParam − standard: best loss "
         f"{interval_text(paired(best(where(m, d_model=w1, parametrization='mup_simple', qk_norm=True)), best(where(m, d_model=w1, parametrization='standard'))))}"
-        f" nats, LR sensitivity {interval_text(paired(sens[True], std_sens))} nats.".replace("{w1}", str(w1)),
+        f" nats, LR sensitivity {interval_text(paired(sens[True], std_sens))} nats.".replace(
+            "{w1}", str(w1)
+        ),
     ]
     return {
         "checks": checks,
@@ -581,8 +715,10 @@ def finding_eps(rows: dict[str, list[dict]], p: Preset) -> dict:
             a - b
             for lr in p.lrs
             for qk in (False, True)
-            if (a := log10(one(where(rs, d_model=small, lr=lr, qk_norm=qk), "fc1_grad_rms"))) is not None
-            and (b := log10(one(where(rs, d_model=large, lr=lr, qk_norm=qk), "fc1_grad_rms"))) is not None
+            if (a := log10(one(where(rs, d_model=small, lr=lr, qk_norm=qk), "fc1_grad_rms")))
+            is not None
+            and (b := log10(one(where(rs, d_model=large, lr=lr, qk_norm=qk), "fc1_grad_rms")))
+            is not None
         ]
         return float(np.median(diffs)) if diffs else None
 
@@ -597,20 +733,42 @@ def finding_eps(rows: dict[str, list[dict]], p: Preset) -> dict:
 
     lr = max(p.eps_lrs)
     default = where(s, d_model=large, qk_norm=True, lr=lr)
-    loss = lambda rs: by_seed(rs, lambda x: counted_loss(x[0], x[0]["loss_at_init"]) if len(x) == 1 else None)  # noqa: E731
+    loss = lambda rs: by_seed(
+        rs, lambda x: counted_loss(x[0], x[0]["loss_at_init"]) if len(x) == 1 else None
+    )  # noqa: E731
     small_eps, large_eps = min(p.eps_values), max(p.eps_values)
     src = "§3.4, Figures 11–13"
     checks = [
-        check(f"median over LRs and qk of log10 fc1 grad RMS at d={small} − at d={large}", src,
-              by_seed(s, falls_with_size).values(), "decades", planned=n),
-        check(f"d={large}, qk-LN: log10 fc1 grad RMS at lr={lo_lr:g} − at lr={hi_lr:g}", src,
-              by_seed(s, falls_with_lr).values(), "decades", planned=n),
-        check(f"d={large}, lr={lr:g}: final loss ε=1e-8 − ε={small_eps:g}", "§3.4, Figure 12",
-              paired(loss(default), loss(where(e, eps=small_eps, lr=lr))).values(), "nats",
-              planned=n, gated=True),
-        check(f"d={large}, lr={lr:g}: final loss ε={large_eps:g} − ε=1e-8", "§3.4, Figure E.15",
-              paired(loss(where(e, eps=large_eps, lr=lr)), loss(default)).values(), "nats",
-              planned=n, gated=True),
+        check(
+            f"median over LRs and qk of log10 fc1 grad RMS at d={small} − at d={large}",
+            src,
+            by_seed(s, falls_with_size).values(),
+            "decades",
+            planned=n,
+        ),
+        check(
+            f"d={large}, qk-LN: log10 fc1 grad RMS at lr={lo_lr:g} − at lr={hi_lr:g}",
+            src,
+            by_seed(s, falls_with_lr).values(),
+            "decades",
+            planned=n,
+        ),
+        check(
+            f"d={large}, lr={lr:g}: final loss ε=1e-8 − ε={small_eps:g}",
+            "§3.4, Figure 12",
+            paired(loss(default), loss(where(e, eps=small_eps, lr=lr))).values(),
+            "nats",
+            planned=n,
+            gated=True,
+        ),
+        check(
+            f"d={large}, lr={lr:g}: final loss ε={large_eps:g} − ε=1e-8",
+            "§3.4, Figure E.15",
+            paired(loss(where(e, eps=large_eps, lr=lr)), loss(default)).values(),
+            "nats",
+            planned=n,
+            gated=True,
+        ),
     ]
     ratio = mean_of(by_seed(default, lambda x: log10(one(x, "fc1_grad_over_eps"))))
     details = _eps_extrapolation(s, p, large, lr)
@@ -641,67 +799,93 @@ def _eps_extrapolation(s: list[dict], p: Preset, large: int, lr: float) -> list[
     rs = where(s, d_model=large, qk_norm=True, lr=lr)
     per_step = [r["wall_seconds"] / r["steps"] for r in rs if r["wall_seconds"]]
     if slope >= 0:
-        return [f"The fc1 gradient RMS does not fall with size here (slope {slope:+.3f} decades per "
-                "decade of parameters at this LR): no size is predicted to bring it near ε."]
+        return [
+            f"The fc1 gradient RMS does not fall with size here (slope {slope:+.3f} decades per "
+            "decade of parameters at this LR): no size is predicted to bring it near ε."
+        ]
     params = 10 ** ((target - icept) / slope)
     cost = (np.median(per_step) * params / rs[0]["params"]) if per_step and rs else None
     return [
         f"A line through the seeds' mean log10 fc1 gradient RMS at lr={lr:g} (qk-LN) falls "
         f"{slope:+.3f} decades per decade of parameters: it reaches 10·ε = 1e-7 at about "
         f"{params:.3g} non-embedding parameters (an extrapolation far past the data). "
-        + ("" if cost is None else
-           f"A step of such a model here would take about {cost:.3g} s (the largest size's measured "
-           "time per step in its vmapped program, scaled by the parameter ratio), "
-           f"{cost * p.steps / 3600:.3g} h for {p.steps} steps.")
+        + (
+            ""
+            if cost is None
+            else f"A step of such a model here would take about {cost:.3g} s (the largest size's measured "
+            "time per step in its vmapped program, scaled by the parameter ratio), "
+            f"{cost * p.steps / 3600:.3g} h for {p.steps} steps."
+        )
     ]
 
 
 FINDINGS: tuple[tuple[str, str, str, tuple[str, ...], Callable], ...] = (
-    ("qk_sensitivity",
-     "qk-layernorm lowers LR sensitivity, more so as models grow; LR sensitivity rises with scale "
-     "both with and without it.",
-     "\"Without qk-layernorm, the learning rate at which models diverge becomes smaller with "
-     "increasing model size. By contrast, models with qk-layernorm exhibit considerably lower LR "
-     "sensitivity and train to low loss at high learning rates. [...] Both with and without "
-     "qk-layernorm, LR sensitivity increases with scale.\" (§3.1.1)",
-     ("sizes",), finding_qk_sensitivity),
-    ("logit_growth",
-     "Without qk-layernorm the max attention logit passes 1e4 at high LR and attention collapses.",
-     "\"the attention logits z became large [...] As a result, the attention weights collapse to "
-     "one-hot vectors\" (§3.1.1); \"all points with attention logits above 1e4 diverged\" (§3.3)",
-     ("sizes",), finding_logit_growth),
-    ("z_loss",
-     "Without weight decay the output logits drift very negative late in training; z-loss "
-     "prevents it.",
-     "\"This instability occurs when the logits diverge and become very negative [...] this "
-     "divergence occurs towards the end of training. [...] instability related to output logit "
-     "divergence occurs in models with no weight decay regardless of scale, and z-loss resolves "
-     "this instability.\" (§3.1.2)",
-     ("z_loss",), finding_z_loss),
-    ("warmup",
-     "A longer warm-up lowers LR sensitivity, most for the larger models.",
-     "\"a longer warm-up period reduces LR sensitivity. This is most clear for the larger models, "
-     "which are not stable at LR 3e-1 without long warm-up.\" (§3.2.1)",
-     ("sizes", "warmup"), finding_warmup),
-    ("weight_decay",
-     "Independent weight decay gives a lower LR sensitivity than coupled (AdamW) decay.",
-     "\"Parameterizing weight decay independently of learning rate reduces LR sensitivity\" "
-     "(§3.2.2)",
-     ("sizes", "weight_decay"), finding_weight_decay),
-    ("mup",
-     "μParam keeps the optimal LR stable across widths but does not replace qk-layernorm.",
-     "\"μParam does succeed in stabilizing the optimal LR at the scale we test. However, μParam "
-     "does not improve loss or reduce LR sensitivity [...] μParam does not alleviate the need "
-     "for this intervention at high learning rates.\" (§3.2.4)",
-     ("mup",), finding_mup),
-    ("eps",
-     "Gradient RMS falls with size and LR toward Adam's ε; then a smaller ε helps and a larger "
-     "one hurts.",
-     "\"gradient norms decrease with both scale and learning rate, such that the default AdamW "
-     "epsilon hyperparameter is too large\" (§1); \"Decreasing ϵ to 1e-15 improves loss and "
-     "mitigates a collapse in grad RMS [...] increasing ϵ to 1e-6 results in an instability\" "
-     "(§3.4)",
-     ("sizes", "eps"), finding_eps),
+    (
+        "qk_sensitivity",
+        "qk-layernorm lowers LR sensitivity, more so as models grow; LR sensitivity rises with scale "
+        "both with and without it.",
+        '"Without qk-layernorm, the learning rate at which models diverge becomes smaller with '
+        "increasing model size. By contrast, models with qk-layernorm exhibit considerably lower LR "
+        "sensitivity and train to low loss at high learning rates. [...] Both with and without "
+        'qk-layernorm, LR sensitivity increases with scale." (§3.1.1)',
+        ("sizes",),
+        finding_qk_sensitivity,
+    ),
+    (
+        "logit_growth",
+        "Without qk-layernorm the max attention logit passes 1e4 at high LR and attention collapses.",
+        '"the attention logits z became large [...] As a result, the attention weights collapse to '
+        'one-hot vectors" (§3.1.1); "all points with attention logits above 1e4 diverged" (§3.3)',
+        ("sizes",),
+        finding_logit_growth,
+    ),
+    (
+        "z_loss",
+        "Without weight decay the output logits drift very negative late in training; z-loss "
+        "prevents it.",
+        '"This instability occurs when the logits diverge and become very negative [...] this '
+        "divergence occurs towards the end of training. [...] instability related to output logit "
+        "divergence occurs in models with no weight decay regardless of scale, and z-loss resolves "
+        'this instability." (§3.1.2)',
+        ("z_loss",),
+        finding_z_loss,
+    ),
+    (
+        "warmup",
+        "A longer warm-up lowers LR sensitivity, most for the larger models.",
+        '"a longer warm-up period reduces LR sensitivity. This is most clear for the larger models, '
+        'which are not stable at LR 3e-1 without long warm-up." (§3.2.1)',
+        ("sizes", "warmup"),
+        finding_warmup,
+    ),
+    (
+        "weight_decay",
+        "Independent weight decay gives a lower LR sensitivity than coupled (AdamW) decay.",
+        '"Parameterizing weight decay independently of learning rate reduces LR sensitivity" '
+        "(§3.2.2)",
+        ("sizes", "weight_decay"),
+        finding_weight_decay,
+    ),
+    (
+        "mup",
+        "μParam keeps the optimal LR stable across widths but does not replace qk-layernorm.",
+        '"μParam does succeed in stabilizing the optimal LR at the scale we test. However, μParam '
+        "does not improve loss or reduce LR sensitivity [...] μParam does not alleviate the need "
+        'for this intervention at high learning rates." (§3.2.4)',
+        ("mup",),
+        finding_mup,
+    ),
+    (
+        "eps",
+        "Gradient RMS falls with size and LR toward Adam's ε; then a smaller ε helps and a larger "
+        "one hurts.",
+        '"gradient norms decrease with both scale and learning rate, such that the default AdamW '
+        'epsilon hyperparameter is too large" (§1); "Decreasing ϵ to 1e-15 improves loss and '
+        'mitigates a collapse in grad RMS [...] increasing ϵ to 1e-6 results in an instability" '
+        "(§3.4)",
+        ("sizes", "eps"),
+        finding_eps,
+    ),
 )
 
 

@@ -92,7 +92,9 @@ def verdict(checks: list[dict], mechanism_present: bool | None = None) -> str:
     the mechanism is present; "not tested" when nothing is left to count because it is
     absent, "missing" when nothing was measured."""
     tested = [
-        c for c in checks if c["outcome"] != "missing" and not (c["gated"] and not mechanism_present)
+        c
+        for c in checks
+        if c["outcome"] != "missing" and not (c["gated"] and not mechanism_present)
     ]
     absent = mechanism_present is False and any(c["gated"] for c in checks)
     if not tested:

@@ -176,8 +176,10 @@ def test_read_ahead_gives_the_batches_of_one_document_at_a_time(data_dir, sp_mod
     states (which a checkpoint stores)."""
     cfg = make_config(data_dir, tokenizer="sentencepiece", tokenizer_path=sp_model)
     source = TfdsSource(cfg, vocab_size=96)
-    streams = [RowStreams(source._train, source._documents_tokens, 5, range(4), 4, 16, ahead, threads)
-               for ahead, threads in ((1, 1), (16, 1), (5, 2))]
+    streams = [
+        RowStreams(source._train, source._documents_tokens, 5, range(4), 4, 16, ahead, threads)
+        for ahead, threads in ((1, 1), (16, 1), (5, 2))
+    ]
     for _ in range(25):  # several epochs of the 41 documents
         batches = [s.next()["tokens"] for s in streams]
         states = [s.state() for s in streams]

@@ -14,8 +14,16 @@ FIELDS = sorted(
     for name in group.keys()
 )
 
-NUMERIC = {f for f in FIELDS if type(getattr(getattr(Config(), f.split(".")[0]), f.split(".")[1])) in (int, float)}
-BOOLS = {f for f in FIELDS if isinstance(getattr(getattr(Config(), f.split(".")[0]), f.split(".")[1]), bool)}
+NUMERIC = {
+    f
+    for f in FIELDS
+    if type(getattr(getattr(Config(), f.split(".")[0]), f.split(".")[1])) in (int, float)
+}
+BOOLS = {
+    f
+    for f in FIELDS
+    if isinstance(getattr(getattr(Config(), f.split(".")[0]), f.split(".")[1]), bool)
+}
 # Drawn values: each is invalid for every numeric or boolean field; other values may be valid
 # for some fields, and then the check must accept them without writing anything.
 ALWAYS_BAD = ["nan", "inf", "-inf", "-1", "-1e-9", "1e999", "abc", "[1, 2", "{}", "None", "(("]
@@ -25,8 +33,9 @@ MAYBE_BAD = ["0", "1e15", "3.5", "True", "", "'layernorm'", "(1, 2)"]
 def run_cli(tmp_path, capsys, *overrides, command="train", check=False):
     workdir = tmp_path / "w"
     extra = ["--sweep", "sweeps/demo.py:cpu,steps=10"] if command == "sweep" else []
-    code = main([command, *extra, "--workdir", str(workdir), *(["--check"] if check else []),
-                 *overrides])
+    code = main(
+        [command, *extra, "--workdir", str(workdir), *(["--check"] if check else []), *overrides]
+    )
     captured = capsys.readouterr()
     return code, captured.err, workdir
 
@@ -36,7 +45,8 @@ def one_error_line(err: str) -> bool:
     program compiled for XLA's memory check, the hand estimate's warning)."""
     lines = err.strip().splitlines()
     return sum(x.startswith("stability: error") for x in lines) == 1 and lines[-1].startswith(
-        "stability: error")
+        "stability: error"
+    )
 
 
 def typo(field: str, i: int) -> str:
@@ -59,11 +69,21 @@ KEYS = st.one_of(
 FUZZ_EXAMPLES = 500
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(key=KEYS, value=VALUES, command=st.sampled_from(["train", "sweep"]),
-       extra=st.lists(st.sampled_from(FIELDS), max_size=2))
-def test_random_overrides_are_rejected_cleanly(tmp_path_factory, capsys, key, value, command, extra):
+@settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    key=KEYS,
+    value=VALUES,
+    command=st.sampled_from(["train", "sweep"]),
+    extra=st.lists(st.sampled_from(FIELDS), max_size=2),
+)
+def test_random_overrides_are_rejected_cleanly(
+    tmp_path_factory, capsys, key, value, command, extra
+):
     tmp = tmp_path_factory.mktemp("hostile")
     overrides = [f"--config.{key}={value}"] + [f"--config.{f}=-7" for f in extra if f in NUMERIC]
     code, err, workdir = run_cli(tmp, capsys, *overrides, command=command, check=True)
@@ -129,14 +149,19 @@ def test_directory_without_included_files(tmp_path, capsys):
 
 
 def test_heads_not_dividing_width(tmp_path, capsys):
-    code, err, workdir = run_cli(tmp_path, capsys, "--config.model.d_model=100", "--config.model.n_heads=3")
+    code, err, workdir = run_cli(
+        tmp_path, capsys, "--config.model.d_model=100", "--config.model.n_heads=3"
+    )
     assert code == 2 and "d_model=100" in err and "n_heads=3" in err and not workdir.exists()
 
 
 # Sweep and config files in every bad shape: exit 2, one line naming the file and the problem,
 # no traceback (a user's exception shows only its message), nothing written.
 SWEEP_BODIES = {
-    "raises": ("def get_sweep():\n    raise ValueError('boom\\nsecond line')\n", "ValueError: boom"),
+    "raises": (
+        "def get_sweep():\n    raise ValueError('boom\\nsecond line')\n",
+        "ValueError: boom",
+    ),
     "exits": ("def get_sweep():\n    raise SystemExit(3)\n", "raised SystemExit"),
     "none": ("def get_sweep():\n    return None\n", "returned NoneType"),
     "dict": ("def get_sweep():\n    return {'optim.lr': 0.1}\n", "returned dict"),
@@ -145,14 +170,18 @@ SWEEP_BODIES = {
     "empty": ("def get_sweep():\n    return []\n", "empty grid"),
     "non_dicts": ("def get_sweep():\n    return [1, 2]\n", "point 0 is int"),
     "generator_fails": (
-        "def get_sweep():\n    yield {'optim.lr': 0.1}\n    raise KeyError('k')\n", "KeyError"
+        "def get_sweep():\n    yield {'optim.lr': 0.1}\n    raise KeyError('k')\n",
+        "KeyError",
     ),
     "not_callable": ("get_sweep = [{'optim.lr': 0.1}]\n", "not a function"),
     "missing": ("def get_config():\n    return {}\n", "defines no get_sweep()"),
     "undotted_key": ("def get_sweep():\n    return [{'lr': 0.1}]\n", "key 'lr'"),
     "int_key": ("def get_sweep():\n    return [{1: 0.1}]\n", "key 1"),
     "empty_part": ("def get_sweep():\n    return [{'optim..lr': 0.1}]\n", "key 'optim..lr'"),
-    "unknown_key": ("def get_sweep():\n    return [{'optim.lrr': 0.1}]\n", "did you mean optim.lr?"),
+    "unknown_key": (
+        "def get_sweep():\n    return [{'optim.lrr': 0.1}]\n",
+        "did you mean optim.lr?",
+    ),
     "wrong_type": ("def get_sweep():\n    return [{'optim.lr': 'fast'}]\n", "optim.lr='fast'"),
     "bad_name": ("NAME = 3\ndef get_sweep():\n    return [{'optim.lr': 0.1}]\n", "NAME=3"),
     "syntax": ("def get_sweep(:\n", "SyntaxError"),
@@ -160,7 +189,10 @@ SWEEP_BODIES = {
     "null_bytes": ("x = 1\0\n", "failed to import"),
 }
 CONFIG_BODIES = {
-    "raises": ("def get_config():\n    raise RuntimeError('no GPU here')\n", "RuntimeError: no GPU"),
+    "raises": (
+        "def get_config():\n    raise RuntimeError('no GPU here')\n",
+        "RuntimeError: no GPU",
+    ),
     "none": ("def get_config():\n    return None\n", "returned NoneType"),
     "list": ("def get_config():\n    return [{'model': {}}]\n", "returned list"),
     "number": ("def get_config():\n    return 7\n", "returned int"),
@@ -201,14 +233,18 @@ def test_bad_sweep_files(tmp_path, capsys, shape):
 def test_bad_config_files(tmp_path, capsys, shape):
     body, message = CONFIG_BODIES[shape]
     path = write_file(tmp_path, shape, body)
-    for argv in (["train", f"--config={path}"],
-                 ["sweep", "--sweep=sweeps/demo.py:cpu,steps=10", f"--config={path}"]):
+    for argv in (
+        ["train", f"--config={path}"],
+        ["sweep", "--sweep=sweeps/demo.py:cpu,steps=10", f"--config={path}"],
+    ):
         assert_refused(tmp_path, capsys, argv, path, message)
 
 
 @pytest.mark.parametrize("flag", ["--sweep", "--config"])
-@pytest.mark.parametrize("kind, message", [("dir", "a directory"), ("txt", "not a .py file"),
-                                           ("missing", "no such file")])
+@pytest.mark.parametrize(
+    "kind, message",
+    [("dir", "a directory"), ("txt", "not a .py file"), ("missing", "no such file")],
+)
 def test_paths_that_are_not_python_files(tmp_path, capsys, flag, kind, message):
     path = {"dir": tmp_path, "txt": tmp_path / "grid.txt", "missing": tmp_path / "nope.py"}[kind]
     if kind == "txt":
@@ -220,5 +256,10 @@ def test_paths_that_are_not_python_files(tmp_path, capsys, flag, kind, message):
 @pytest.mark.parametrize("arg", ["10", "gpu", "cpu,steps=0", "cpu,steps=x", "cpu,lr=1"])
 @pytest.mark.parametrize("sweep", ["demo", "qk_norm", "mup", "warmup", "stabilizers"])
 def test_bad_sweep_args(tmp_path, capsys, sweep, arg):
-    assert_refused(tmp_path, capsys, ["sweep", f"--sweep=sweeps/{sweep}.py:{arg}"],
-                   f"sweeps/{sweep}.py:{arg}", "PRESET[,steps=N]")
+    assert_refused(
+        tmp_path,
+        capsys,
+        ["sweep", f"--sweep=sweeps/{sweep}.py:{arg}"],
+        f"sweeps/{sweep}.py:{arg}",
+        "PRESET[,steps=N]",
+    )

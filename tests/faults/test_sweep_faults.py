@@ -16,15 +16,27 @@ from stability.sweep import read_results, run_sweep
 
 def test_torn_result_line_redoes_only_that_run(tmp_path, capsys):
     config_py, sweep_py = write_files(tmp_path, lrs=(1e-3, 1e-2))
-    first = run_sweep(sweep_py, tmp_path / "w", config_spec=config_py, strategy="vmap",
-                      progress=False, report=False)
+    first = run_sweep(
+        sweep_py,
+        tmp_path / "w",
+        config_spec=config_py,
+        strategy="vmap",
+        progress=False,
+        report=False,
+    )
     path = tmp_path / "w" / "results.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     torn_id = json.loads(lines[-1])["run_id"]
     # A crash mid-append of the last record, then a hand-edited foreign line.
     path.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2] + "\nnot json\n")
-    again = run_sweep(sweep_py, tmp_path / "w", config_spec=config_py, strategy="vmap",
-                      progress=False, report=False)
+    again = run_sweep(
+        sweep_py,
+        tmp_path / "w",
+        config_spec=config_py,
+        strategy="vmap",
+        progress=False,
+        report=False,
+    )
     err = capsys.readouterr().err
     assert "skipped unreadable lines" in err and "1 to train in 1 chunk(s)" in err
     records, bad = read_results(tmp_path / "w")
@@ -36,13 +48,34 @@ def test_torn_result_line_redoes_only_that_run(tmp_path, capsys):
 @pytest.mark.slow
 def test_sweep_sigterm_checkpoints_exits_zero_and_resumes(tmp_path):
     config_py, sweep_py = write_files(tmp_path, lrs=(1e-3, 1e-2), steps=40)
-    args = [sys.executable, "-m", "stability", "sweep", "--sweep", sweep_py, "--config", config_py,
-            "--strategy", "sequential", "--no-progress", "--workdir", str(tmp_path / "w")]
+    args = [
+        sys.executable,
+        "-m",
+        "stability",
+        "sweep",
+        "--sweep",
+        sweep_py,
+        "--config",
+        config_py,
+        "--strategy",
+        "sequential",
+        "--no-progress",
+        "--workdir",
+        str(tmp_path / "w"),
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    ref = run_sweep(sweep_py, tmp_path / "ref", config_spec=config_py, strategy="sequential",
-                    overrides=[("train.steps_per_call", "1")], progress=False, report=False)
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    ref = run_sweep(
+        sweep_py,
+        tmp_path / "ref",
+        config_spec=config_py,
+        strategy="sequential",
+        overrides=[("train.steps_per_call", "1")],
+        progress=False,
+        report=False,
+    )
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     runs = tmp_path / "w" / "runs"
     deadline = time.time() + 300
     while time.time() < deadline and not any(runs.glob("*/metrics.jsonl")):

@@ -51,9 +51,16 @@ SWEEP_LRS = (1e-3, 3e-3, 1e-2)
 
 def config_file(path: Path) -> str:
     """The tests compare every checkpoint a rerun writes: finished chunks keep theirs."""
-    cfg = tiny_config(train={"steps": STEPS, "log_every": 2, "eval_every": CKPT_EVERY,
-                             "checkpoint_every": CKPT_EVERY, "keep_final_checkpoint": True},
-                      wandb={"mode": "disabled"})
+    cfg = tiny_config(
+        train={
+            "steps": STEPS,
+            "log_every": 2,
+            "eval_every": CKPT_EVERY,
+            "checkpoint_every": CKPT_EVERY,
+            "keep_final_checkpoint": True,
+        },
+        wandb={"mode": "disabled"},
+    )
     return write_config_file(path, cfg)
 
 
@@ -68,8 +75,14 @@ def run_killed(cmd: list[str], fault: str, n: int, tmp_path: Path) -> dict:
         "STABILITY_KILL_AT": f"{fault}:{n}",
         "STABILITY_KILL_LOG": str(log),
     }
-    out = subprocess.run([sys.executable, "-m", "stability", *cmd], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "stability", *cmd],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == -signal.SIGKILL, (out.returncode, out.stderr[-3000:])
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(events) == 1 and events[0]["fault"] == fault and events[0]["n"] == n, events
@@ -77,8 +90,10 @@ def run_killed(cmd: list[str], fault: str, n: int, tmp_path: Path) -> dict:
 
 
 def strip_perf(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}
-            for line in path.read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}
+        for line in path.read_text().splitlines()
+    ]
 
 
 def step_dirs(ckpts: Path) -> tuple[list[int], list[str]]:
@@ -91,8 +106,9 @@ def final_checkpoint(ckpts: Path) -> tuple[int, dict, dict]:
     """(step, {leaf path: array}, meta) of the newest checkpoint, read by orbax without a target."""
     step = step_dirs(ckpts)[0][-1]
     tree = ocp.StandardCheckpointer().restore(ckpts / str(step) / "state")
-    leaves = {jax.tree_util.keystr(k): np.asarray(v)
-              for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+    leaves = {
+        jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
     meta = json.loads((ckpts / str(step) / "meta" / "metadata").read_text())
     return step, leaves, meta
 
@@ -147,8 +163,7 @@ def train_reference(tmp_path_factory):
 # over a complete-looking tmp directory. (("ckpt_data", 1) also passes: a fresh start over the
 # leftovers, no checkpoint being finalised; left out to keep this file within its time budget.)
 @pytest.mark.parametrize("fault, n", [("ckpt_commit", 2)])
-def test_train_killed_inside_checkpoint_write(train_reference, tmp_path, capsys, fault,
-                                              n):
+def test_train_killed_inside_checkpoint_write(train_reference, tmp_path, capsys, fault, n):
     config, ref = train_reference
     workdir = tmp_path / "run"
     event = run_killed(train_args(config, workdir), fault, n, tmp_path)
@@ -172,8 +187,18 @@ def test_train_killed_inside_checkpoint_write(train_reference, tmp_path, capsys,
 
 
 def sweep_args(config: str, sweep: str, workdir: Path) -> list[str]:
-    return ["sweep", "--sweep", sweep, "--config", config, "--workdir", str(workdir),
-            "--strategy", "sequential", "--no-progress"]
+    return [
+        "sweep",
+        "--sweep",
+        sweep,
+        "--config",
+        config,
+        "--workdir",
+        str(workdir),
+        "--strategy",
+        "sequential",
+        "--no-progress",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +206,11 @@ def sweep_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep_ref")
     config = config_file(tmp / "cfg.py")
     sweep = tmp / "sweep.py"
-    sweep.write_text("NAME = 'timed_kills'\n"
-                     "def get_sweep(arg=''):\n"
-                     f"    return [{{'optim.lr': lr}} for lr in {SWEEP_LRS!r}]\n")
+    sweep.write_text(
+        "NAME = 'timed_kills'\n"
+        "def get_sweep(arg=''):\n"
+        f"    return [{{'optim.lr': lr}} for lr in {SWEEP_LRS!r}]\n"
+    )
     assert main(sweep_args(config, str(sweep), tmp / "w")) == 0
     records, bad = read_results(tmp / "w")
     assert len(records) == len(SWEEP_LRS) and not bad
@@ -208,20 +235,22 @@ def assert_sweep_equals_reference(workdir: Path, ref: Path) -> list[int]:
     assert untimed(records) == untimed(ref_records)
     for rid in ids:
         assert strip_perf(workdir / "runs" / rid / "metrics.jsonl") == strip_perf(
-            ref / "runs" / rid / "metrics.jsonl"), rid
+            ref / "runs" / rid / "metrics.jsonl"
+        ), rid
     assert sorted(p.name for p in (workdir / "chunks").iterdir()) == sorted(
-        p.name for p in (ref / "chunks").iterdir())
+        p.name for p in (ref / "chunks").iterdir()
+    )
     for chunk in (ref / "chunks").iterdir():
-        assert_same_checkpoints(workdir / "chunks" / chunk.name / "checkpoints",
-                                chunk / "checkpoints")
+        assert_same_checkpoints(
+            workdir / "chunks" / chunk.name / "checkpoints", chunk / "checkpoints"
+        )
     return bad
 
 
 # The 4th save is chunk 2's last (killed once its array data are on disk), after chunk 1's record
 # was appended: the rerun skips chunk 1, resumes chunk 2 from its step-4 checkpoint, runs chunk 3.
 @pytest.mark.parametrize("fault, n", [("ckpt_data", 4)])
-def test_sweep_killed_inside_checkpoint_write(sweep_reference, tmp_path, capsys, fault,
-                                              n):
+def test_sweep_killed_inside_checkpoint_write(sweep_reference, tmp_path, capsys, fault, n):
     config, sweep, ref = sweep_reference
     workdir = tmp_path / "w"
     event = run_killed(sweep_args(config, sweep, workdir), fault, n, tmp_path)

@@ -29,9 +29,16 @@ STEPS = 40
 def config_file(tmp_path: Path) -> str:
     """40 steps, a record every 2; a loss-spike detector so sensitive (1 std over the last 4
     records) that the run raises and clears several early warnings (events.jsonl)."""
-    cfg = tiny_config(train={"steps": STEPS, "log_every": 2, "eval_every": 10, "checkpoint_every": 4,
-                             "max_to_keep": 3},
-                      watch={"loss_spike": LossSpikeWatch(k=1.0, window=4)})
+    cfg = tiny_config(
+        train={
+            "steps": STEPS,
+            "log_every": 2,
+            "eval_every": 10,
+            "checkpoint_every": 4,
+            "max_to_keep": 3,
+        },
+        watch={"loss_spike": LossSpikeWatch(k=1.0, window=4)},
+    )
     return write_config_file(tmp_path / "cfg.py", cfg)
 
 
@@ -44,8 +51,15 @@ def train_cmd(config: str, workdir: Path) -> list[str]:
 
 
 def run(cmd, **kw):
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "WANDB_MODE": "disabled"}, **kw)
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        **kw,
+    )
 
 
 def metrics(workdir: Path) -> list[dict]:
@@ -87,8 +101,13 @@ def wait_for_records(workdir: Path, n: int, timeout: float = 300) -> None:
 def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(reference, tmp_path, seed):
     config, ref, warned = reference
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(config, workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "disabled"})
+    proc = subprocess.Popen(
+        train_cmd(config, workdir),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
     wait_for_records(workdir, random.Random(seed).randint(1, STEPS // 2 - 2))
     time.sleep(random.Random(seed).random() * 0.3)
     proc.send_signal(signal.SIGKILL)
@@ -102,9 +121,14 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(reference, tmp
 def test_sigterm_or_ctrl_c_checkpoints_and_exits_zero(reference, tmp_path, signum):
     config, ref, warned = reference
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(config, workdir), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "WANDB_MODE": "disabled"})
+    proc = subprocess.Popen(
+        train_cmd(config, workdir),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
     wait_for_records(workdir, 3)
     t = time.time()
     proc.send_signal(signum)
@@ -113,7 +137,8 @@ def test_sigterm_or_ctrl_c_checkpoints_and_exits_zero(reference, tmp_path, signu
     assert time.time() - t < 30
     (line,) = [x for x in err.splitlines() if "interrupt" in x or "rerun" in x or "SIG" in x]
     assert line.startswith("interrupted at step ") and line.endswith(
-        "; rerun the same command to continue")
+        "; rerun the same command to continue"
+    )
     assert main(train_args(config, workdir)) == 0
     assert metrics(workdir) == ref
 
@@ -123,9 +148,14 @@ def test_second_ctrl_c_exits_at_once_with_130(reference, tmp_path):
     exits at once: status 130, one line, no traceback; the rerun is the reference."""
     config, ref, warned = reference
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(config, workdir), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "WANDB_MODE": "disabled"})
+    proc = subprocess.Popen(
+        train_cmd(config, workdir),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
     deadline = time.time() + 120
     while not (workdir / "config.json").exists() and time.time() < deadline:
         time.sleep(0.02)
@@ -187,10 +217,21 @@ def test_no_readable_checkpoint_is_a_clear_error_not_a_silent_restart(reference,
 def test_wandb_online_without_network_warns_once_and_keeps_jsonl(reference, tmp_path):
     config, ref, warned = reference
     workdir = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9",
-           "WANDB_API_KEY": "x" * 40, "WANDB_INIT_TIMEOUT": "5"}
-    out = subprocess.run(train_cmd(config, workdir) + ["--config.wandb.mode=online"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, env=env)
+    env = {
+        **os.environ,
+        "WANDB_MODE": "online",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_API_KEY": "x" * 40,
+        "WANDB_INIT_TIMEOUT": "5",
+    }
+    out = subprocess.run(
+        train_cmd(config, workdir) + ["--config.wandb.mode=online"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stderr.count("W&B disabled for this run") == 1
     shutil.rmtree(workdir / "wandb", ignore_errors=True)

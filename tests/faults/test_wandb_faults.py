@@ -34,10 +34,19 @@ def wandb_env(tmp: Path, **extra) -> dict:
     unset, so that stderr is what a user sees."""
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_SERVICE")}
     closed = "http://127.0.0.1:9"
-    return {**env, "WANDB_MODE": "offline", "WANDB_BASE_URL": closed, "WANDB_ERROR_REPORTING": "false",
-            "WANDB_CONFIG_DIR": str(tmp / "wandb_config"), "WANDB_CACHE_DIR": str(tmp / "wandb_cache"),
-            "WANDB_DATA_DIR": str(tmp / "wandb_data"), "HTTP_PROXY": closed, "HTTPS_PROXY": closed,
-            "NO_PROXY": "127.0.0.1,localhost", **extra}
+    return {
+        **env,
+        "WANDB_MODE": "offline",
+        "WANDB_BASE_URL": closed,
+        "WANDB_ERROR_REPORTING": "false",
+        "WANDB_CONFIG_DIR": str(tmp / "wandb_config"),
+        "WANDB_CACHE_DIR": str(tmp / "wandb_cache"),
+        "WANDB_DATA_DIR": str(tmp / "wandb_data"),
+        "HTTP_PROXY": closed,
+        "HTTPS_PROXY": closed,
+        "NO_PROXY": "127.0.0.1,localhost",
+        **extra,
+    }
 
 
 def metrics(workdir: Path) -> list[dict]:
@@ -80,15 +89,38 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wandb")
     # One record per call: W&B sees them one at a time, as a long run's, so that its
     # transaction log holds several blocks when the service is killed.
-    cfg = tiny_config(train={"steps": STEPS, "log_every": LOG_EVERY, "eval_every": 50,
-                             "checkpoint_every": STEPS, "steps_per_call": LOG_EVERY})
+    cfg = tiny_config(
+        train={
+            "steps": STEPS,
+            "log_every": LOG_EVERY,
+            "eval_every": 50,
+            "checkpoint_every": STEPS,
+            "steps_per_call": LOG_EVERY,
+        }
+    )
     config = write_config_file(tmp / "cfg.py", cfg)
     procs = {}
     for name in ("healthy", "killed"):
-        cmd = [sys.executable, "-m", "stability", "train", "--config", config, "--workdir",
-               str(tmp / name), "--no-progress", "--config.wandb.mode=offline"]
-        procs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True, env=wandb_env(tmp))
+        cmd = [
+            sys.executable,
+            "-m",
+            "stability",
+            "train",
+            "--config",
+            config,
+            "--workdir",
+            str(tmp / name),
+            "--no-progress",
+            "--config.wandb.mode=offline",
+        ]
+        procs[name] = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=wandb_env(tmp),
+        )
     try:
         killed, path = procs["killed"], tmp / "killed" / "metrics.jsonl"
         deadline = time.time() + 300
@@ -107,8 +139,13 @@ def runs(tmp_path_factory):
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
-    return {"tmp": tmp, "outs": outs, "pids": pids, "service_dead": service_dead,
-            "logged_at_kill": logged_at_kill}
+    return {
+        "tmp": tmp,
+        "outs": outs,
+        "pids": pids,
+        "service_dead": service_dead,
+        "logged_at_kill": logged_at_kill,
+    }
 
 
 class FakeWandb(ThreadingHTTPServer):
@@ -131,15 +168,30 @@ class _Handler(BaseHTTPRequestHandler):
             if "upsertBucket" in query:
                 self.server.runs.append(var.get("name"))
                 project = {"id": "p", "name": "stability", "entity": {"id": "e", "name": "ent"}}
-                out = {"data": {"upsertBucket": {"inserted": True, "bucket": {
-                    "id": "b", "name": var.get("name") or "run", "displayName": "run",
-                    "description": "", "config": "{}", "sweepName": None, "historyLineCount": 0,
-                    "project": project}}}}
+                out = {
+                    "data": {
+                        "upsertBucket": {
+                            "inserted": True,
+                            "bucket": {
+                                "id": "b",
+                                "name": var.get("name") or "run",
+                                "displayName": "run",
+                                "description": "",
+                                "config": "{}",
+                                "sweepName": None,
+                                "historyLineCount": 0,
+                                "project": project,
+                            },
+                        }
+                    }
+                }
             elif "createRunFiles" in query:
-                files = [{"name": f, "uploadUrl": f"{self.server.url}/upload/{f}"}
-                         for f in var["files"]]
-                out = {"data": {"createRunFiles": {"runID": "b", "uploadHeaders": [],
-                                                   "files": files}}}
+                files = [
+                    {"name": f, "uploadUrl": f"{self.server.url}/upload/{f}"} for f in var["files"]
+                ]
+                out = {
+                    "data": {"createRunFiles": {"runID": "b", "uploadHeaders": [], "files": files}}
+                }
             else:
                 out = {"data": {}}
         elif self.path.endswith("/file_stream"):
@@ -177,17 +229,30 @@ def fake_wandb():
 
 def wandb_sync(run_dir: Path, server: FakeWandb, tmp: Path) -> subprocess.CompletedProcess:
     (run_dir,) = (run_dir / "wandb").glob("offline-run-*")
-    env = wandb_env(tmp, WANDB_MODE="online", WANDB_BASE_URL=server.url, WANDB_API_KEY="x" * 40,
-                    NETRC=str(tmp / "netrc"))
-    return subprocess.run([sys.executable, "-m", "wandb", "sync", str(run_dir)], cwd=tmp,
-                          capture_output=True, text=True, timeout=300, env=env)
+    env = wandb_env(
+        tmp,
+        WANDB_MODE="online",
+        WANDB_BASE_URL=server.url,
+        WANDB_API_KEY="x" * 40,
+        NETRC=str(tmp / "netrc"),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "wandb", "sync", str(run_dir)],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def assert_history_matches(history: list[dict], records: list[dict]) -> None:
     """W&B's rows hold every metric of the JSONL records, at the same steps."""
     assert [h["_step"] for h in history] == [r["step"] for r in records]
     for h, r in zip(history, records, strict=True):
-        assert {k: h.get(k) for k in r if k != "step"} == {k: v for k, v in r.items() if k != "step"}
+        assert {k: h.get(k) for k in r if k != "step"} == {
+            k: v for k, v in r.items() if k != "step"
+        }
 
 
 def test_killed_service_training_goes_on_with_one_warning_and_complete_jsonl(runs):
@@ -248,8 +313,14 @@ def test_service_death_first_seen_by_finish(tmp_path):
         tracker.close()
         print("killed", len(pids))
     """)
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env=wandb_env(tmp_path))
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=wandb_env(tmp_path),
+    )
     assert out.returncode == 0 and out.stdout.strip() == "killed 1", out.stderr[-3000:]
     assert out.stderr.count(WARNING) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
@@ -273,15 +344,30 @@ def test_rerun_segments_sync_into_one_run(tmp_path, fake_wandb):
     the documented `wandb sync <workdir>/wandb/offline-run-*` uploads them into that one run."""
     run_dir = tmp_path / "run"
     for resume, steps in (("0", "1,2,3"), ("1", "4,5,6")):
-        subprocess.run([sys.executable, "-c", SEGMENT, str(run_dir), resume, steps],
-                       env=wandb_env(tmp_path), check=True, timeout=300)
+        subprocess.run(
+            [sys.executable, "-c", SEGMENT, str(run_dir), resume, steps],
+            env=wandb_env(tmp_path),
+            check=True,
+            timeout=300,
+        )
     run_id = (run_dir / "wandb_id").read_text()
     dirs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(dirs) == 2 and all(d.name.endswith(f"-{run_id}") for d in dirs)
-    env = wandb_env(tmp_path, WANDB_MODE="online", WANDB_BASE_URL=fake_wandb.url,
-                    WANDB_API_KEY="x" * 40, NETRC=str(tmp_path / "netrc"))
-    out = subprocess.run([sys.executable, "-m", "wandb", "sync", *map(str, dirs)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300, env=env)
+    env = wandb_env(
+        tmp_path,
+        WANDB_MODE="online",
+        WANDB_BASE_URL=fake_wandb.url,
+        WANDB_API_KEY="x" * 40,
+        NETRC=str(tmp_path / "netrc"),
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "wandb", "sync", *map(str, dirs)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0 and "ERROR" not in out.stderr, out.stderr[-3000:]
     assert set(fake_wandb.runs) == {run_id}
     assert [h["_step"] for h in fake_wandb.history] == [1, 2, 3, 4, 5, 6]

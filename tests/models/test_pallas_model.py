@@ -13,8 +13,12 @@ from stability.programs import one_device
 
 VARIANTS = {
     "softmax": {},
-    "ls-softplus-capped": {"attention_score": "softplus", "n_local_heads": 1, "local_window": 5,
-                           "attn_softcap": 30.0},
+    "ls-softplus-capped": {
+        "attention_score": "softplus",
+        "n_local_heads": 1,
+        "local_window": 5,
+        "attn_softcap": 30.0,
+    },
 }
 
 
@@ -37,7 +41,9 @@ def test_pallas_training_matches_xla(variant):
     pallas = train_steps(tiny_config(model={"attention_impl": "pallas", **VARIANTS[variant]}), 20)
     for step, (a, b) in enumerate(zip(xla, pallas, strict=True)):
         for key in a:
-            np.testing.assert_allclose(a[key], b[key], rtol=2e-3, atol=1e-5, err_msg=f"{key} @ {step}")
+            np.testing.assert_allclose(
+                a[key], b[key], rtol=2e-3, atol=1e-5, err_msg=f"{key} @ {step}"
+            )
 
 
 def test_no_T_by_T_tensor_in_the_compiled_step():

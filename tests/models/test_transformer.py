@@ -107,7 +107,10 @@ def test_attention_stats_equal_materialised_matrix():
     q = block.attn.q_norm(block.attn.q(h).reshape(B, T, N, H))
     k = block.attn.k_norm(block.attn.k(h).reshape(B, T, N, H))
     rope = rope_tables(T, H, CFG.rope_base)
-    q, k = np.asarray(apply_rope(q, *rope), np.float64), np.asarray(apply_rope(k, *rope), np.float64)
+    q, k = (
+        np.asarray(apply_rope(q, *rope), np.float64),
+        np.asarray(apply_rope(k, *rope), np.float64),
+    )
     s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(H)
     mask = np.tril(np.ones((T, T), bool))
     s = np.where(mask, s, -np.inf)

@@ -161,7 +161,9 @@ def test_optimizer_metrics_per_family():
     assert np.isfinite(float(adam["grad/rms_over_eps/w"]))
     # ε is the state's (a traced per-run value in the train step), not the config's
     other = optimizer_metrics(adam_cfg, set_hyperparams(adam_state, eps=1e-6), grads)
-    np.testing.assert_allclose(other["grad/rms_over_eps/w"], adam["grad/rms_over_eps/w"] * 1e-9, rtol=1e-5)
+    np.testing.assert_allclose(
+        other["grad/rms_over_eps/w"], adam["grad/rms_over_eps/w"] * 1e-9, rtol=1e-5
+    )
     for name in ("lion", "adafactor", "sgd"):
         cfg = OptimConfig(name=name)
         assert optimizer_metrics(cfg, make_optimizer(cfg).init(params), grads) == {}

@@ -72,8 +72,12 @@ SCALED = {"mup_simple": HIDDEN | {"head"}, "mup_hidden": HIDDEN, "mup_full": HID
 
 @pytest.mark.parametrize(
     "parametrization,mode",
-    [("mup_simple", "independent"), ("mup_simple", "coupled"), ("mup_hidden", "independent"),
-     ("mup_full", "coupled")],
+    [
+        ("mup_simple", "independent"),
+        ("mup_simple", "coupled"),
+        ("mup_hidden", "independent"),
+        ("mup_full", "coupled"),
+    ],
 )
 def test_mup_scales_the_gradient_step_of_linear_layers_by_base_over_fan_in(parametrization, mode):
     """Against the formula: each scaled layer's update is (its fan-in in the base model ÷ its

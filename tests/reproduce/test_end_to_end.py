@@ -19,7 +19,10 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     err = capsys.readouterr().err
     # ε is a traced hyperparameter: both values of a seed share one program with the sizes
     # sweep's (no compile of its own)
-    assert "sweep eps: 8 runs, 0 already finished; 8 to train in 2 chunk(s), 1 compiled program(s)" in err
+    assert (
+        "sweep eps: 8 runs, 0 already finished; 8 to train in 2 chunk(s), 1 compiled program(s)"
+        in err
+    )
     report = (work / "paper_report.md").read_text()
     saved = json.loads((work / "paper_report.json").read_text())
     rows = {name: load_rows(work / name) for name in NAMES}
@@ -52,13 +55,28 @@ def test_accelerator_preset_takes_data_overrides_and_plans_up_to_its_first_progr
 
     from stability import sweep
 
-    assert main(["reproduce", "--preset=accelerator", f"--workdir={tmp_path / 'x'}",
-                 "--config.model.d_model=64"]) == 2
+    assert (
+        main(
+            [
+                "reproduce",
+                "--preset=accelerator",
+                f"--workdir={tmp_path / 'x'}",
+                "--config.model.d_model=64",
+            ]
+        )
+        == 2
+    )
     assert "takes only --config.data.* and --config.wandb.* overrides" in capsys.readouterr().err
-    StabilityTestText(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
-    data = [f"--config.data.tfds_data_dir={tmp_path / 'tfds'}", "--config.data.tfds_name=stability_test_text",
-            f"--config.data.tokenizer_path={train_sentencepiece(tmp_path, TRAIN_DOCS + EVAL_DOCS)}",
-            "--config.data.batch_size=8", "--config.data.seq_len=32"]
+    StabilityTestText(
+        data_dir=str(tmp_path / "tfds"), file_format="array_record"
+    ).download_and_prepare()
+    data = [
+        f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+        "--config.data.tfds_name=stability_test_text",
+        f"--config.data.tokenizer_path={train_sentencepiece(tmp_path, TRAIN_DOCS + EVAL_DOCS)}",
+        "--config.data.batch_size=8",
+        "--config.data.seq_len=32",
+    ]
 
     class Compiled(Exception):
         pass
@@ -68,6 +86,14 @@ def test_accelerator_preset_takes_data_overrides_and_plans_up_to_its_first_progr
 
     monkeypatch.setattr(sweep.prog, "compile_call", first)
     with pytest.raises(Compiled) as got:
-        main(["reproduce", "--preset=accelerator", f"--workdir={tmp_path / 'w'}", "--no-progress", *data])
+        main(
+            [
+                "reproduce",
+                "--preset=accelerator",
+                f"--workdir={tmp_path / 'w'}",
+                "--no-progress",
+                *data,
+            ]
+        )
     assert got.value.args == (1024, "stability_test_text", 8)
     assert not (tmp_path / "w").exists() or not any((tmp_path / "w").rglob("*"))  # nothing written

@@ -32,14 +32,41 @@ JITTER = (0.0, 0.01, -0.01, 0.02, -0.02)  # the seeds' spread
 def row(lr, loss, seed=0, **fields):
     """One run as ``rules.measure`` returns it; ``loss=None`` is a diverged run."""
     base = dict(
-        run_id=f"{sorted(fields.items())}-{lr}-{seed}", setting=",".join(f"{k}={v}" for k, v in sorted(fields.items())),
-        lr=lr, seed=seed, data_seed=seed, final_loss=loss, loss_at_init=5.0, diverged=loss is None,
-        steps=200, params=1000, d_model=16, n_layers=1, qk_norm=True, warmup_steps=10,
-        weight_decay=1e-4, weight_decay_mode="independent", z_loss=1e-4, parametrization="standard",
-        eps=1e-8, peak_logit0=10.0, peak_logit=10.0, final_entropy=1.0, log_z=0.5, mean_logit=0.0,
-        evals=[(100, 2.1), (200, 2.0)], log_z_trace=[], mean_logit_trace=[], fc1_grad_rms=1e-3,
-        fc1_grad_over_eps=1e5, q_grad_rms=1e-3, q_param_rms=0.1, param_rms=0.1, wall_seconds=1.0,
-        stopped=False, data="hand-made",
+        run_id=f"{sorted(fields.items())}-{lr}-{seed}",
+        setting=",".join(f"{k}={v}" for k, v in sorted(fields.items())),
+        lr=lr,
+        seed=seed,
+        data_seed=seed,
+        final_loss=loss,
+        loss_at_init=5.0,
+        diverged=loss is None,
+        steps=200,
+        params=1000,
+        d_model=16,
+        n_layers=1,
+        qk_norm=True,
+        warmup_steps=10,
+        weight_decay=1e-4,
+        weight_decay_mode="independent",
+        z_loss=1e-4,
+        parametrization="standard",
+        eps=1e-8,
+        peak_logit0=10.0,
+        peak_logit=10.0,
+        final_entropy=1.0,
+        log_z=0.5,
+        mean_logit=0.0,
+        evals=[(100, 2.1), (200, 2.0)],
+        log_z_trace=[],
+        mean_logit_trace=[],
+        fc1_grad_rms=1e-3,
+        fc1_grad_over_eps=1e5,
+        q_grad_rms=1e-3,
+        q_param_rms=0.1,
+        param_rms=0.1,
+        wall_seconds=1.0,
+        stopped=False,
+        data="hand-made",
     )
     return {**base, **fields}
 
@@ -55,8 +82,18 @@ def sizes_rows(gap_small, gap_large, spread=JITTER, peak=3e4):
                 for lr, loss in zip(P.lrs, (3.0, 2.0, 3.0), strict=True):
                     bad = 0.0 if qk or lr != P.lrs[-1] else 3 * gap + 3 * jitter
                     logit = peak if (d == 64 and not qk) else 10.0
-                    rows.append(row(lr, loss + bad, seed, qk_norm=qk, d_model=d,
-                                    params=d * d * 10 + qk, peak_logit=logit, peak_logit0=logit))
+                    rows.append(
+                        row(
+                            lr,
+                            loss + bad,
+                            seed,
+                            qk_norm=qk,
+                            d_model=d,
+                            params=d * d * 10 + qk,
+                            peak_logit=logit,
+                            peak_logit0=logit,
+                        )
+                    )
     return rows
 
 
@@ -67,7 +104,9 @@ def verdict_of(name, rows):
 
 
 def test_sensitivity_parts_and_the_parabola_optimum():
-    rows = [row(lr, loss, s) for s in SEEDS for lr, loss in zip(P.lrs, (3.0, 2.0, 2.6), strict=True)]
+    rows = [
+        row(lr, loss, s) for s in SEEDS for lr, loss in zip(P.lrs, (3.0, 2.0, 2.6), strict=True)
+    ]
     sn = R.sensitivity(rows, P.lrs)
     assert sn["total"][0] == pytest.approx((1.0 + 0 + 0.6) / 3)
     assert sn["below"][0] == pytest.approx(1.0 / 3) and sn["above"][0] == pytest.approx(0.6 / 3)
@@ -78,21 +117,30 @@ def test_sensitivity_parts_and_the_parabola_optimum():
     edge = [row(lr, 2 + math.log10(lr), 0) for lr in P.mup_lrs]  # best at the grid's edge
     assert R.optimum(edge, P.mup_lrs)[0] == pytest.approx(-3)
     # a seed with a grid LR missing has no sensitivity (None), and a diverged run counts as ℓ0
-    assert R.sensitivity(rows[1:len(P.mup_lrs)], P.mup_lrs)["total"][0] is None
+    assert R.sensitivity(rows[1 : len(P.mup_lrs)], P.mup_lrs)["total"][0] is None
     dead = [row(lr, None if lr == P.lrs[-1] else 2.0, 0) for lr in P.lrs]
     assert R.sensitivity(dead, P.lrs)["total"][0] == pytest.approx(3.0 / 3)
 
 
 def test_qk_finding_supported_contradicted_unresolved_and_gated():
     got, v = verdict_of("qk_sensitivity", {"sizes": sizes_rows(0.1, 0.3)})
-    assert [c["outcome"] for c in got["checks"][:2]] == ["supported", "supported"] and got["mechanism_present"]
-    assert got["checks"][0]["mean"] == pytest.approx(0.3) and got["checks"][1]["mean"] == pytest.approx(0.2)
+    assert [c["outcome"] for c in got["checks"][:2]] == ["supported", "supported"] and got[
+        "mechanism_present"
+    ]
+    assert got["checks"][0]["mean"] == pytest.approx(0.3) and got["checks"][1][
+        "mean"
+    ] == pytest.approx(0.2)
     assert got["checks"][0]["n"] == 5 and not got["checks"][0]["partial"]
     # sensitivity does not change with size in these tables: the last two checks tie
-    assert [c["outcome"] for c in got["checks"][2:]] == ["unresolved", "supported"] and v == "partly supported"
+    assert [c["outcome"] for c in got["checks"][2:]] == [
+        "unresolved",
+        "supported",
+    ] and v == "partly supported"
     _, v = verdict_of("qk_sensitivity", {"sizes": sizes_rows(0.3, -0.2)})
     assert v == "mixed" or v.endswith("contradicted")
-    got, v = verdict_of("qk_sensitivity", {"sizes": sizes_rows(0.0, 0.05, spread=(0, 0.3, -0.3, 0.2, -0.2))})
+    got, v = verdict_of(
+        "qk_sensitivity", {"sizes": sizes_rows(0.0, 0.05, spread=(0, 0.3, -0.3, 0.2, -0.2))}
+    )
     assert got["checks"][0]["outcome"] == "unresolved"  # an effect within the seeds' spread
     # no logit growth: the gated checks do not count, whatever they show
     got, v = verdict_of("qk_sensitivity", {"sizes": sizes_rows(0.1, 0.3, peak=50.0)})
@@ -106,7 +154,9 @@ def test_a_missing_seed_makes_a_check_partial_and_reads_stay_where_the_protocol_
     got, _ = verdict_of("qk_sensitivity", {"sizes": rows})
     assert got["checks"][0]["n"] == 4 and got["checks"][0]["partial"]
     # a run at an LR or size the protocol does not read changes no check
-    extra = sizes_rows(0.1, 0.3) + [row(1.0, 9.0, s, qk_norm=False, d_model=64, params=40960) for s in SEEDS]
+    extra = sizes_rows(0.1, 0.3) + [
+        row(1.0, 9.0, s, qk_norm=False, d_model=64, params=40960) for s in SEEDS
+    ]
     extra += [row(lr, 9.0, s, qk_norm=False, d_model=128, params=1) for s in SEEDS for lr in P.lrs]
     a, _ = verdict_of("qk_sensitivity", {"sizes": sizes_rows(0.1, 0.3)})
     b, _ = verdict_of("qk_sensitivity", {"sizes": extra})
@@ -125,20 +175,50 @@ def test_logit_growth_z_loss_warmup_weight_decay_mup_and_eps_rules():
         out = []
         for seed, j in zip(SEEDS, JITTER, strict=True):
             for lr in P.z_lrs:
-                out.append(row(lr, 2.0, seed, z_loss=0.0, log_z=6.0 + j, mean_logit=drift + j,
-                               evals=[(100, 2.0), (200, 2.3 + j)]))
-                out.append(row(lr, 2.0, seed, z_loss=1e-4, log_z=1.0 + j, mean_logit=-1.0 + j,
-                               evals=[(100, 2.0), (200, 2.0)]))
+                out.append(
+                    row(
+                        lr,
+                        2.0,
+                        seed,
+                        z_loss=0.0,
+                        log_z=6.0 + j,
+                        mean_logit=drift + j,
+                        evals=[(100, 2.0), (200, 2.3 + j)],
+                    )
+                )
+                out.append(
+                    row(
+                        lr,
+                        2.0,
+                        seed,
+                        z_loss=1e-4,
+                        log_z=1.0 + j,
+                        mean_logit=-1.0 + j,
+                        evals=[(100, 2.0), (200, 2.0)],
+                    )
+                )
         return out
 
     got, v = verdict_of("z_loss", {"z_loss": z_rows(-12.0)})
     assert got["mechanism_present"] and v == "supported" and len(got["checks"]) == 6
-    got, v = verdict_of("z_loss", {"z_loss": [{**r, "log_z": 1.0, "mean_logit": -1.0} for r in z_rows(-1.0)]})
+    got, v = verdict_of(
+        "z_loss", {"z_loss": [{**r, "log_z": 1.0, "mean_logit": -1.0} for r in z_rows(-1.0)]}
+    )
     assert got["mechanism_present"] is False and v.startswith("not tested")
 
-    long = [row(lr, {1e-3: 3.0, 1e-2: 2.0, 1e-1: 2.2}[lr] + j, seed, d_model=d, params=d * d,
-                warmup_steps=50)
-            for seed, j in zip(SEEDS, JITTER, strict=True) for d in (16, 64) for lr in P.lrs]
+    long = [
+        row(
+            lr,
+            {1e-3: 3.0, 1e-2: 2.0, 1e-1: 2.2}[lr] + j,
+            seed,
+            d_model=d,
+            params=d * d,
+            warmup_steps=50,
+        )
+        for seed, j in zip(SEEDS, JITTER, strict=True)
+        for d in (16, 64)
+        for lr in P.lrs
+    ]
     short = [r for r in sizes_rows(0.0, 0.0) if r["qk_norm"]]
     for r in short:
         if r["d_model"] == 64 and r["lr"] == P.lrs[-1]:
@@ -147,16 +227,29 @@ def test_logit_growth_z_loss_warmup_weight_decay_mup_and_eps_rules():
     assert got["mechanism_present"] and got["checks"][0]["outcome"] == "supported"
 
     def wd_rows(top):  # coupled: losses over 1e-4 … 1e-1; independent: the sizes sweep's
-        return [row(lr, {1e-4: 2.9, 1e-3: 2.5, 1e-2: 2.0, 1e-1: top}[lr] + j, seed, d_model=64,
-                    weight_decay_mode="coupled", weight_decay=0.1, param_rms=0.02 if lr == 0.1 else 0.1)
-                for seed, j in zip(SEEDS, JITTER, strict=True) for lr in P.coupled_lrs]
+        return [
+            row(
+                lr,
+                {1e-4: 2.9, 1e-3: 2.5, 1e-2: 2.0, 1e-1: top}[lr] + j,
+                seed,
+                d_model=64,
+                weight_decay_mode="coupled",
+                weight_decay=0.1,
+                param_rms=0.02 if lr == 0.1 else 0.1,
+            )
+            for seed, j in zip(SEEDS, JITTER, strict=True)
+            for lr in P.coupled_lrs
+        ]
 
     ind = [{**r, "param_rms": 0.1} for r in sizes_rows(0.0, 0.0) if r["qk_norm"]]
     got, v = verdict_of("weight_decay", {"sizes": ind, "weight_decay": wd_rows(4.0)})
     # coupled: [1e-4, 1e-2] is the better range here: (0.9 + 0.5 + 0)/3 vs independent 2/3
     assert got["checks"][0]["mean"] == pytest.approx((0.9 + 0.5) / 3 - 2 / 3, abs=0.02)
     assert got["mechanism_present"] and "5×" in got["mechanism"]
-    got, _ = verdict_of("weight_decay", {"sizes": ind, "weight_decay": [{**r, "param_rms": 0.1} for r in wd_rows(4.0)]})
+    got, _ = verdict_of(
+        "weight_decay",
+        {"sizes": ind, "weight_decay": [{**r, "param_rms": 0.1} for r in wd_rows(4.0)]},
+    )
     assert got["mechanism_present"] is False
 
     def mup_rows(shift):  # standard's optimum moves by ``shift`` decades; μParam's stays at -1.8
@@ -166,9 +259,25 @@ def test_logit_growth_z_loss_warmup_weight_decay_mup_and_eps_rules():
                 x = math.log10(lr)
                 out.append(row(lr, 2 + (x + 1.8) ** 2, seed, d_model=8))
                 out.append(row(lr, 2 + (x + 1.8 + shift + j) ** 2, seed, d_model=64))
-                out.append(row(lr, 2 + (x + 1.8 + j / 2) ** 2, seed, d_model=64, parametrization="mup_simple"))
-                out.append(row(lr, 2 + (x + 1.8) ** 2 + (x > -1.6) * 2, seed, d_model=64,
-                               parametrization="mup_simple", qk_norm=False))
+                out.append(
+                    row(
+                        lr,
+                        2 + (x + 1.8 + j / 2) ** 2,
+                        seed,
+                        d_model=64,
+                        parametrization="mup_simple",
+                    )
+                )
+                out.append(
+                    row(
+                        lr,
+                        2 + (x + 1.8) ** 2 + (x > -1.6) * 2,
+                        seed,
+                        d_model=64,
+                        parametrization="mup_simple",
+                        qk_norm=False,
+                    )
+                )
         return out
 
     got, v = verdict_of("mup", {"mup": mup_rows(0.5)})
@@ -181,8 +290,11 @@ def test_logit_growth_z_loss_warmup_weight_decay_mup_and_eps_rules():
     for r in s:
         r["fc1_grad_rms"] = 1e-2 / r["d_model"] / (r["lr"] / 1e-3) ** 0.5 * (1 + 0.01 * r["seed"])
         r["fc1_grad_over_eps"] = r["fc1_grad_rms"] / 1e-8
-    e = [row(0.1, 2.0 + (eps > 1e-8) * 0.5 + 0.01 * seed, seed, d_model=64, eps=eps)
-         for seed in SEEDS for eps in P.eps_values]
+    e = [
+        row(0.1, 2.0 + (eps > 1e-8) * 0.5 + 0.01 * seed, seed, d_model=64, eps=eps)
+        for seed in SEEDS
+        for eps in P.eps_values
+    ]
     got, v = verdict_of("eps", {"sizes": s, "eps": e})
     assert [c["outcome"] for c in got["checks"][:2]] == ["supported", "supported"]
     assert got["mechanism_present"] is False  # the ε checks do not count
@@ -203,6 +315,8 @@ def test_without_runs_every_finding_is_missing_and_the_report_says_partial(tmp_p
 
 def test_amendments_are_read_from_the_protocol(tmp_path):
     doc = tmp_path / "protocol.md"
-    doc.write_text("# P\n\n## Amendments\n\n- 2026-12-06: one\n  continued.\n- 2026-12-07: two\n\n## Other\n- no\n")
+    doc.write_text(
+        "# P\n\n## Amendments\n\n- 2026-12-06: one\n  continued.\n- 2026-12-07: two\n\n## Other\n- no\n"
+    )
     assert amendments(doc) == ["2026-12-06: one continued.", "2026-12-07: two"]
     assert np.isfinite(0.0)

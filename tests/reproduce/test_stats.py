@@ -59,10 +59,21 @@ def outcomes(*names, gated=False):
 )
 def test_the_verdict_combines_checks_symmetrically(checks, want):
     assert verdict(checks, mechanism_present=True) == want
-    flipped = [{**c, "outcome": {"supported": "contradicted", "contradicted": "supported"}.get(
-        c["outcome"], c["outcome"])} for c in checks]
-    mirror = {"supported": "contradicted", "contradicted": "supported",
-              "partly supported": "partly contradicted", "partly contradicted": "partly supported"}
+    flipped = [
+        {
+            **c,
+            "outcome": {"supported": "contradicted", "contradicted": "supported"}.get(
+                c["outcome"], c["outcome"]
+            ),
+        }
+        for c in checks
+    ]
+    mirror = {
+        "supported": "contradicted",
+        "contradicted": "supported",
+        "partly supported": "partly contradicted",
+        "partly contradicted": "partly supported",
+    }
     assert verdict(flipped, mechanism_present=True) == mirror.get(want, want)
 
 
@@ -72,6 +83,9 @@ def test_gated_checks_count_only_where_the_mechanism_appears():
     assert verdict(gated + plain, mechanism_present=True) == "partly supported"
     # what the verdict covers is said: the claim's gated part went untested
     assert verdict(gated + plain, mechanism_present=False) == (
-        "unresolved (gated checks not tested: mechanism absent)")
+        "unresolved (gated checks not tested: mechanism absent)"
+    )
     assert verdict(gated, mechanism_present=False) == "not tested (mechanism absent)"
-    assert verdict(outcomes("contradicted", gated=True), mechanism_present=False).startswith("not tested")
+    assert verdict(outcomes("contradicted", gated=True), mechanism_present=False).startswith(
+        "not tested"
+    )
