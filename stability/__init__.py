@@ -1,3 +1,3 @@
 """stability: small-scale proxies for transformer training instabilities, in JAX."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
@@ -38,26 +39,44 @@ Optimizer = Literal["adamw", "spam", "lion", "adafactor", "sgd"]
 Parametrization = Literal["standard", "mup_simple", "mup_hidden", "mup_full"]
 
 
+Needs = tuple[Callable[["Config"], bool], str]  # (is the setting on?, the setting in words)
+
+
+def declare(
+    default: Any, *, per_run: bool = False, needs: Needs | None = None, since: str | None = None
+) -> Any:
+    """A config field with what the package derives from it, declared beside it.
+
+    per_run: a sweep may vary it between the runs of one compiled program (a traced scalar of
+    the step, ``step.hyperparams``); declaring it is all a new one needs besides the code that
+    reads ``hp[name]``. needs: the field acts only under that setting; set otherwise, it is
+    refused, naming both (``_refuse_unused``). since: the release that added it; left out of
+    a config's identity while at its default, so earlier workdirs keep their run ids."""
+    metadata = {k: v for k, v in (("per_run", per_run), ("needs", needs), ("since", since)) if v}
+    return field(default=default, metadata=metadata)
+
+
 def per_run(default: Any) -> Any:
-    """Declare a per-run hyperparameter: a sweep may vary it between the runs of one compiled
-    program (vmapped; a traced scalar of the step, ``step.hyperparams``). Declaring it here is
-    all a new one needs besides the code that reads ``hp[name]``."""
-    return field(default=default, metadata={"per_run": True})
+    """``declare(default, per_run=True)``."""
+    return declare(default, per_run=True)
+
+
+def _optim(*names: str) -> Needs:
+    return (lambda c: c.optim.name in names, f"optim.name in {names}")
+
+
+def _source(*names: str) -> Needs:
+    words = " or ".join(repr(n) for n in names)
+    return (lambda c: c.data.source in names, f"data.source={words}")
+
+
+_REPARAM: Needs = (lambda c: c.model.linear == "sigma_reparam", "model.linear='sigma_reparam'")
+_WSD: Needs = (lambda c: c.optim.schedule in ("wsd", "wsd_s"), "optim.schedule='wsd' or 'wsd_s'")
 
 
 def per_run_fields() -> list[tuple[str, str]]:
     """(section, field) of every per-run hyperparameter, in declaration order."""
-    return [
-        (section, f.name)
-        for section, cls in (
-            ("model", ModelConfig),
-            ("optim", OptimConfig),
-            ("data", DataConfig),
-            ("train", TrainConfig),
-        )
-        for f in dataclasses.fields(cls)
-        if f.metadata.get("per_run")
-    ]
+    return [(section, f.name) for section, f in _fields() if f.metadata.get("per_run")]
 
 
 @dataclass(frozen=True)
@@ -70,27 +89,48 @@ class ModelConfig:
     n_heads: int = 4  # head dim = d_model / n_heads
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model (gelu)
     norm: Norm = "layernorm"  # pre-norm kind in every block and before the head
-    norm_eps: float = 1e-6  # layernorm, rmsnorm (powernorm uses its reference's 1e-5)
+    # layernorm, rmsnorm (powernorm uses its reference's 1e-5)
+    norm_eps: float = declare(
+        1e-6,
+        needs=(
+            lambda c: c.model.norm != "powernorm" or c.model.qk_norm,
+            "model.norm='layernorm' or 'rmsnorm', or model.qk_norm=True",
+        ),
+    )
     # PowerNorm (Shen et al. 2020): steps that normalise by the batch statistic, as the
     # reference does (10,000 there); 0 = the running statistic φ from past steps only. A
     # warmup mixes future tokens into the forward pass of a causal LM.
-    powernorm_warmup: int = 0
+    powernorm_warmup: int = declare(
+        0, needs=(lambda c: c.model.norm == "powernorm", "model.norm='powernorm'")
+    )
     qk_norm: bool = True  # per-head LayerNorm (scale only) on q and k before the dot product
     # σReparam (Zhai et al. 2023) on q, k, v, output projection and both MLP layers:
     # W ← (γ/σ(W))·W, σ by one power-iteration step per training step.
     linear: LinearKind = "plain"
-    sigma_reparam_head: bool = False  # σReparam on the output head too (needs an untied head)
-    sigma_reparam_gamma_init: GammaInit = "sigma"  # γ₀ = σ(W₀) (Ŵ = W at init) or 1
+    # σReparam on the output head too (needs an untied head)
+    sigma_reparam_head: bool = declare(False, needs=_REPARAM)
+    # γ₀ = σ(W₀) (Ŵ = W at init) or 1
+    sigma_reparam_gamma_init: GammaInit = declare("sigma", needs=_REPARAM)
     # Attention weights: softmax(q·k/√H); "softplus": LSSA of Gao et al. 2025 (ℓ2-normalised
     # q, k, logit scale log(H)·log(N_i), softplus over Σ softplus); "relu": ReLU(q·k/√H)/N_i,
     # unnormalised (Guo et al. 2024). N_i = keys query i sees.
     attention_score: ScoreKind = "softmax"
-    softplus_reweight: bool = False  # LSSAR: weights ∝ ReLU(N_i·A − o_i)^p (softplus only)
-    softplus_reweight_power: float = 15.0  # p of the re-weighting; >= 1
+    # LSSAR: weights ∝ ReLU(N_i·A − o_i)^p (softplus only)
+    softplus_reweight: bool = declare(
+        False,
+        needs=(lambda c: c.model.attention_score == "softplus", "model.attention_score='softplus'"),
+    )
+    # p of the re-weighting; >= 1
+    softplus_reweight_power: float = declare(
+        15.0, needs=(lambda c: c.model.softplus_reweight, "model.softplus_reweight=True")
+    )
     # LS-attention (Hajra 2025): the first n_local_heads heads see only the local_window most
     # recent tokens (the query included); the other heads are global (full causal).
     n_local_heads: int = 0
-    local_window: int = 16  # tokens
+    # the local heads' window, in tokens
+    local_window: int = declare(
+        16, needs=(lambda c: c.model.n_local_heads > 0, "model.n_local_heads > 0")
+    )
     attn_softcap: float = 0.0  # c > 0: attention logits ← c·tanh(logits/c) (Gemma 2: 50); 0 = off
     logit_multiplier: float = (
         1.0  # output logits ← m·logits; μParam (full): optim.mup_base_d_model/d_model
@@ -121,10 +161,12 @@ class OptimConfig:
     # Lion's update interpolation. β2: second-moment decay of adamw/spam; Lion's momentum decay
     # (Lion's reference: β1 0.9, β2 0.99). SPAM shares b1/b2/eps with adamw; its reference
     # defaults are β2 = 0.999, ε = 1e-6.
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = per_run(1e-8)  # adamw/spam: ε added to √v (gradient units); 1e-15 … 1e-6 work
-    momentum: float = 0.9  # sgd: heavy-ball momentum in [0, 1); 0 = plain SGD
+    b1: float = declare(0.9, needs=_optim("adamw", "spam", "lion", "adafactor"))
+    b2: float = declare(0.95, needs=_optim("adamw", "spam", "lion"))
+    # adamw/spam: ε added to √v (gradient units); 1e-15 … 1e-6 work
+    eps: float = declare(1e-8, per_run=True, needs=_optim("adamw", "spam"))
+    # sgd: heavy-ball momentum in [0, 1); 0 = plain SGD
+    momentum: float = declare(0.9, needs=_optim("sgd"))
     weight_decay: float = per_run(1e-4)  # λ, per update (see weight_decay_mode)
     # independent: θ ← θ − η_t·Δ − (η_t/η)·λ·θ; coupled: θ ← θ − η_t·(Δ + λ·θ); Δ is the
     # optimizer's direction (times the μParam multiplier). Only params with ndim >= 2 decay.
@@ -133,23 +175,30 @@ class OptimConfig:
     # SPAM (name="spam"): spike threshold θ (|g| > √θ·√v is clipped), updates ΔT between
     # momentum resets (> 20), updates N of cosine step warm-up after each reset, and the
     # sparse-momentum density in (0, 1] (1 = dense, the usual SPAM).
-    spam_threshold: float = 5000.0
-    spam_reset_interval: int = 500
-    spam_reset_warmup: int = 150
-    spam_density: float = 1.0
+    spam_threshold: float = declare(5000.0, needs=_optim("spam"))
+    spam_reset_interval: int = declare(500, needs=_optim("spam"))
+    spam_reset_warmup: int = declare(150, needs=_optim("spam"))
+    spam_density: float = declare(1.0, needs=_optim("spam"))
     # Adafactor (name="adafactor"): β2_t = 1 − t^(−decay_rate); update clipping d (per-param
     # RMS of the direction clipped to d; 0 = off); second moments of matrices are factored
     # when both of their two largest dims are >= adafactor_min_dim_to_factor.
-    adafactor_decay_rate: float = 0.8
-    adafactor_clip: float = 1.0
-    adafactor_min_dim_to_factor: int = 128
+    adafactor_decay_rate: float = declare(0.8, needs=_optim("adafactor"))
+    adafactor_clip: float = declare(1.0, needs=_optim("adafactor"))
+    adafactor_min_dim_to_factor: int = declare(128, needs=_optim("adafactor"))
     # μParam (Yang et al. 2022; Wortsman et al. 2023 §3.2.4), optim/build.py: "mup_simple" is
     # the paper's μParam (simple): the LR of every linear layer (blocks' q/k/v/o, fc1, fc2
     # kernels and the head) × base_fan_in/fan_in = mup_base_d_model/d_model; "mup_hidden": the
     # hidden matrices only (release 0.2.0's "mup_simple"); "mup_full": mup_hidden and the
     # output logits × the same factor (model side). Embedding and norm scales keep the LR.
     parametrization: Parametrization = "standard"
-    mup_base_d_model: int = 128  # width of the base model whose LR is tuned
+    # width of the base model whose LR is tuned
+    mup_base_d_model: int = declare(
+        128,
+        needs=(
+            lambda c: c.optim.parametrization != "standard",
+            "optim.parametrization other than 'standard'",
+        ),
+    )
     # cosine/linear/constant/rsqrt: warmup then decay over the rest of training. wsd: warmup,
     # stable at the peak, then a decay over the last decay_fraction of training. wsd_s (Wen et
     # al. 2024): cycles of stable then decay (the last decay_fraction of each cycle), jumping
@@ -157,9 +206,15 @@ class OptimConfig:
     # wsd_cycles equal cycles.
     schedule: Schedule = "cosine"
     warmup_steps: int = per_run(100)
-    min_lr: float = 1e-5  # absolute LR at the end of the decay
-    decay_shape: DecayShape = "linear"  # wsd/wsd_s decay: linear, cosine, 1−√p, exponential
-    decay_fraction: float = 0.1  # wsd/wsd_s: fraction of training (of each cycle) that decays
+    # absolute LR at the end of the decay
+    min_lr: float = declare(
+        1e-5,
+        needs=(lambda c: c.optim.schedule != "constant", "optim.schedule other than 'constant'"),
+    )
+    # wsd/wsd_s decay: linear, cosine, 1−√p, exponential
+    decay_shape: DecayShape = declare("linear", needs=_WSD)
+    # wsd/wsd_s: fraction of training (of each cycle) that decays
+    decay_fraction: float = declare(0.1, needs=_WSD)
     wsd_cycles: int = 1  # wsd_s: number of equal cycles (when wsd_decay_ends is empty)
     wsd_decay_ends: tuple[int, ...] = ()  # wsd_s: updates after which a decay ends, increasing
 
@@ -170,30 +225,39 @@ class DataConfig:
 
     source: Source = "stdlib"  # stdlib: the Python standard library's own .py files, as bytes
     seed: int = 0  # data order; every run of a sweep with the same data.seed sees the same batches
-    paths: tuple[str, ...] = ()  # text_files: files or directories (searched recursively)
-    include: tuple[str, ...] = ("*.py", "*.txt", "*.md")  # globs for directories in `paths`
+    # text_files: files or directories (searched recursively)
+    paths: tuple[str, ...] = declare((), needs=_source("text_files"))
+    # globs for directories in `paths`
+    include: tuple[str, ...] = declare(("*.py", "*.txt", "*.md"), needs=_source("text_files"))
     seq_len: int = 64  # tokens per sequence
     batch_size: int = 16  # sequences per step
-    eval_fraction: float = 0.05  # held-out tail of the text stream for eval/loss
-    markov_vocab: int = 256  # synthetic_markov: vocabulary size
-    markov_zipf: float = 1.1  # synthetic_markov: Zipf exponent of each transition row
-    markov_branching: int = 32  # synthetic_markov: successors per state
-    backcopy_vocab: int = 64  # bigram_backcopy: Markov symbols; BOS is token backcopy_vocab
-    backcopy_triggers: int = 3  # bigram_backcopy: the k most frequent symbols, after which the next token copies the one before the trigger
-    tfds_name: str = (
-        ""  # tfds: dataset name with optional config/version, e.g. "lm1b", "c4/en:3.1.0"
-    )
-    tfds_data_dir: str = (
-        ""  # tfds: directory (or bucket) where the dataset is prepared as array_record
-    )
-    tfds_split: str = "train"  # tfds: training split (tfds split syntax, e.g. "train[:90%]")
-    tfds_eval_split: str = "validation"  # tfds: held-out split for eval/loss and bits per byte
-    tfds_text_feature: str = "text"  # tfds: feature holding each document's text
-    tokenizer: Tokenizer = (
-        "bytes"  # tfds: "bytes" (258 ids: bytes, BOS 256, EOS 257) or "sentencepiece"
-    )
-    tokenizer_path: str = (
-        ""  # sentencepiece: path of the .model file (e.g. the T5 vocabulary, 32,100 pieces)
+    # held-out tail of the text stream for eval/loss
+    eval_fraction: float = declare(0.05, needs=_source("stdlib", "text_files"))
+    # synthetic_markov: vocabulary size
+    markov_vocab: int = declare(256, needs=_source("synthetic_markov"))
+    # synthetic_markov: Zipf exponent of each transition row
+    markov_zipf: float = declare(1.1, needs=_source("synthetic_markov"))
+    # synthetic_markov: successors per state
+    markov_branching: int = declare(32, needs=_source("synthetic_markov"))
+    # bigram_backcopy: Markov symbols; BOS is token backcopy_vocab
+    backcopy_vocab: int = declare(64, needs=_source("bigram_backcopy"))
+    # bigram_backcopy: the k most frequent symbols, after which the next token copies the one before the trigger
+    backcopy_triggers: int = declare(3, needs=_source("bigram_backcopy"))
+    # tfds: dataset name with optional config/version, e.g. "lm1b", "c4/en:3.1.0"
+    tfds_name: str = declare("", needs=_source("tfds"))
+    # tfds: directory (or bucket) where the dataset is prepared as array_record
+    tfds_data_dir: str = declare("", needs=_source("tfds"))
+    # tfds: training split (tfds split syntax, e.g. "train[:90%]")
+    tfds_split: str = declare("train", needs=_source("tfds"))
+    # tfds: held-out split for eval/loss and bits per byte
+    tfds_eval_split: str = declare("validation", needs=_source("tfds"))
+    # tfds: feature holding each document's text
+    tfds_text_feature: str = declare("text", needs=_source("tfds"))
+    # tfds: "bytes" (258 ids: bytes, BOS 256, EOS 257) or "sentencepiece"
+    tokenizer: Tokenizer = declare("bytes", needs=_source("tfds"))
+    # sentencepiece: path of the .model file (e.g. the T5 vocabulary, 32,100 pieces)
+    tokenizer_path: str = declare(
+        "", needs=(lambda c: c.data.tokenizer == "sentencepiece", "data.tokenizer='sentencepiece'")
     )
 
 
@@ -233,10 +297,10 @@ class TrainConfig:
     # Run the blocks as one lax.scan (models/transformer.py) instead of an unrolled loop, so
     # that remat frees memory (docs/sharding.md). Parameters, the checkpoint's tree and
     # metrics are the same either way.
-    scan_layers: bool = False
+    scan_layers: bool = declare(False, since="0.2.0")
     # A sweep deletes a chunk's checkpoints once every run of it has its results record (a
     # rerun skips finished runs); True keeps its final checkpoint. A single run keeps its own.
-    keep_final_checkpoint: bool = False
+    keep_final_checkpoint: bool = declare(False, since="0.3.0")
 
 
 # Early warning (stability/watch.py: each detector's formula). Detectors read the records
@@ -315,7 +379,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    watch: WatchConfig = field(default_factory=WatchConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig, metadata={"since": "0.2.0"})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -430,22 +494,33 @@ def typed_config(cd: ml_collections.ConfigDict | dict) -> Config:
     return _build(Config, cd, "config")
 
 
-# Sections and fields that earlier releases did not have: left out of a config's identity
-# while at their defaults, so the run ids and workdir checks of earlier workdirs stay what
-# they were.
-NEW_FIELDS = ("watch", "train.scan_layers", "train.keep_final_checkpoint")
+def _fields() -> list[tuple[str, dataclasses.Field]]:
+    """(section, field) of every field of every section, in declaration order."""
+    return [
+        (f.name, g)
+        for f in dataclasses.fields(Config)
+        for g in dataclasses.fields(f.default_factory)
+    ]
+
+
+def new_fields() -> list[str]:
+    """Sections and fields that earlier releases did not have (declared with ``since``): left
+    out of a config's identity while at their defaults, so the run ids and workdir checks of
+    earlier workdirs stay what they were."""
+    sections = [f.name for f in dataclasses.fields(Config) if "since" in f.metadata]
+    return sections + [f"{s}.{f.name}" for s, f in _fields() if "since" in f.metadata]
 
 
 def identity(cfg: Config) -> dict[str, Any]:
     """The config as a JSON-able dict for run ids and workdir comparisons: every field,
-    except those of ``NEW_FIELDS`` while they are at their defaults, and the early-warning
+    except those of ``new_fields()`` while they are at their defaults, and the early-warning
     detectors' settings (``watch.*`` but ``on_warning``), which read the records and never
     change what a run computes."""
     out = _jsonable(cfg.to_dict())
     out["watch"] = {"on_warning": out["watch"]["on_warning"]}
     default = _jsonable(Config().to_dict())
     default["watch"] = {"on_warning": default["watch"]["on_warning"]}
-    for name in NEW_FIELDS:
+    for name in new_fields():
         *parents, leaf = name.split(".")
         node, ref = out, default
         for part in parents:
@@ -684,62 +759,14 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
 
 
 def _unused_fields(cfg: Config) -> list[tuple[str, str, bool]]:
-    """(field, the setting it needs, whether that setting is on) for every field that acts only
-    under another setting."""
-    m, o, d = cfg.model, cfg.optim, cfg.data
-    reparam = (m.linear == "sigma_reparam", "model.linear='sigma_reparam'")
-    optim = lambda names: (o.name in names, f"optim.name in {names}")
-    wsd = (o.schedule in ("wsd", "wsd_s"), "optim.schedule='wsd' or 'wsd_s'")
-    source = lambda name: (d.source == name, f"data.source={name!r}")
-    needs = {
-        "model.powernorm_warmup": (m.norm == "powernorm", "model.norm='powernorm'"),
-        "model.sigma_reparam_head": reparam,
-        "model.sigma_reparam_gamma_init": reparam,
-        "model.softplus_reweight": (
-            m.attention_score == "softplus",
-            "model.attention_score='softplus'",
-        ),
-        "model.softplus_reweight_power": (m.softplus_reweight, "model.softplus_reweight=True"),
-        "model.local_window": (m.n_local_heads > 0, "model.n_local_heads > 0"),
-        "model.norm_eps": (
-            m.norm != "powernorm" or m.qk_norm,
-            "model.norm='layernorm' or 'rmsnorm', or model.qk_norm=True",
-        ),
-        "optim.b1": optim(("adamw", "spam", "lion", "adafactor")),
-        "optim.b2": optim(("adamw", "spam", "lion")),
-        "optim.eps": optim(("adamw", "spam")),
-        "optim.momentum": optim(("sgd",)),
-        **{
-            f"optim.spam_{x}": optim(("spam",))
-            for x in ("threshold", "reset_interval", "reset_warmup", "density")
-        },
-        **{
-            f"optim.adafactor_{x}": optim(("adafactor",))
-            for x in ("decay_rate", "clip", "min_dim_to_factor")
-        },
-        "optim.mup_base_d_model": (
-            o.parametrization != "standard",
-            "optim.parametrization other than 'standard'",
-        ),
-        "optim.min_lr": (o.schedule != "constant", "optim.schedule other than 'constant'"),
-        "optim.decay_shape": wsd,
-        "optim.decay_fraction": wsd,
-        "data.paths": source("text_files"),
-        "data.include": source("text_files"),
-        "data.eval_fraction": (
-            d.source in ("stdlib", "text_files"),
-            "data.source='stdlib' or 'text_files'",
-        ),
-        **{f"data.markov_{x}": source("synthetic_markov") for x in ("vocab", "zipf", "branching")},
-        **{f"data.backcopy_{x}": source("bigram_backcopy") for x in ("vocab", "triggers")},
-        **{
-            f"data.tfds_{x}": source("tfds")
-            for x in ("name", "data_dir", "split", "eval_split", "text_feature")
-        },
-        "data.tokenizer": source("tfds"),
-        "data.tokenizer_path": (d.tokenizer == "sentencepiece", "data.tokenizer='sentencepiece'"),
-    }
-    return [(key, setting, on) for key, (on, setting) in needs.items()]
+    """(field, the setting it needs, whether that setting is on) for every field declared with
+    ``needs``: one that acts only under another setting."""
+    return [
+        (f"{section}.{f.name}", setting, bool(on(cfg)))
+        for section, f in _fields()
+        if "needs" in f.metadata
+        for on, setting in [f.metadata["needs"]]
+    ]
 
 
 def _refuse_unused(cfg: Config, explicit: frozenset[str] | set[str] = frozenset()) -> None:

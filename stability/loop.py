@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stability import __version__
 from stability import programs as prog
 from stability import sharding as S
 from stability import step as St
@@ -53,7 +54,7 @@ FORMAT = 2  # checkpoint format: a run axis in every state, meta with "format"
 # (up to train.steps_per_call updates) and the next boundary's save: a call that takes longer
 # is reported once, with the K that would fit.
 PREEMPTION_GRACE_SECONDS = 30.0
-RELEASE = "0.3.0"  # this release, written into every checkpoint's meta
+RELEASE = __version__  # this release (pyproject.toml), written into every checkpoint's meta
 
 
 class Preemption:

@@ -15,7 +15,9 @@ def room(module: str) -> str | None:
     parts = module.split(".")[1:]
     if not parts:
         return None
-    return parts[0] + "/" if (PKG / parts[0]).is_dir() else parts[0]
+    if (PKG / parts[0]).is_dir():
+        return parts[0] + "/"
+    return parts[0] if (PKG / f"{parts[0]}.py").exists() else None  # None: a package attribute
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -82,3 +84,14 @@ def test_the_design_docs_table_is_the_import_graph():
             "code only:",
             imports - table[name],
         )
+
+
+def test_one_version():
+    """The release written into checkpoints is the package's version, as pyproject.toml says."""
+    import tomllib
+
+    from stability import __version__
+    from stability.loop import RELEASE
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert RELEASE == __version__ == project["version"]
