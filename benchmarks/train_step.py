@@ -1,4 +1,6 @@
-"""Train-step throughput and model-FLOPs utilisation (MFU), every metric on.
+"""Train-step throughput and model-FLOPs utilisation (MFU), every metric on, timed on the
+training loop's own program: a stack of one run, ``--k`` updates per device call, a metric
+record every ``train.log_every`` (10) updates, as `stability train` runs it.
 
 MFU = model FLOPs/s ÷ peak, where the peak is a float32 matmul measured in this process
 (so it is the machine's own attainable rate, not a datasheet number). Model FLOPs per token
@@ -48,9 +50,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from stability import programs as prog  # noqa: E402
+from stability import sharding as S  # noqa: E402
 from stability import step as St  # noqa: E402
 from stability.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
-from stability.programs import one_device  # noqa: E402
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
@@ -192,7 +195,8 @@ def memory_table(out: str) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="updates timed (whole calls)")
+    p.add_argument("--k", type=int, default=10, help="updates per call (train.steps_per_call)")
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -224,27 +228,31 @@ def main():
     cfg = Config(
         model=ModelConfig(vocab_size=a.vocab, d_model=a.d, n_layers=a.layers, n_heads=a.heads),
         data=DataConfig(source="synthetic_markov", seq_len=a.seq, batch_size=a.batch),
-        train=TrainConfig(steps=10_000),
+        train=TrainConfig(steps=10_000, fsdp=False),
     )
     if a.mesh:
         return bench_meshes(a, cfg)
-    progs = one_device(cfg)
-    step, state, hp = progs.step, progs.init(np.int32(0)), St.hyperparams(cfg)
+    # the loop's own program: a stack of one run, K updates per call, a metric row every
+    # log_every updates (as `stability train` runs it on one device)
+    progs = prog.build(cfg, S.make_mesh(cfg, devices=jax.devices()[:1]), runs=1, k_max=a.k)
+    state = progs.init(np.zeros(1, np.int32))
+    hp = {k: np.full(1, v, np.float32) for k, v in St.hyperparams(cfg).items()}
     rng = np.random.default_rng(0)
-    batches = [
-        {"tokens": rng.integers(0, a.vocab, (a.batch, a.seq + 1), dtype=np.int32)} for _ in range(4)
-    ]
-    state, out = step(state, hp, batches[0])  # compile
+    batches = {"tokens": rng.integers(0, a.vocab, (a.k, a.batch, a.seq + 1), dtype=np.int32)}
+    logged = np.array([(i + 1) % cfg.train.log_every == 0 for i in range(a.k)])
+    args = lambda: (hp, batches, np.int32(a.k), logged)
+    state, out = progs.call(state, *args())  # compile
     jax.block_until_ready(out)
-    n_metrics = len(out)
+    n_metrics = len(out["metrics"])
+    calls = max(1, -(-a.steps // a.k))
     t0 = time.perf_counter()
-    for i in range(a.steps):
-        state, out = step(state, hp, batches[i % 4])
+    for _ in range(calls):
+        state, out = progs.call(state, *args())
     jax.block_until_ready((state, out))
-    dt = (time.perf_counter() - t0) / a.steps
+    dt = (time.perf_counter() - t0) / (calls * a.k)
 
     n_params = (
-        sum(x.size for x in jax.tree.leaves(state.params)) - a.vocab * a.d
+        sum(x.size for x in jax.tree.leaves(state.params)) - a.vocab * a.d  # one run
     )  # minus input embedding
     tokens = a.batch * a.seq
     flops = tokens * (6 * n_params + 12 * a.layers * a.seq * a.d)
@@ -259,12 +267,14 @@ def main():
         "model_tflops_per_sec": flops / dt / 1e12,
         "peak_matmul_tflops_per_sec": peak / 1e12,
         "mfu": flops / dt / peak,
-        "metrics_per_step": n_metrics,
+        "metrics_per_record": n_metrics,
+        "updates_per_call": a.k,
+        "log_every": cfg.train.log_every,
         "params_non_embedding": int(n_params),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("| backend | tokens/s | model TFLOP/s | matmul peak TFLOP/s | MFU | metrics/step |")
+    print("| backend | tokens/s | model TFLOP/s | matmul peak TFLOP/s | MFU | metrics/record |")
     print("|---|---|---|---|---|---|")
     print(
         f"| {result['backend']} | {result['tokens_per_sec']:.0f} | {result['model_tflops_per_sec']:.3f} | "
