@@ -51,6 +51,22 @@ def tiny_config(**sections) -> Config:
     return cfg
 
 
+def tfds_text_config(prefix: str, batch_size: int, **sections) -> Config:
+    """``tiny_config`` on the test tfds dataset and SentencePiece model under ``prefix`` (a
+    local directory or gs://...; tests/data builds them), with ``sections`` as there."""
+    data = {
+        "source": "tfds",
+        "tfds_name": "stability_test_text",
+        "tfds_data_dir": f"{prefix}/tfds",
+        "tokenizer": "sentencepiece",
+        "tokenizer_path": f"{prefix}/sp.model",
+        "batch_size": batch_size,
+        "markov_vocab": DataConfig.markov_vocab,  # back to the defaults: markov_* need markov
+        "markov_branching": DataConfig.markov_branching,
+    }
+    return tiny_config(model={"vocab_size": 96}, data=data, **sections)
+
+
 def write_config_file(path, cfg: Config) -> str:
     """A get_config() file returning ``cfg`` (for `stability train|sweep --config=...`)."""
     from stability.config import to_config_dict

@@ -29,10 +29,9 @@ import pytest
 from data import train_sentencepiece
 from data.test_tfds import EVAL_DOCS, TRAIN_DOCS, StabilityTestText
 
-from conftest import assert_records_close, free_port, tiny_config, write_config_file
+from conftest import assert_records_close, free_port, tfds_text_config, write_config_file
 from stability import train as T
 from stability import workdir as W
-from stability.config import DataConfig
 from stability.sweep import run_sweep
 from stability.workdir import read_jsonl
 
@@ -44,26 +43,8 @@ GRACE = 60  # seconds from the SIGTERM to every process's exit
 
 
 def config(prefix: str):
-    return tiny_config(
-        model={"vocab_size": 96},
-        data={
-            "source": "tfds",
-            "tfds_name": "stability_test_text",
-            "tfds_data_dir": f"{prefix}/tfds",
-            "tokenizer": "sentencepiece",
-            "tokenizer_path": f"{prefix}/sp.model",
-            "batch_size": 8,
-            "markov_vocab": DataConfig.markov_vocab,
-            "markov_branching": DataConfig.markov_branching,
-        },
-        train={
-            "steps": STEPS,
-            "log_every": 4,
-            "eval_every": 64,
-            "checkpoint_every": 8,
-            "fsdp": True,
-        },
-    )
+    train = {"steps": STEPS, "log_every": 4, "eval_every": 64, "checkpoint_every": 8, "fsdp": True}
+    return tfds_text_config(prefix, 8, train=train)
 
 
 @pytest.fixture(scope="module")

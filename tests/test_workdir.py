@@ -63,8 +63,7 @@ def test_a_sweep_with_its_workdir_and_data_on_a_bucket_resumes_as_a_local_one(tm
     from data.test_tfds import EVAL_DOCS, TRAIN_DOCS, StabilityTestText
     from fake_gcs import bucket
 
-    from conftest import tiny_config, write_config_file
-    from stability.config import DataConfig
+    from conftest import tfds_text_config, write_config_file
     from stability.sweep import run_sweep
 
     local = tmp_path / "bucket_root" / "b"
@@ -74,26 +73,14 @@ def test_a_sweep_with_its_workdir_and_data_on_a_bucket_resumes_as_a_local_one(tm
     train_sentencepiece(local, TRAIN_DOCS + EVAL_DOCS)  # local/sp.model
     files = {}
     for where, prefix in (("bucket", "gs://b"), ("local", str(local))):
-        cfg = tiny_config(
-            model={"vocab_size": 96},
-            data={
-                "source": "tfds",
-                "tfds_name": "stability_test_text",
-                "tfds_data_dir": f"{prefix}/tfds",
-                "tokenizer": "sentencepiece",
-                "tokenizer_path": f"{prefix}/sp.model",
-                "batch_size": 4,
-                "markov_vocab": DataConfig.markov_vocab,
-                "markov_branching": DataConfig.markov_branching,
-            },
-            train={
-                "steps": 8,
-                "log_every": 2,
-                "eval_every": 4,
-                "checkpoint_every": 4,
-                "keep_final_checkpoint": True,
-            },
-        )
+        train = {
+            "steps": 8,
+            "log_every": 2,
+            "eval_every": 4,
+            "checkpoint_every": 4,
+            "keep_final_checkpoint": True,
+        }
+        cfg = tfds_text_config(prefix, 4, train=train)
         files[where] = write_config_file(tmp_path / f"{where}.py", cfg)
     sweep_py = tmp_path / "sweep.py"
     sweep_py.write_text(
