@@ -7,8 +7,10 @@ run axis (of size 1 for ``train``), in its programs and in its checkpoints.
 One device call (``step.make_call``) runs up to K updates, ending at an eval, checkpoint or
 WSD-S decay end (or at K); the metrics of the logged steps inside it come back from it. The
 host never makes the device wait: call c+1 is dispatched before the host fetches call c's
-outputs, and everything the host does with them (records, W&B, progress, early warnings,
-divergence replay, handing a checkpoint to orbax's asynchronous save) overlaps call c+1.
+outputs (whose gather to every process was dispatched right after call c), and everything the
+host does with them overlaps call c+1: the detectors, a divergence replay and handing a
+checkpoint to orbax's asynchronous save on this thread; the records, W&B, early-warning lines
+and progress on a writer thread (``writer.py``), so that slow storage delays no call.
 
 - Divergence is detected inside the step, the run frozen there (its updates masked), and
   recorded at its exact update: the host learns of it one call later and, if that update was
@@ -47,6 +49,7 @@ from stability.data import make_source
 from stability.optim.schedules import decay_ends
 from stability.tracking import Tracker
 from stability.watch import Watcher
+from stability.writer import Writer
 
 FORMAT = 2  # checkpoint format: a run axis in every state, meta with "format"
 # Seconds between a preemption notice and the end of the save that a pod leaves (a TPU VM's
@@ -407,6 +410,7 @@ class _Loop:
             for r in self.runs:
                 print(f"resuming {r.name} at step {start}", file=sys.stderr)
         prefetch = self.feed.prefetch(sizes)
+        self.writer = Writer()
         pending: _Call | None = None
         position, preempted = start, False
         self.fetched_at = time.time()
@@ -442,9 +446,11 @@ class _Loop:
                 self._finish(pending)
                 if position not in self.saved:  # preempted, or every run diverged
                     self._save(position, self.state, pending.stream_state)
+            self.writer.drain()
             return position, preempted
         finally:
             prefetch.close()
+            self.writer.close()
             self.bar.close()
 
     def _finish(self, call: _Call) -> None:
@@ -488,20 +494,20 @@ class _Loop:
             if records:
                 self.last[i] = records[-1]
                 if self.trackers:
-                    self.trackers[i].log(records)
+                    self.writer.submit(self.trackers[i].log, records)
                 for event in self.watchers[i].update(records):
                     self._act(i, event, self.plan)
                     self._tell(i, event)
             if i in died_now:
                 self.died[i] = died_now[i]
-        self.bar.update(n)
         losses = [r["train/loss"] for r in self.last if r and "train/loss" in r]
-        self.bar.set_postfix(
+        postfix = dict(
             loss=f"{np.nanmin(losses):.3f}" if losses else "…",
             alive=sum(d is None and not f for d, f in zip(self.died, self.frozen, strict=True)),
             warned=sum(w.warned for w in self.watchers),
             tok_s=f"{tokens_per_sec * self.n:.0f}",
         )
+        self.writer.submit(self._progress, n, postfix)
         if call.snapshot is not None:
             self._save(call.end, call.snapshot, call.stream_state)
 
@@ -551,8 +557,16 @@ class _Loop:
                 },
             )
 
+    def _progress(self, n: int, postfix: dict) -> None:
+        self.bar.update(n)
+        self.bar.set_postfix(**postfix)
+
     def _tell(self, i: int, event: dict) -> None:
-        """One console line (process 0), an events.jsonl record and a W&B alert."""
+        """One console line (process 0), an events.jsonl record and a W&B alert (on the
+        writer thread)."""
+        self.writer.submit(self._told, i, event)
+
+    def _told(self, i: int, event: dict) -> None:
         run = self.runs[i]
         label = run.label or run.name
         kind = {"warn": "warning", "clear": "cleared", "stop": "stopped"}[event["event"]]
@@ -588,8 +602,9 @@ class _Loop:
         return S.to_host(out["metrics"])
 
     def _save(self, step: int, state: Any, stream_state: dict) -> None:
-        for tr in self.trackers:
-            tr.flush()
+        for tr in self.trackers:  # the records up to the checkpoint are stored before it
+            self.writer.submit(tr.flush)
+        self.writer.drain()
         meta = {
             "format": FORMAT,
             "release": RELEASE,

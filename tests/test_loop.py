@@ -6,6 +6,7 @@ checkpoints of the previous release."""
 import dataclasses
 import json
 import shutil
+import threading
 
 import jax
 import numpy as np
@@ -19,6 +20,7 @@ from stability import workdir as W
 from stability.checkpoint import Checkpointer
 from stability.config import ConfigError
 from stability.sweep import read_results, run_sweep
+from stability.tracking import Tracker
 from stability.workdir import read_jsonl
 
 
@@ -49,10 +51,16 @@ def checkpoint_steps(workdir):
 
 
 def test_next_call_is_dispatched_before_the_host_reads_the_previous_one(tmp_path, monkeypatch):
-    """An instrumented call and fetch: the event order, no timing."""
-    cfg = tiny_config(train={"steps": 30})  # calls end at the evals and checkpoints: 10, 20, 30
+    """An instrumented call, fetch and record writer: the event order, no timing. The records
+    of call c are written on the writer thread: a writer that waits until call c+2 has been
+    dispatched delays no call (on the loop's thread it would wait forever: the guard ends
+    such a wait and the order then shows it)."""
+    # calls end at the evals (10, 20, 30); one checkpoint, at the end (a checkpoint waits for
+    # the records before it)
+    cfg = tiny_config(train={"steps": 30, "checkpoint_every": 30})
     progs = L.stack_programs(cfg, 1)
     events, calls = [], {}
+    dispatched = [threading.Event() for _ in range(3)]
 
     class Instrumented:
         def compile(self, *args):
@@ -62,6 +70,7 @@ def test_next_call_is_dispatched_before_the_host_reads_the_previous_one(tmp_path
             state, out = progs.call(*args)
             calls[id(out["alive"])] = len(calls)
             events.append(("dispatch", calls[id(out["alive"])]))
+            dispatched[len(calls) - 1].set()
             return state, out
 
     read = S.fetch
@@ -72,7 +81,18 @@ def test_next_call_is_dispatched_before_the_host_reads_the_previous_one(tmp_path
             events.append(("fetch", calls[id(tree["alive"])]))
         return read(g)
 
+    log, written = Tracker.log, []
+
+    def slow_log(self, records):
+        c = len(written)
+        written.append(c)
+        if c + 2 < len(dispatched) and not dispatched[c + 2].wait(timeout=60):
+            events.append(("writer waited in vain", c))
+        log(self, records)
+        events.append(("written", c))
+
     monkeypatch.setattr(S, "fetch", fetch)
+    monkeypatch.setattr(Tracker, "log", slow_log)
     spec = T.run_spec(cfg, tmp_path / "run")
     with L.Preemption() as pre:
         result = L.train_stack(
@@ -84,7 +104,8 @@ def test_next_call_is_dispatched_before_the_host_reads_the_previous_one(tmp_path
             programs=dataclasses.replace(progs, call=Instrumented()),
         )
     assert result.position == 30 and result.runs[0].status == "finished"
-    assert events == [
+    order = [e for e in events if e[0] != "written"]
+    assert order == [
         ("dispatch", 0),
         ("dispatch", 1),
         ("fetch", 0),
@@ -92,6 +113,8 @@ def test_next_call_is_dispatched_before_the_host_reads_the_previous_one(tmp_path
         ("fetch", 1),
         ("fetch", 2),
     ]
+    assert events.index(("written", 0)) > events.index(("dispatch", 2))
+    assert [e for e in events if e[0] == "written"] == [("written", c) for c in range(3)]
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]] == [
         5,
         10,

@@ -227,7 +227,18 @@ def test_train_on_2_processes_sigterm_one_then_rerun(setup):
     metrics = root / "b" / "runs" / "train" / "metrics.jsonl"
     errs = sigterm_one(cmd, 2, 2, root, tmp, seed=1)
     stop = interrupted_at(errs)
-    errs = finish(start(cmd, 2, 2, root))
+    log = tmp / "events"
+    env = {"STABILITY_TEST_EVENT_LOG": str(log)}
+    errs = finish(start(cmd, 2, 2, root, {0: env, 1: env}))
     assert "[mesh run×data×model 1×4×1 on 4 cpu device(s) in 2 processes; fsdp on" in errs[0]
     assert f"resuming train at step {stop}" in errs[0]
     assert_close(W.metrics(tmp / "train_ref")[0], read_jsonl(metrics)[0])
+    for i in range(2):  # on each process: call c's gather before call c+1, its read after
+        events = Path(f"{log}.{i}").read_text().split("\n")[:-1]
+        n = sum(e.startswith("call") for e in events)
+        assert n > 2, events
+        for c in range(n):
+            before, after = events.index(f"gather {c}"), events.index(f"read {c}")
+            assert events.index(f"call {c}") < before < after, events
+            if c + 1 < n:
+                assert before < events.index(f"call {c + 1}") < after, events

@@ -69,3 +69,45 @@ if os.environ.get("STABILITY_TEST_SIGTERM_IN_COMPILE"):
         return report
 
     _programs.compile_call = _compile_then_notice
+
+# ``STABILITY_TEST_EVENT_LOG=PATH``: this process writes to PATH.<process index> the order in
+# which the loop dispatches each train call, dispatches the gather of its outputs and reads
+# them: lines "call c", "gather c", "read c" (no timing).
+if os.environ.get("STABILITY_TEST_EVENT_LOG"):
+    from stability import compilation as _compilation
+    from stability import sharding as _sharding
+
+    _events, _calls, _labels = [], {}, {}  # call outputs' ids → call numbers; gathers' too
+    _call, _gather, _fetch = _compilation.Program.__call__, _sharding.gather, _sharding.fetch
+
+    def _log(line):
+        import jax
+
+        _events.append(line)
+        path = f"{os.environ['STABILITY_TEST_EVENT_LOG']}.{jax.process_index()}"
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+    def _logged_call(self, *args):
+        out = _call(self, *args)
+        if self.name.startswith("train call"):
+            _calls[id(out[1]["alive"])] = c = len(_calls)
+            _log(f"call {c}")
+        return out
+
+    def _logged_gather(tree):
+        g = _gather(tree)
+        c = _calls.get(id(tree.get("alive"))) if isinstance(tree, dict) else None
+        if c is not None:  # the gather of a call's outputs
+            _labels[id(g)] = c
+            _log(f"gather {c}")
+        return g
+
+    def _logged_fetch(g):
+        out = _fetch(g)
+        if id(g) in _labels:
+            _log(f"read {_labels.pop(id(g))}")
+        return out
+
+    _compilation.Program.__call__ = _logged_call
+    _sharding.gather, _sharding.fetch = _logged_gather, _logged_fetch
