@@ -9,9 +9,17 @@ size of a w1024 6-layer run's records) through the real writer (``workdir.Jsonl`
 call, the worst case (the loop flushes at most every ``REMOTE_FLUSH_SECONDS`` otherwise, and
 before each checkpoint). Counts the bytes every object write puts on the bucket against the
 bytes of the records, beside what rewriting the whole object at every flush would write for
-the same flushes. Then reads every run's records back as the report does
-(``workdir.read_jsonl``, every history into Python dicts), in a fresh process, and gives its
-time and peak memory.
+the same flushes. Then reads every run's records back, each way in a fresh process, with its
+time and peak memory:
+
+- **all**: every history whole into Python dicts (what a sweep's report did before it read
+  columns; ``forecast`` and ``reproduce`` still read whole histories);
+- **report**: the columns a sweep's report reads (``report.history_keys``: train loss, alive,
+  per-layer min entropy), as ``stability report`` reads them; the notebook's
+  ``results.history(keys=...)`` reads the same way.
+
+The records' names are a run's: ``train/loss``, ``alive``, per-layer ``attn/entropy_min`` and
+``attn/max_logit`` of 6 layers, then filler metrics up to METRICS.
 """
 
 from __future__ import annotations
@@ -36,12 +44,18 @@ from stability import workdir as W  # noqa: E402
 
 
 def record(step: int, names: list[str], rng: random.Random) -> dict:
-    return {"step": step, **{n: rng.random() * 10 for n in names}}
+    return {"step": step, "alive": True, **{n: rng.random() * 10 for n in names}}
+
+
+def metric_names(metrics: int) -> list[str]:
+    per_layer = [f"attn/{m}/layer_{i}" for m in ("entropy_min", "max_logit") for i in range(6)]
+    named = ["train/loss", *per_layer]
+    return named + [f"metric/{i:03d}" for i in range(metrics - 1 - len(named))]
 
 
 def write(bucket: Path, runs: int, steps: int, metrics: int, flush_every: int) -> dict:
     """Every run's stream through ``W.Jsonl`` on the fake bucket; bytes put vs record bytes."""
-    names = [f"metric/{i:03d}" for i in range(metrics)]
+    names = metric_names(metrics)
     rng = random.Random(0)
     put = [0, 0]  # bytes, objects
     with fake_gcs.bucket(bucket):
@@ -82,21 +96,23 @@ def write(bucket: Path, runs: int, steps: int, metrics: int, flush_every: int) -
     }
 
 
-def read(bucket: Path, runs: int) -> dict:
-    """In this (fresh) process: every run's records into Python dicts, as the report loads
-    them; seconds and peak resident memory."""
+def read(bucket: Path, runs: int, how: str) -> dict:
+    """In this (fresh) process: every run's records, ``how`` = "all" (whole histories) or
+    "report" (the report's columns), all held at once as the report holds them; seconds and
+    peak resident memory."""
+    from stability.report import history_keys
+
+    keep = history_keys if how == "report" else None
     with fake_gcs.bucket(bucket):
         t0 = time.perf_counter()
-        histories = [  # all held at once, as the report holds them
-            W.read_jsonl(f"gs://bench/sweep/runs/run{r:04d}/metrics.jsonl")[0] for r in range(runs)
-        ]
+        histories = [W.metrics(f"gs://bench/sweep/runs/run{r:04d}", keep)[0] for r in range(runs)]
         n = sum(map(len, histories))
         seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     return {
-        "records_read": n,
-        "read_seconds": round(seconds, 1),
-        "read_peak_rss_gib": round(peak, 2),
+        f"{how}_records_read": n,
+        f"{how}_read_seconds": round(seconds, 1),
+        f"{how}_read_peak_rss_gib": round(peak, 2),
     }
 
 
@@ -108,9 +124,10 @@ def main() -> None:
     ap.add_argument("--flush-every", type=int, default=10, help="records per flush")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/results_store_cpu.json"))
     ap.add_argument("--read-only", metavar="BUCKET", help=argparse.SUPPRESS)
+    ap.add_argument("--how", default="all", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.read_only:
-        print(json.dumps(read(Path(a.read_only), a.runs)))
+        print(json.dumps(read(Path(a.read_only), a.runs, a.how)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         result = {
@@ -122,14 +139,21 @@ def main() -> None:
             **write(Path(tmp), a.runs, a.steps, a.metrics, a.flush_every),
         }
         env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-        got = subprocess.run(
-            [sys.executable, __file__, "--runs", str(a.runs), "--read-only", tmp],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        result.update(json.loads(got.stdout.splitlines()[-1]))
+        for how in ("all", "report"):
+            got = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    f"--runs={a.runs}",
+                    f"--read-only={tmp}",
+                    f"--how={how}",
+                ],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            result.update(json.loads(got.stdout.splitlines()[-1]))
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     mb = result["record_bytes"] / 1e6
     print(f"{a.runs} runs × {a.steps} records × {a.metrics} metrics: {mb:.0f} MB of records")
@@ -137,9 +161,11 @@ def main() -> None:
         f"written to the bucket: {result['ratio']:.3f}× the records ({result['objects_put']} objects); "
         f"rewriting each object whole at every flush would write {result['whole_object_rewrite_ratio']:.0f}×"
     )
-    print(
-        f"read back as the report does: {result['read_seconds']} s, peak {result['read_peak_rss_gib']} GiB"
-    )
+    for how, what in (("all", "every history whole"), ("report", "the report's columns")):
+        print(
+            f"read back, {what}: {result[f'{how}_read_seconds']} s, "
+            f"peak {result[f'{how}_read_peak_rss_gib']} GiB"
+        )
 
 
 if __name__ == "__main__":

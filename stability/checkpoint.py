@@ -40,7 +40,7 @@ class _Manager(ocp.CheckpointManager):
     """orbax's CheckpointManager, without its own preemption check: ``save`` asks JAX's
     preemption sync point with the checkpoint's step number as its counter
     (``reached_preemption(step)``), while the loop asks it once per call boundary
-    (``loop.Preemption``). Two counters on one sync point set it to a step the loop's counter
+    (``preemption.Preemption``). Two counters on one sync point set it to a step the loop's counter
     reaches only at the end of the run, or never: a notice on several processes was then
     honoured late or not at all. The loop owns the sync point."""
 

@@ -18,6 +18,12 @@ from stability.tracking import flatten
 PER_RUN = ("optim.lr", "train.seed")  # config leaves that never make a setting
 
 
+def history_keys(key: str) -> bool:
+    """The keys a sweep's report reads of each run's history (besides ``step``): the entropy
+    figure's and the early warnings' outcomes."""
+    return key in ("train/loss", "alive") or key.startswith("attn/entropy_min/")
+
+
 def run_record(run_dir: W.PathLike) -> tuple[dict, list[int]]:
     """(result record, unreadable line numbers) of a run directory, from its config.json and
     metrics.jsonl (and events.jsonl). ``status``: finished (logged the last step with its eval
@@ -225,10 +231,11 @@ def write_report(workdirs: W.PathLike | list[W.PathLike], out: W.PathLike | None
     records = pool.records
     if not records:
         raise FileNotFoundError(f"{', '.join(map(str, dirs))}: no run has started yet")
-    hists = {r["run_id"]: W.metrics(pool.dirs[r["run_id"]])[0] for r in records}
+    single = len(records) == 1 and W.kind(dirs[0]) == "run"
+    keep = None if single else history_keys  # a sweep's: only the columns the report uses
+    hists = {r["run_id"]: W.metrics(pool.dirs[r["run_id"]], keep)[0] for r in records}
     done = [r for r in records if _status(r) != "unfinished"]
     name = dirs[0].name if len(dirs) == 1 else ", ".join(d.name for d in dirs)
-    single = len(records) == 1 and W.kind(dirs[0]) == "run"
     if single:
         r = records[0]
         steps = (r["config"].get("train") or {}).get("steps")

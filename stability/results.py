@@ -92,7 +92,7 @@ def histories(
         if wanted is not None and run["run_id"] not in wanted:
             continue
         path = W.path(run["metrics_path"])
-        recs, bad = read_jsonl(path)
+        recs, bad = read_jsonl(path, match)  # only the wanted columns are held
         _warn_bad(path, bad)
         frames.append(_long(run, recs, "step", match))
     return _history_frame(frames)

@@ -40,6 +40,7 @@ from stability import workdir as W
 from stability.config import Config, ConfigError, from_config_dict, identity, typed_config
 from stability.configfiles import apply_override, load_config_dict, load_sweep, parse_value
 from stability.data import make_source
+from stability.preemption import Preemption
 from stability.step import static_config
 
 Strategy = Literal["auto", "vmap", "sequential"]
@@ -224,7 +225,7 @@ def chunk_label(chunk: list[Run]) -> str:
 
 
 def compile_chunks(
-    chunks: list[list[Run]], preemption: L.Preemption | None = None
+    chunks: list[list[Run]], preemption: Preemption | None = None
 ) -> dict[tuple, prog.Programs] | None:
     """Every distinct program of ``chunks``, compiled (never run) largest first by the hand
     estimate, with XLA's per-device numbers printed; ConfigError (nothing written yet) names
@@ -253,7 +254,7 @@ def train_chunk(
     workdir: W.Path,
     sweep_name: str,
     programs: prog.Programs,
-    preemption: L.Preemption,
+    preemption: Preemption,
     progress: bool,
 ) -> L.StackResult:
     """Train (or resume) one chunk through the loop."""
@@ -380,7 +381,7 @@ def run_sweep(
     seeds: int = 1,
     seed_offset: int = 0,
     seed_data: Literal["vary", "fixed"] = "vary",
-    preemption: L.Preemption | None = None,
+    preemption: Preemption | None = None,
     pinned: list[tuple[str, str]] = (),
 ) -> list:
     """Run (or resume) a sweep into ``workdir``; returns the result records (with
@@ -388,7 +389,7 @@ def run_sweep(
     runs). ``seeds``, ``seed_offset``, ``seed_data``: runs per sweep point and their seeds;
     ``pinned``: overrides that win over the points (``build_runs``). SIGTERM or Ctrl-C checkpoints the
     running chunk at its next call boundary and returns."""
-    with preemption or L.Preemption() as pre:
+    with preemption or Preemption() as pre:
         seeding = dict(seeds=seeds, seed_offset=seed_offset, seed_data=seed_data)
         name, runs, strat = _plan(
             sweep_spec, config_spec, overrides, strategy, max_runs_per_program, seeding, pinned

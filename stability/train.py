@@ -16,6 +16,7 @@ from stability import programs as prog
 from stability import workdir as W
 from stability.config import Config
 from stability.data import make_source
+from stability.preemption import Preemption
 
 
 @dataclasses.dataclass
@@ -47,7 +48,7 @@ def train(
     *,
     overwrite: bool = False,
     progress: bool = True,
-    preemption: L.Preemption | None = None,
+    preemption: Preemption | None = None,
 ) -> RunResult:
     """Train one run in ``workdir``, resuming from its latest checkpoint if there is one.
     SIGTERM or Ctrl-C checkpoints at the next call boundary and returns ``preempted``; a
@@ -61,7 +62,7 @@ def train(
     if jax.process_index() == 0:
         W.prepare_run_dir(W.to_jsonable(cfg.to_dict()), workdir, overwrite)
     _barrier("stability_train_workdir")
-    with preemption or L.Preemption() as pre:
+    with preemption or Preemption() as pre:
         result = L.train_stack(
             [run_spec(cfg, workdir)],
             workdir / W.CHECKPOINTS,

@@ -44,6 +44,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from etils import epath
@@ -117,8 +118,12 @@ def write_json(p: PathLike, obj: Any) -> None:
     os.replace(tmp, p)
 
 
-def parse_jsonl(text: str) -> tuple[list[dict], list[int]]:
-    """Records of JSONL text, and the 1-based numbers of lines that were not JSON objects."""
+def parse_jsonl(
+    text: str, keep: Callable[[str], bool] | None = None
+) -> tuple[list[dict], list[int]]:
+    """Records of JSONL text, and the 1-based numbers of lines that were not JSON objects.
+    ``keep``: which keys of each record to keep (besides ``step``); default all. A reader that
+    needs a few columns of a long history holds only those."""
     records, bad = [], []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -128,10 +133,12 @@ def parse_jsonl(text: str) -> tuple[list[dict], list[int]]:
         except json.JSONDecodeError:
             bad.append(i)
             continue
-        if isinstance(rec, dict):
+        if not isinstance(rec, dict):
+            bad.append(i)
+        elif keep is None:
             records.append(rec)
         else:
-            bad.append(i)
+            records.append({k: v for k, v in rec.items() if k == "step" or keep(k)})
     return records, bad
 
 
@@ -145,16 +152,18 @@ def jsonl_exists(p: PathLike) -> bool:
     return path(p).exists() or bool(segments(p))
 
 
-def read_jsonl(p: PathLike) -> tuple[list[dict], list[int]]:
+def read_jsonl(
+    p: PathLike, keep: Callable[[str], bool] | None = None
+) -> tuple[list[dict], list[int]]:
     """Records of a JSONL file (a whole file and/or its segments), and the 1-based numbers of
     lines that were not JSON objects (a torn last line after a crash, a hand edit): those are
-    skipped, never fatal. A missing file has no records."""
+    skipped, never fatal. A missing file has no records. ``keep``: as in :func:`parse_jsonl`."""
     p = path(p)
     parts = ([p] if p.exists() else []) + segments(p)
     if not parts:
         return [], []
     text = "".join(_terminated(q.read_bytes().decode("utf-8", errors="replace")) for q in parts)
-    return parse_jsonl(text)
+    return parse_jsonl(text, keep)
 
 
 def _terminated(text: str) -> str:
@@ -336,9 +345,12 @@ def run_config(run_dir: PathLike) -> dict | None:
     return read_json(p) if p.exists() else None
 
 
-def metrics(run_dir: PathLike) -> tuple[list[dict], list[int]]:
-    """(records, unreadable line numbers) of a run's ``metrics.jsonl``."""
-    return read_jsonl(path(run_dir) / METRICS)
+def metrics(
+    run_dir: PathLike, keep: Callable[[str], bool] | None = None
+) -> tuple[list[dict], list[int]]:
+    """(records, unreadable line numbers) of a run's ``metrics.jsonl``; ``keep``: which keys
+    (as in :func:`parse_jsonl`)."""
+    return read_jsonl(path(run_dir) / METRICS, keep)
 
 
 def events(run_dir: PathLike) -> list[dict]:

@@ -19,6 +19,7 @@ from stability import train as T
 from stability import workdir as W
 from stability.checkpoint import Checkpointer
 from stability.config import ConfigError
+from stability.preemption import Preemption
 from stability.sweep import read_results, run_sweep
 from stability.tracking import Tracker
 from stability.workdir import read_jsonl
@@ -94,7 +95,7 @@ def test_next_call_is_dispatched_before_the_host_reads_the_previous_one(tmp_path
     monkeypatch.setattr(S, "fetch", fetch)
     monkeypatch.setattr(Tracker, "log", slow_log)
     spec = T.run_spec(cfg, tmp_path / "run")
-    with L.Preemption() as pre:
+    with Preemption() as pre:
         result = L.train_stack(
             [spec],
             tmp_path / "ckpt",

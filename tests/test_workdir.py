@@ -18,6 +18,17 @@ def test_torn_metrics_line_is_skipped_and_cut_on_resume(tmp_path):
     assert W.read_jsonl(p) == ([{"step": 1}, {"step": 2}], [2])
 
 
+def test_a_reader_of_a_few_columns_holds_only_those():
+    from stability.report import history_keys
+
+    line = '{"step": 5, "train/loss": 2.5, "alive": true, "attn/entropy_min/layer_0": 1.0, '
+    line += '"attn/max_logit/layer_0": 9.0, "grad/norm": 3.0}\n'
+    assert W.parse_jsonl(line, history_keys)[0] == [
+        {"step": 5, "train/loss": 2.5, "alive": True, "attn/entropy_min/layer_0": 1.0}
+    ]
+    assert W.parse_jsonl(line + "[1]\n", lambda k: False) == ([{"step": 5}], [2])
+
+
 # ---------------------------------------------------------------------------------------
 # On an object store (tests/fake_gcs.py: gs:// paths served locally, no appends).
 

@@ -62,7 +62,7 @@ def reproduce(
     sets it. ``seed_offset``: the first seed (seeds
     set the initialisation and the data order). ``report_only``: train nothing, report the
     runs finished so far (ConfigError when there are none)."""
-    from stability.loop import Preemption
+    from stability.preemption import Preemption
     from stability.reproduce.report import write_paper_report
     from stability.sweep import run_sweep
 
