@@ -294,7 +294,7 @@ for name, ylabel in (
 # ## 7. Scaling forecast across model sizes
 
 # %%
-from stability import forecast  # noqa: E402
+from stability import forecast, forecast_report  # noqa: E402
 from stability.config import ConfigError  # noqa: E402
 
 fc = None
@@ -306,10 +306,10 @@ else:
     except ConfigError as e:
         print(f"No forecast: {e}")
 if fc is not None:
-    show(plots.plot_forecast(fc))
+    show(forecast_report.plot_forecast(fc))
     if len(fc["sizes"]) < 3:
         print(f"{len(fc['sizes'])} model size(s): measurements only; a fit needs 3 sizes.")
-    display(Markdown(forecast.to_markdown(fc)))
+    display(Markdown(forecast_report.to_markdown(fc)))
 
 # %% [markdown]
 # **Reading.** `stability forecast` in the notebook (same functions, same numbers). Left panels:

@@ -500,7 +500,8 @@ def _forecast(args) -> int:
     import json
 
     from stability import workdir as W
-    from stability.forecast import forecast, write_forecast
+    from stability.forecast import forecast
+    from stability.forecast_report import write_forecast
 
     out = W.path(args.out) if args.out else W.path(args.dirs[0]) / "forecast"
     if args.calibrate:

@@ -125,6 +125,7 @@ def parse_jsonl(
     ``keep``: which keys of each record to keep (besides ``step``); default all. A reader that
     needs a few columns of a long history holds only those."""
     records, bad = [], []
+    kept: dict[tuple, list[str]] = {}  # a record's keys → those to keep (records share keys)
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -138,7 +139,10 @@ def parse_jsonl(
         elif keep is None:
             records.append(rec)
         else:
-            records.append({k: v for k, v in rec.items() if k == "step" or keep(k)})
+            names = tuple(rec)
+            if names not in kept:
+                kept[names] = [k for k in names if k == "step" or keep(k)]
+            records.append({k: rec[k] for k in kept[names]})
     return records, bad
 
 

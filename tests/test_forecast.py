@@ -16,8 +16,8 @@ from stability.forecast import (
     fit_quadratic,
     forecast,
     non_embedding_params,
-    write_forecast,
 )
+from stability.forecast_report import write_forecast
 from stability.workdir import to_jsonable
 
 Q = "blocks/0/attn/q/kernel"

@@ -13,7 +13,8 @@ from pathlib import Path
 from stability import workdir as W
 from stability.config import ConfigError
 from stability.reproduce.presets import NAMES, PRESET, PRESETS, points
-from stability.reproduce.rules import FINDINGS, evaluate, load_rows
+from stability.reproduce.rows import load_rows
+from stability.reproduce.rules import FINDINGS, evaluate
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 OVERRIDABLE = ("data.", "wandb.")  # where the data, the tokenizer and logging live

@@ -8,7 +8,8 @@ import numpy as np
 
 from stability import plots
 from stability.reproduce.presets import Preset
-from stability.reproduce.rules import LOGIT_THRESHOLD, sensitivity, where
+from stability.reproduce.rows import sensitivity, where
+from stability.reproduce.rules import LOGIT_THRESHOLD
 
 
 def _curves(rows: list[dict], label, x: str, y) -> dict[str, tuple]:

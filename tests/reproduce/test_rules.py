@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from stability.reproduce import rows as RW
 from stability.reproduce import rules as R
 from stability.reproduce.presets import PRESET
 from stability.reproduce.report import amendments, write_paper_report
@@ -30,7 +31,7 @@ JITTER = (0.0, 0.01, -0.01, 0.02, -0.02)  # the seeds' spread
 
 
 def row(lr, loss, seed=0, **fields):
-    """One run as ``rules.measure`` returns it; ``loss=None`` is a diverged run."""
+    """One run as ``rows.measure`` returns it; ``loss=None`` is a diverged run."""
     base = dict(
         run_id=f"{sorted(fields.items())}-{lr}-{seed}",
         setting=",".join(f"{k}={v}" for k, v in sorted(fields.items())),
@@ -107,19 +108,19 @@ def test_sensitivity_parts_and_the_parabola_optimum():
     rows = [
         row(lr, loss, s) for s in SEEDS for lr, loss in zip(P.lrs, (3.0, 2.0, 2.6), strict=True)
     ]
-    sn = R.sensitivity(rows, P.lrs)
+    sn = RW.sensitivity(rows, P.lrs)
     assert sn["total"][0] == pytest.approx((1.0 + 0 + 0.6) / 3)
     assert sn["below"][0] == pytest.approx(1.0 / 3) and sn["above"][0] == pytest.approx(0.6 / 3)
     # a parabola in log10 LR with its vertex at -1.8 is recovered from three grid points
     f = lambda x: (x + 1.8) ** 2  # noqa: E731
     rows = [row(lr, 2 + f(math.log10(lr)), s) for s in SEEDS for lr in P.mup_lrs]
-    assert R.optimum(rows, P.mup_lrs)[0] == pytest.approx(-1.8)
+    assert RW.optimum(rows, P.mup_lrs)[0] == pytest.approx(-1.8)
     edge = [row(lr, 2 + math.log10(lr), 0) for lr in P.mup_lrs]  # best at the grid's edge
-    assert R.optimum(edge, P.mup_lrs)[0] == pytest.approx(-3)
+    assert RW.optimum(edge, P.mup_lrs)[0] == pytest.approx(-3)
     # a seed with a grid LR missing has no sensitivity (None), and a diverged run counts as ℓ0
-    assert R.sensitivity(rows[1 : len(P.mup_lrs)], P.mup_lrs)["total"][0] is None
+    assert RW.sensitivity(rows[1 : len(P.mup_lrs)], P.mup_lrs)["total"][0] is None
     dead = [row(lr, None if lr == P.lrs[-1] else 2.0, 0) for lr in P.lrs]
-    assert R.sensitivity(dead, P.lrs)["total"][0] == pytest.approx(3.0 / 3)
+    assert RW.sensitivity(dead, P.lrs)["total"][0] == pytest.approx(3.0 / 3)
 
 
 def test_qk_finding_supported_contradicted_unresolved_and_gated():
@@ -165,7 +166,7 @@ def test_a_missing_seed_makes_a_check_partial_and_reads_stay_where_the_protocol_
 
 def test_logit_growth_z_loss_warmup_weight_decay_mup_and_eps_rules():
     s = sizes_rows(0.1, 0.3)
-    for r in R.where(s, d_model=64, qk_norm=False, lr=P.lrs[-1]):
+    for r in RW.where(s, d_model=64, qk_norm=False, lr=P.lrs[-1]):
         r.update(final_entropy=0.01, q_param_rms=0.5)
     got, v = verdict_of("logit_growth", {"sizes": s})
     assert v == "supported" and "5×" in got["mechanism"] and got["mechanism_present"] is None
