@@ -365,7 +365,7 @@ def _train(args, overrides) -> int:
 
     cfg = build_config(args.config, overrides)
     if args.check:
-        from stability import loop, programs
+        from stability import loop
         from stability import workdir as W
         from stability.data import make_source
 
@@ -377,8 +377,7 @@ def _train(args, overrides) -> int:
         elif (workdir / W.CONFIG).exists():
             print(f"{workdir} holds this run ({W.describe_run(workdir)}); it would resume")
         # XLA's numbers: the train call compiled (never run) on this mesh.
-        report = programs.compile_call(cfg, loop.stack_programs(cfg, 1))
-        print(f"train call {programs.refuse_unless_fits(report, cfg).line()}")
+        print(f"train call {loop.plan_stack(cfg, 1).memory.line()}")
         print("config OK")
         return 0
     _start_jax(args)

@@ -132,10 +132,24 @@ def call_ends(start: int, steps: int, is_boundary, k_max: int) -> list[int]:
     return ends
 
 
-def stack_programs(cfg: Config, n_runs: int) -> prog.Programs:
-    """The programs of a stack of ``n_runs`` runs of ``cfg`` (mesh from ``programs.plan``)."""
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """The plan of a stack of runs of one static config, made once: its programs on their mesh
+    (``programs.plan``: a data axis that divides the batch, or a refusal that says so) with the
+    train call compiled and XLA's memory numbers checked (``programs.refuse_unless_fits``: the
+    state's extra copies and the headroom counted). ``train``, ``sweep`` (for every chunk,
+    before any trains), ``reproduce`` and ``--check`` all plan stacks here."""
+
+    programs: prog.Programs
+    memory: prog.MemoryReport
+
+
+def plan_stack(cfg: Config, n_runs: int, what: str = "") -> Stack:
+    """Plan a stack of ``n_runs`` runs of ``cfg``; ConfigError (``what`` names it) when its
+    train call does not fit a device."""
     mesh, padded = prog.plan(cfg, n_runs)
-    return prog.build(cfg, mesh, runs=padded, k_max=St.steps_per_call_max(cfg.train))
+    progs = prog.build(cfg, mesh, runs=padded, k_max=St.steps_per_call_max(cfg.train))
+    return Stack(progs, prog.refuse_unless_fits(prog.compile_call(cfg, progs), cfg, what))
 
 
 def train_stack(
@@ -145,20 +159,18 @@ def train_stack(
     label: str,
     preemption: Preemption,
     progress: bool = True,
-    programs: prog.Programs | None = None,
+    stack: Stack | None = None,
 ) -> StackResult:
     """Train (or resume from ``checkpoints``) a stack of runs sharing a static config; their
     records go to each run's directory (process 0 writes them). ``label`` names the stack on
-    the progress bar. ``programs``: the stack's compiled programs, if already built."""
+    the progress bar. ``stack``: its plan (:func:`plan_stack`), if already made."""
     cfg = runs[0].config
     static = St.static_config(cfg)
     for r in runs:
         if St.static_config(r.config) != static or r.config.data.seed != cfg.data.seed:
             raise ValueError(f"run {r.name} does not share the stack's static config and data")
     t, n = cfg.train, len(runs)
-    progs = programs or stack_programs(cfg, n)
-    # XLA's memory check before anything runs (compiled once: the program is kept in progs)
-    prog.refuse_unless_fits(prog.compile_call(cfg, progs), cfg)
+    progs = (stack or plan_stack(cfg, n)).programs
     pad = lambda values, dtype: S.from_host(
         np.asarray(values + [values[-1]] * (progs.runs - n), dtype), progs.hp
     )

@@ -226,9 +226,10 @@ def chunk_label(chunk: list[Run]) -> str:
 
 def compile_chunks(
     chunks: list[list[Run]], preemption: Preemption | None = None
-) -> dict[tuple, prog.Programs] | None:
-    """Every distinct program of ``chunks``, compiled (never run) largest first by the hand
-    estimate, with XLA's per-device numbers printed; ConfigError (nothing written yet) names
+) -> dict[tuple, L.Stack] | None:
+    """The plan of every distinct stack of ``chunks`` (``loop.plan_stack``: its programs
+    compiled, never run), largest first by the hand estimate, with XLA's per-device numbers
+    printed; ConfigError (nothing written yet) names
     the first chunk that does not fit. Keyed by (static config, runs). A stop request
     (``preemption``, decided by every process alike) is honoured between two compiles: then
     None."""
@@ -240,12 +241,9 @@ def compile_chunks(
     for key, c in sorted(distinct.items(), key=lambda kv: -size(kv[1])):
         if preemption is not None and (preemption.decided or preemption.stop()):
             return None
-        cfg = c[0].config
-        progs = L.stack_programs(cfg, len(c))
-        report = prog.compile_call(cfg, progs)
-        print(f"{chunk_label(c)} ×{len(c)}: train call {report.line()}", file=sys.stderr)
-        prog.refuse_unless_fits(report, cfg, what=f"chunk {chunk_label(c)} ×{len(c)}")
-        out[key] = progs
+        stack = L.plan_stack(c[0].config, len(c), what=f"chunk {chunk_label(c)} ×{len(c)}")
+        print(f"{chunk_label(c)} ×{len(c)}: train call {stack.memory.line()}", file=sys.stderr)
+        out[key] = stack
     return out
 
 
@@ -253,7 +251,7 @@ def train_chunk(
     chunk: list[Run],
     workdir: W.Path,
     sweep_name: str,
-    programs: prog.Programs,
+    stack: L.Stack,
     preemption: Preemption,
     progress: bool,
 ) -> L.StackResult:
@@ -281,7 +279,7 @@ def train_chunk(
         label=chunk_label(chunk),
         preemption=preemption,
         progress=progress,
-        programs=programs,
+        stack=stack,
     )
 
 
@@ -405,8 +403,8 @@ def run_sweep(
         # as the first attempt; a chunk with any unfinished run runs again (from its checkpoint).
         every_chunk = chunks_of(runs, strat, max_runs_per_program)
         chunks = [c for c in every_chunk if check_only or any(r.run_id not in done_ids for r in c)]
-        programs = compile_chunks(chunks, None if check_only else pre)
-        if programs is None:
+        stacks = compile_chunks(chunks, None if check_only else pre)
+        if stacks is None:
             print(
                 "interrupted during the up-front compile; rerun the same command to continue",
                 file=sys.stderr,
@@ -441,14 +439,14 @@ def run_sweep(
                 )
         print(
             f"sweep {name}: {len(runs)} runs, {len(runs) - len(todo)} already finished; "
-            f"{len(todo)} to train in {len(chunks)} chunk(s), {len(programs)} compiled "
+            f"{len(todo)} to train in {len(chunks)} chunk(s), {len(stacks)} compiled "
             f"program(s) ({strat})",
             file=sys.stderr,
         )
         left = len(todo)
         for chunk in chunks:
-            progs = programs[(static_config(chunk[0].config), len(chunk))]
-            mesh = "×".join(str(n) for n in progs.mesh.shape.values())  # sharding.AXES order
+            stack = stacks[(static_config(chunk[0].config), len(chunk))]
+            mesh = "×".join(str(n) for n in stack.programs.mesh.shape.values())  # AXES order
             print(
                 f"[{left} run(s) left] {chunk_label(chunk)}: {len(chunk)} run(s), "
                 f"run×data×model mesh {mesh}",
@@ -458,7 +456,7 @@ def run_sweep(
             if pre.decided or pre.stop():
                 result = None
             else:
-                result = train_chunk(chunk, workdir, name, progs, pre, progress)
+                result = train_chunk(chunk, workdir, name, stack, pre, progress)
             if result is None or result.preempted:
                 at = f" at step {result.position}" if result else ""
                 print(f"interrupted{at}; rerun the same command to continue", file=sys.stderr)

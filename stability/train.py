@@ -12,7 +12,6 @@ import sys
 import jax
 
 from stability import loop as L
-from stability import programs as prog
 from stability import workdir as W
 from stability.config import Config
 from stability.data import make_source
@@ -56,8 +55,7 @@ def train(
     workdir = W.path(workdir)
     make_source(cfg.data, cfg.model.vocab_size)  # validates the data before any write
     W.check_run_dir(W.to_jsonable(cfg.to_dict()), workdir, overwrite)
-    programs = L.stack_programs(cfg, 1)
-    prog.refuse_unless_fits(prog.compile_call(cfg, programs), cfg)  # XLA decides, before any write
+    stack = L.plan_stack(cfg, 1)  # XLA's memory check decides, before any write
     W.check_shared(workdir)
     if jax.process_index() == 0:
         W.prepare_run_dir(W.to_jsonable(cfg.to_dict()), workdir, overwrite)
@@ -69,7 +67,7 @@ def train(
             label=workdir.name,
             preemption=pre,
             progress=progress,
-            programs=programs,
+            stack=stack,
         )
     run = result.runs[0]
     if run.status == "diverged":

@@ -179,10 +179,10 @@ def test_sweep_check_refuses_a_different_sweep_saying_what_differs(tmp_path, cap
 
 
 def fake_compile(chunks, preemption=None):
-    """Stands in for sweep.compile_chunks (no compile): one fake program per distinct one."""
+    """Stands in for sweep.compile_chunks (no compile): one fake stack per distinct one."""
     return {
         (static_config(c[0].config), len(c)): SimpleNamespace(
-            mesh=SimpleNamespace(shape={"run": len(c), "data": 1})
+            programs=SimpleNamespace(mesh=SimpleNamespace(shape={"run": len(c), "data": 1}))
         )
         for c in chunks
     }

@@ -59,7 +59,8 @@ def test_next_call_is_dispatched_before_the_host_reads_the_previous_one(tmp_path
     # calls end at the evals (10, 20, 30); one checkpoint, at the end (a checkpoint waits for
     # the records before it)
     cfg = tiny_config(train={"steps": 30, "checkpoint_every": 30})
-    progs = L.stack_programs(cfg, 1)
+    stack = L.plan_stack(cfg, 1)
+    progs = stack.programs
     events, calls = [], {}
     dispatched = [threading.Event() for _ in range(3)]
 
@@ -102,7 +103,9 @@ def test_next_call_is_dispatched_before_the_host_reads_the_previous_one(tmp_path
             label="x",
             preemption=pre,
             progress=False,
-            programs=dataclasses.replace(progs, call=Instrumented()),
+            stack=dataclasses.replace(
+                stack, programs=dataclasses.replace(progs, call=Instrumented())
+            ),
         )
     assert result.position == 30 and result.runs[0].status == "finished"
     order = [e for e in events if e[0] != "written"]
@@ -224,7 +227,7 @@ def test_a_single_runs_checkpoint_of_the_previous_release_resumes_and_others_are
     T.train(cfg, run, progress=False)
     shutil.rmtree(run / "checkpoints" / "20")
     # Rewrite checkpoint 10 as release 0.1.0 wrote it.
-    progs = L.stack_programs(cfg, 1)
+    progs = L.plan_stack(cfg, 1).programs
     ckpt = Checkpointer(run / "checkpoints", 2)
     stacked = ckpt.restore(10, progs.abstract_state)
     stream = ckpt.meta(10)["stream"]
