@@ -9,6 +9,15 @@ weighted sum, forward and backward), as in the PaLM/Chinchilla accounting.
 
     python benchmarks/train_step.py [--steps 20] [--out benchmarks/results/train_step.json]
 
+``--runs N`` times a stack of N runs (a vmapped sweep chunk: N learning rates sharing each
+batch). ``--breakdown`` then profiles the same calls (apart from the timing) and gives the
+thread time per update of each part of the step, from XLA:CPU's per-instruction events and
+the named scopes the model and step put in the op names: attention core, normalization,
+loss, optimizer update, metrics; other matmuls (projections, MLP, head); other ops.
+
+    python benchmarks/train_step.py --d 128 --layers 2 --heads 4 --seq 64 --batch 16 --vocab 256 \
+        --runs 7 --k 100 --steps 200 --breakdown --out benchmarks/results/train_step_sweep7.json
+
 ``--mesh SPEC ...`` instead times the sharded step (``stability.programs.build``) on
 each mesh, same global batch: SPEC is ``1`` (one device), ``dpN`` (N devices, batch split,
 state replicated), ``fsdpN`` (batch and state split over N), ``tpM`` (M-way tensor parallel),
@@ -67,6 +76,111 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+SCOPES = ("attention_core", "normalization", "loss", "optimizer_update", "metrics")
+CONTAINERS = {"while", "conditional", "call"}  # their time is their children's
+
+
+def _closing(text: str) -> int:
+    """The index of the parenthesis that closes ``text``'s first one."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+            return i
+    return len(text)
+
+
+def _instruction(line: str) -> tuple[str, str, str] | None:
+    """(name, opcode, rest) of an HLO instruction line, None for other lines."""
+    m = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*", line)
+    if not m:
+        return None
+    rest = line[m.end() :]
+    if rest.startswith("("):  # a tuple type: skip to its closing parenthesis
+        rest = rest[_closing(rest) + 1 :]
+    else:
+        rest = rest.split(" ", 1)[1]
+    op = re.match(r"\s*([\w\-]+)\(", rest)
+    return (m.group(1), op.group(1), rest) if op else None
+
+
+def hlo_categories(text: str) -> dict[str, str]:
+    """{instruction name: category} of an optimized HLO module's text. The category is the
+    named scope in the instruction's op name (``SCOPES``: the model and step put them there);
+    a fusion without one takes its fused ops' scope; else "matmuls (projections, MLP, head)"
+    for a dot or a fusion of one, "other" (elementwise glue, copies, data movement) for the rest.
+    Control-flow instructions (``CONTAINERS``) are left out: their time is their children's."""
+    comps: dict[str, list[tuple[str, str, str]]] = {}
+    current = None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
+        if head and "=" not in line.split("{")[0]:
+            current = comps.setdefault(head.group(1), [])
+            continue
+        ins = _instruction(line)
+        if ins and current is not None:
+            current.append(ins)
+
+    def scope(rest: str) -> str | None:
+        name = re.search(r'op_name="([^"]*)"', rest)
+        words = set(re.findall(r"[A-Za-z_]+", name.group(1))) if name else set()
+        return next((s for s in SCOPES if s in words), None)
+
+    def fused(rest: str, seen: set) -> tuple[str | None, bool]:
+        """(scope, has a dot) of the computations an instruction calls."""
+        found, dot = None, False
+        for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
+            if callee in seen:
+                continue
+            seen.add(callee)
+            for _, op, r in comps.get(callee, []):
+                dot |= op in ("dot", "convolution")
+                s, d = fused(r, seen)
+                found, dot = found or scope(r) or s, dot or d
+        return found, dot
+
+    out = {}
+    for instructions in comps.values():
+        for name, op, rest in instructions:
+            if op in CONTAINERS:
+                continue
+            s, dot = fused(rest, set())
+            s = scope(rest) or s
+            dot = dot or op in ("dot", "convolution")
+            out[name] = s or ("matmuls (projections, MLP, head)" if dot else "other")
+    return out
+
+
+def step_breakdown(progs, state, args, calls: int, updates: int) -> dict:
+    """Thread time per update of each category (``hlo_categories``) over ``calls`` of the
+    loop's call, from a ``jax.profiler`` trace of them (XLA:CPU's per-instruction events)."""
+    import glob
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    (compiled,) = progs.call._compiled.values()
+    category = hlo_categories(compiled.as_text())
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(calls):
+                state, out = progs.call(state, *args())
+            jax.block_until_ready((state, out))
+        (trace,) = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        profile = ProfileData.from_file(trace)
+    ns: dict[str, float] = {}
+    for plane in profile.planes:
+        for line in plane.lines:
+            for e in line.events:
+                if e.name in category:
+                    ns[category[e.name]] = ns.get(category[e.name], 0.0) + e.duration_ns
+    total = sum(ns.values())
+    return {
+        k: {"thread_ms_per_update": v / 1e6 / updates, "share": v / total}
+        for k, v in sorted(ns.items(), key=lambda kv: -kv[1])
+    }
 
 
 def parse_mesh(spec: str) -> tuple[int, bool, int]:
@@ -203,6 +317,7 @@ def main():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--runs", type=int, default=1, help="runs in the stack (a sweep's chunk)")
     p.add_argument("--out", default="benchmarks/results/train_step.json")
     p.add_argument("--mesh", nargs="+", help="sharded step on these meshes (see above)")
     p.add_argument("--cpu-devices", type=int, default=8, help="simulated devices on a CPU host")
@@ -215,6 +330,11 @@ def main():
         "--layers-override", type=int, default=0, help="--memory: layers (0: the size's)"
     )
     p.add_argument("--memory-table", action="store_true", help="the memory and depth table")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also profile the timed calls: time by part of the step (attention, matmuls, ...)",
+    )
     a = p.parse_args()
     if a.mesh or a.memory or a.memory_table:
         jax.config.update("jax_num_cpu_devices", a.cpu_devices)
@@ -234,9 +354,10 @@ def main():
         return bench_meshes(a, cfg)
     # the loop's own program: a stack of one run, K updates per call, a metric row every
     # log_every updates (as `stability train` runs it on one device)
-    progs = prog.build(cfg, S.make_mesh(cfg, devices=jax.devices()[:1]), runs=1, k_max=a.k)
-    state = progs.init(np.zeros(1, np.int32))
-    hp = {k: np.full(1, v, np.float32) for k, v in St.hyperparams(cfg).items()}
+    n = a.runs
+    progs = prog.build(cfg, S.make_mesh(cfg, devices=jax.devices()[:1]), runs=n, k_max=a.k)
+    state = progs.init(np.arange(n, dtype=np.int32))
+    hp = {k: np.full(n, v, np.float32) for k, v in St.hyperparams(cfg).items()}
     rng = np.random.default_rng(0)
     batches = {"tokens": rng.integers(0, a.vocab, (a.k, a.batch, a.seq + 1), dtype=np.int32)}
     logged = np.array([(i + 1) % cfg.train.log_every == 0 for i in range(a.k)])
@@ -252,9 +373,9 @@ def main():
     dt = (time.perf_counter() - t0) / (calls * a.k)
 
     n_params = (
-        sum(x.size for x in jax.tree.leaves(state.params)) - a.vocab * a.d  # one run
+        sum(x.size for x in jax.tree.leaves(state.params)) // n - a.vocab * a.d  # one run
     )  # minus input embedding
-    tokens = a.batch * a.seq
+    tokens = n * a.batch * a.seq  # every run of the stack trains on the shared batch
     flops = tokens * (6 * n_params + 12 * a.layers * a.seq * a.d)
     peak = matmul_peak()
     result = {
@@ -272,6 +393,8 @@ def main():
         "log_every": cfg.train.log_every,
         "params_non_embedding": int(n_params),
     }
+    if a.breakdown:  # profiled apart from the timing above (a trace slows the calls)
+        result["breakdown"] = step_breakdown(progs, state, args, calls, calls * a.k)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print("| backend | tokens/s | model TFLOP/s | matmul peak TFLOP/s | MFU | metrics/record |")
@@ -280,6 +403,11 @@ def main():
         f"| {result['backend']} | {result['tokens_per_sec']:.0f} | {result['model_tflops_per_sec']:.3f} | "
         f"{result['peak_matmul_tflops_per_sec']:.3f} | {result['mfu']:.1%} | {n_metrics} |"
     )
+    if a.breakdown:
+        print("\n| part of the step | thread ms per update | share |")
+        print("|---|---|---|")
+        for k, v in result["breakdown"].items():
+            print(f"| {k} | {v['thread_ms_per_update']:.1f} | {v['share']:.1%} |")
 
 
 if __name__ == "__main__":

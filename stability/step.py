@@ -120,9 +120,10 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation):
         model = nnx.merge(graphdef, params, gstats, rest, copy=True)
         tokens = batch["tokens"]
         logits_BTV, aux = model(tokens[:, :-1], train=True)
-        ce_BT, log_z_BT = cross_entropy(logits_BTV, tokens[:, 1:])
-        ce = ce_BT.mean()
-        z_loss = hp["z_loss"] * jnp.mean(jnp.square(log_z_BT))
+        with jax.named_scope("loss"):
+            ce_BT, log_z_BT = cross_entropy(logits_BTV, tokens[:, 1:])
+            ce = ce_BT.mean()
+            z_loss = hp["z_loss"] * jnp.mean(jnp.square(log_z_BT))
         extra = sum((v for k, v in aux.items() if k.startswith("loss/")), jnp.float32(0))
         new_rest = split(model)[3]
         out = {
@@ -144,16 +145,17 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation):
             state.params, state.gstats, state.rest, batch, hp
         )
         gstats = jax.tree.map(jnp.add, state.gstats, gstat_grads)
-        lr_t = learning_rate(cfg.optim, total_steps, state.step, hp["lr"], hp["warmup_steps"])
-        opt_state = set_hyperparams(
-            state.opt_state,
-            learning_rate=lr_t,
-            weight_decay=hp["weight_decay"],
-            peak_learning_rate=hp["lr"],
-            eps=hp["eps"],
-        )
-        updates, opt_state = tx.update(grads, opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer_update"):
+            lr_t = learning_rate(cfg.optim, total_steps, state.step, hp["lr"], hp["warmup_steps"])
+            opt_state = set_hyperparams(
+                state.opt_state,
+                learning_rate=lr_t,
+                weight_decay=hp["weight_decay"],
+                peak_learning_rate=hp["lr"],
+                eps=hp["eps"],
+            )
+            updates, opt_state = tx.update(grads, opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
 
         loss = out["train/loss"]
         ok = state.alive & jnp.isfinite(loss) & (loss <= bound) & M.all_finite((grads, gstat_grads))
@@ -169,17 +171,18 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation):
                 jnp.int32
             ),
         )
-        out.update(
-            {
-                "lr": lr_t,
-                "alive": ok,
-                "grad/global_norm": M.global_norm(grads),
-                **M.rms_by_path("grad/rms", grads),
-                **M.rms_by_path("update/rms", updates, 1.0 / lr_t),
-                **M.rms_by_path("param/rms", params),
-                **optimizer_metrics(cfg.optim, opt_state, grads),
-            }
-        )
+        with jax.named_scope("metrics"):
+            out.update(
+                {
+                    "lr": lr_t,
+                    "alive": ok,
+                    "grad/global_norm": M.global_norm(grads),
+                    **M.rms_by_path("grad/rms", grads),
+                    **M.rms_by_path("update/rms", updates, 1.0 / lr_t),
+                    **M.rms_by_path("param/rms", params),
+                    **optimizer_metrics(cfg.optim, opt_state, grads),
+                }
+            )
         return new_state, out
 
     return train_step

@@ -1,6 +1,8 @@
 """The pure functions of training (stability/step.py): the step's divergence handling, its
 loss terms, weight decay, and the K-update call's logged rows."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,3 +183,18 @@ def test_per_run_hyperparameters_derive_from_their_declarations():
         )
         assert static_config(changed) == static_config(base), name
         assert float(hyperparams(changed)[name]) == pytest.approx(value * 2 + 1)
+
+
+def test_the_step_names_its_parts_for_profiles(tiny):
+    """The op names of the train step carry the named scopes that profiles and
+    ``benchmarks/train_step.py --breakdown`` group by (lowered only, not compiled)."""
+    cfg = tiny()
+    tx = make_optimizer(cfg.optim)
+    state = jax.eval_shape(lambda: St.init_state(cfg, 0, tx))
+    batch = {"tokens": jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32)}
+    step = jax.jit(St.make_train_step(cfg, St.graphdef_of(cfg), tx))
+    text = step.lower(state, St.hyperparams(cfg), batch).as_text(debug_info=True)
+    for scope in ("attention_core", "normalization", "loss", "optimizer_update", "metrics"):
+        assert re.search(rf'"jit\(train_step\)/[^"]*\b{scope}\b', text), scope
+    for scope in ("attention_core", "normalization"):  # the backward pass keeps them too
+        assert f"transpose(jvp({scope}))" in text, scope

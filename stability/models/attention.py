@@ -250,13 +250,13 @@ class Attention(nnx.Module):
             q_BTNH, k_BTNH = self.q_norm(q_BTNH), self.k_norm(k_BTNH)
         q_BTNH, k_BTNH = apply_rope(q_BTNH, *rope), apply_rope(k_BTNH, *rope)
 
-        out_BTNH, rows = ATTEND[cfg.attention_impl](q_BTNH, k_BTNH, v_BTNH, cfg)
-
-        entropy_N = rows.entropy.mean((0, 2))
-        stats = {
-            "max_logit": rows.max_logit.max(),
-            "entropy": entropy_N.mean(),
-            "entropy_min": entropy_N.min(),
-            "bos_mass": rows.bos_mass.mean(),
-        }
+        with jax.named_scope("attention_core"):  # scores, softmax, weighted sum, statistics
+            out_BTNH, rows = ATTEND[cfg.attention_impl](q_BTNH, k_BTNH, v_BTNH, cfg)
+            entropy_N = rows.entropy.mean((0, 2))
+            stats = {
+                "max_logit": rows.max_logit.max(),
+                "entropy": entropy_N.mean(),
+                "entropy_min": entropy_N.min(),
+                "bos_mass": rows.bos_mass.mean(),
+            }
         return self.o(out_BTNH.reshape(B * T, N * H), train=train), stats

@@ -15,6 +15,7 @@ scalars carry none (replicated).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -41,6 +42,22 @@ fan_in_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_nor
 
 
 Axes = tuple[str | None, str | None]  # logical names of a kernel's (d_in, d_out) dims
+
+
+def scoped(name: str):
+    """The decorated function's ops under ``jax.named_scope(name)``: their HLO op names (and so
+    profiles, and ``benchmarks/train_step.py --breakdown``) say which part of the step they
+    are."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with jax.named_scope(name):
+                return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap
 
 
 class Linear(nnx.Module):
@@ -120,6 +137,7 @@ class LayerNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.eps = eps
 
+    @scoped("normalization")
     def __call__(self, x: jax.Array, *, train: bool = True) -> jax.Array:
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
@@ -134,6 +152,7 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.eps = eps
 
+    @scoped("normalization")
     def __call__(self, x: jax.Array, *, train: bool = True) -> jax.Array:
         x32 = x.astype(jnp.float32)
         ms = jnp.square(x32).mean(-1, keepdims=True)
@@ -207,6 +226,7 @@ class PowerNorm(nnx.Module):
             self.step = RunningStat(jnp.zeros((), jnp.int32))
         self.n_groups, self.warmup = n_groups, warmup
 
+    @scoped("normalization")
     def __call__(self, x: jax.Array, *, train: bool = True) -> jax.Array:
         x_MD = group_scale(x.reshape(-1, x.shape[-1]), self.n_groups)
         phi_D = self.phi[...]
