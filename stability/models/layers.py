@@ -130,12 +130,16 @@ class ReparamLinear(nnx.Module):
         return jnp.dot(x_MD.astype(self.dtype), w_IO.astype(self.dtype))
 
 
-class LayerNorm(nnx.Module):
-    """(x − mean)/√(var + ε)·γ over the last axis; scale only (the recipe has no biases)."""
+class _ScaleNorm(nnx.Module):
+    """A norm over the last axis with a learned scale γ (ones at init) and ε."""
 
     def __init__(self, dim: int, eps: float):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.eps = eps
+
+
+class LayerNorm(_ScaleNorm):
+    """(x − mean)/√(var + ε)·γ over the last axis; scale only (the recipe has no biases)."""
 
     @scoped("normalization")
     def __call__(self, x: jax.Array, *, train: bool = True) -> jax.Array:
@@ -145,12 +149,8 @@ class LayerNorm(nnx.Module):
         return ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...]).astype(x.dtype)
 
 
-class RMSNorm(nnx.Module):
+class RMSNorm(_ScaleNorm):
     """x/√(mean(x²) + ε)·γ over the last axis."""
-
-    def __init__(self, dim: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.eps = eps
 
     @scoped("normalization")
     def __call__(self, x: jax.Array, *, train: bool = True) -> jax.Array:
