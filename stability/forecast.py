@@ -200,6 +200,11 @@ class Run:
         return f"d={m.d_model},L={m.n_layers},H={m.n_heads}"
 
 
+def _read(key: str) -> bool:
+    """The keys of a run's records that a forecast reads (besides ``step``)."""
+    return key == "alive" or key.startswith((f"{LOGIT_KEY}/layer_", "grad/rms_over_eps/"))
+
+
 def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
     """Every run (finished or not) with a config.json under ``DIR/runs/*`` of each sweep
     workdir; ``setting`` names the config fields that vary besides size, LR and seeds."""
@@ -212,7 +217,7 @@ def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
                 cfg = from_config_dict(W.run_config(run_dir))
             except (ConfigError, json.JSONDecodeError) as e:
                 raise ConfigError(f"{run_dir / W.CONFIG}: {e}") from e
-            hist, _ = W.metrics(run_dir)
+            hist, _ = W.metrics(run_dir, _read)
             runs.append(Run(str(d), run_dir.name, cfg, non_embedding_params(cfg.model), hist))
     if not runs:
         raise ConfigError(f"no runs under {', '.join(map(str, dirs))}")

@@ -21,6 +21,23 @@ LAST_FRACTION = 0.1  # §3.4 averages gradient RMS over the final 500 of 1e5 ste
 # final 10% of the logged steps (at least one record)
 
 
+MEASURED = (  # the keys ``measure`` reads of a run's records, besides the per-layer ones
+    "logits/log_z_mean",
+    "logits/mean",
+    "eval/loss",
+    f"grad/rms/{FC1}",
+    f"grad/rms_over_eps/{FC1}",
+    f"grad/rms/{Q}",
+)
+
+
+def measured(key: str) -> bool:
+    """Whether ``measure`` reads ``key`` (the rest of each record is not kept in memory)."""
+    return key in MEASURED or key.startswith(
+        ("attn/max_logit/layer_", "attn/entropy_min/layer_", "param/rms/")
+    )
+
+
 def _finite(v: Any) -> float | None:
     return float(v) if v is not None and math.isfinite(float(v)) else None
 
@@ -118,7 +135,7 @@ def load_rows(workdir: W.PathLike) -> list[dict[str, Any]]:
         key = repr(model)
         if key not in params:
             params[key] = non_embedding_params(model)
-        rows.append(measure(r, W.metrics(W.run_dir(workdir, rid))[0], params[key]))
+        rows.append(measure(r, W.metrics(W.run_dir(workdir, rid), measured)[0], params[key]))
     return rows
 
 
