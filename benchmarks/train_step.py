@@ -161,8 +161,7 @@ def step_breakdown(progs, state, args, calls: int, updates: int) -> dict:
 
     from jax.profiler import ProfileData
 
-    (compiled,) = progs.call._compiled.values()
-    category = hlo_categories(compiled.as_text())
+    category = hlo_categories(progs.call.compile(state, *args()).as_text())  # compiled already
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             for _ in range(calls):
