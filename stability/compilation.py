@@ -76,11 +76,12 @@ def _signature(args) -> tuple:
 
 def wait_for_all_processes() -> None:
     """With several JAX processes: return once every process got here (a coordination-service
-    barrier, not a collective). Programs need it: JAX writes the persistent cache from process
-    0 only, and on CPU the other processes' cache keys differ (their topology fingerprint and
-    compile options hash differently), so process 0 may load a program in seconds while the
-    others compile it for minutes, and the program's first collective would give up waiting
-    (Gloo after 30 s)."""
+    barrier, not a collective). XLA:CPU's cross-process collectives (Gloo) give up when a
+    process reaches a device group's first collective 30 s after the others, so every process
+    waits here before a collective that some of them may reach late: after a compile (JAX
+    writes the persistent cache from process 0 only, and on CPU the other processes' cache keys
+    differ, so process 0 may load a program in seconds while the others compile it for
+    minutes), and after host work that only process 0 does (opening the run records and W&B)."""
     if jax.process_count() == 1:
         return
     from jax._src import distributed

@@ -40,6 +40,7 @@ from stability import sharding as S
 from stability import step as St
 from stability import workdir as W
 from stability.checkpoint import Checkpointer
+from stability.compilation import wait_for_all_processes
 from stability.config import Config, ConfigError
 from stability.data import feed as F
 from stability.data import make_source
@@ -185,6 +186,7 @@ def train_stack(
         for b in source.eval_batches(t.eval_batches)
     ]
     ckpt = Checkpointer(checkpoints, t.max_to_keep, keep_steps=boundaries(cfg)[3])
+    wait_for_all_processes()  # process 0 may come from writing the previous stack's results
     t0 = time.time()
     try:
         restored = ckpt.restore_latest(lambda meta: _restore_target(meta, cfg, progs, checkpoints))
@@ -362,6 +364,7 @@ class _Loop:
             for r in self.runs:
                 print(f"resuming {r.name} at step {start}", file=sys.stderr)
         prefetch = self.feed.prefetch(sizes)
+        wait_for_all_processes()  # process 0 opened the records; no call leaves it behind
         self.writer = Writer()
         pending: _Call | None = None
         position, preempted = start, False

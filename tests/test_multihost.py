@@ -9,7 +9,8 @@ and every device answers memory queries as a pod's do (another host's device ref
 runs train up to 8 updates per call, with FSDP. A SIGTERM to ONE process (chosen at random,
 sent by that process itself after it has read a call ending at a random step far from the end:
 tests/pod/sitecustomize.py, so the notice cannot race the end of the run) stops every process
-at the same step, with one checkpoint and the same message, exit 0; the rerun completes. The
+at the same step, with one checkpoint and the same message, exit 0; the rerun completes (in the
+pod sweep, with process 0 opening the records 35 s after the others are ready). The
 pod sweep also takes a notice during its up-front compile: every process stops before its
 first update. The records equal a single-process run at one update per call (rtol 1e-5;
 1e-4 for gradient statistics: data-parallel sums round differently and
@@ -20,6 +21,7 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -93,23 +95,39 @@ def start(
             "SLURM_PROCID": str(i),
             "SLURM_LOCALID": "0",
             "JAX_COORDINATOR_PORT": port,
+            "PYTHONFAULTHANDLER": "1",  # a process that aborts prints its Python stacks
+            "PYTHON": sys.executable,  # pod_worker.sh's version check (the venv exists)
             **(extra_env or {}).get(i, {}),
         }
-        procs.append(
-            subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
+        # stdout and stderr go to files: a pipe left unread while another process is awaited
+        # fills (64 KiB) and blocks its writer inside the collectives the others wait in
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True))
+        procs[-1].files = (out, err)
     return procs
 
 
 def finish(procs, timeout=900) -> list[str]:
-    """Wait for every process (exit 0); their stderr."""
+    """Wait for every process; their stderr. Every process must exit 0; otherwise the
+    assertion shows each one's exit code and the ends of its stderr."""
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
     errs = []
     for p in procs:
-        _, err = p.communicate(timeout=timeout)
-        assert p.returncode == 0, err[:3000] + "\n...\n" + err[-3000:]
-        errs.append(err)
+        out, err = p.files
+        err.seek(0)
+        errs.append(err.read())
+        out.close(), err.close()
+    codes = [p.returncode for p in procs]
+    assert codes == [0] * len(procs), f"exit codes {codes}\n" + "\n".join(
+        f"--- process {i} (exit {c}) ---\n{e[:2000]}\n...\n{e[-4000:]}"
+        for i, (c, e) in enumerate(zip(codes, errs, strict=True))
+    )
     return errs
 
 
@@ -186,7 +204,9 @@ def test_pod_sweep_on_4_processes_sigterm_one_then_rerun(setup):
     assert "[2 run(s) left] default lr=0.001…0.003: 2 run(s), run×data×model mesh 2×2×1" in errs[0]
     # XLA's check asked a device of each process for its memory (another host's would refuse)
     assert all("train call per device: 0.00 GiB of 16.00 GiB" in e for e in errs)
-    errs = finish(start(cmd, 4, 1, root))
+    # the rerun's process 0 opens the records 35 s after the others are ready to train: past
+    # the 30 s after which a collective gives up on a late process, so every process waits
+    errs = finish(start(cmd, 4, 1, root, {0: {"STABILITY_TEST_SLOW_RECORDS": "35"}}))
     assert (
         "train call (2 runs vmapped, up to 8 updates, 3 metric rows) [mesh "
         "run×data×model 2×2×1 on 4 cpu device(s) in 4 processes; fsdp on" in errs[0]

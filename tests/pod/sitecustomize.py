@@ -111,3 +111,19 @@ if os.environ.get("STABILITY_TEST_EVENT_LOG"):
 
     _compilation.Program.__call__ = _logged_call
     _sharding.gather, _sharding.fetch = _logged_gather, _logged_fetch
+
+# ``STABILITY_TEST_SLOW_RECORDS=SECONDS``: this process takes that long more to open its runs'
+# records (process 0 alone opens them, as it may on a loaded machine or with a slow W&B login)
+# before it trains: past the 30 s after which XLA:CPU's collectives give up on a late peer.
+if os.environ.get("STABILITY_TEST_SLOW_RECORDS"):
+    import time
+
+    from stability import loop as _loop
+
+    _trackers = _loop._trackers
+
+    def _slow_trackers(*args, **kwargs):
+        time.sleep(float(os.environ["STABILITY_TEST_SLOW_RECORDS"]))
+        return _trackers(*args, **kwargs)
+
+    _loop._trackers = _slow_trackers
