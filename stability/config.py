@@ -294,9 +294,10 @@ class TrainConfig:
     # recompute each block but keep its weight-matmul outputs (norms, attention weights, gelu
     # recomputed); full = keep nothing inside a block but its input.
     remat: Remat = "none"
-    # Run the blocks as one lax.scan (models/transformer.py) instead of an unrolled loop, so
-    # that remat frees memory (docs/sharding.md). Parameters, the checkpoint's tree and
-    # metrics are the same either way.
+    # Run the blocks as one lax.scan (models/transformer.py) over their variables stored
+    # stacked (a leading "layers" axis) instead of an unrolled loop: remat then frees memory,
+    # and compile time hardly grows with depth (docs/sharding.md). Losses and metrics (names
+    # included) are the same either way; a single run's checkpoint converts when it changes.
     scan_layers: bool = declare(False, since="0.2.0")
     # A sweep deletes a chunk's checkpoints once every run of it has its results record (a
     # rerun skips finished runs); True keeps its final checkpoint. A single run keeps its own.
@@ -559,7 +560,7 @@ def validate(cfg: Config, explicit: frozenset[str] | set[str] = frozenset()) -> 
     ``explicit``: the keys the user set (see :func:`from_config_dict`)."""
     _validate_signs(cfg)
     _validate_model(cfg.model, cfg.optim)
-    _validate_train(cfg.train, cfg.model)
+    _validate_train(cfg.train, cfg.model, cfg.optim)
     _validate_optim(cfg.optim, cfg.train)
     _validate_data(cfg.data, cfg.model)
     _validate_watch(cfg.watch)
@@ -719,7 +720,7 @@ def _validate_optim(o: OptimConfig, t: TrainConfig) -> None:
         )
 
 
-def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
+def _validate_train(t: TrainConfig, m: ModelConfig, o: OptimConfig) -> None:
     _positive("config.train.steps", t.steps)
     for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "max_to_keep"):
         _positive(f"config.train.{name}", getattr(t, name))
@@ -729,6 +730,15 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
         raise ConfigError(
             f"config.train.tensor_parallel={t.tensor_parallel} must divide "
             f"config.model.n_heads={m.n_heads} (heads and MLP hidden units are split over it)"
+        )
+    bound = min(m.d_model, o.adafactor_min_dim_to_factor)
+    if o.name == "adafactor" and t.scan_layers and m.n_layers >= bound:
+        raise ConfigError(
+            f"config.model.n_layers={m.n_layers} with config.train.scan_layers=True and "
+            f"config.optim.name='adafactor' must be below min(model.d_model, "
+            f"optim.adafactor_min_dim_to_factor) = {bound}: Adafactor factors a parameter's two "
+            "largest dims, and a stacked layer axis that large would be one of them (set "
+            "train.scan_layers=False)"
         )
 
 

@@ -44,6 +44,7 @@ from stability.compilation import wait_for_all_processes
 from stability.config import Config, ConfigError
 from stability.data import feed as F
 from stability.data import make_source
+from stability.models.transformer import convert_layers
 from stability.optim.schedules import decay_ends
 from stability.preemption import Preemption
 from stability.tracking import Tracker
@@ -197,6 +198,8 @@ def train_stack(
             start, state, meta = restored
             if _single_run_of_0_1(meta):
                 state = _add_run_axis(state, progs)
+            if meta.get("layers", "per_layer") != layout(cfg):
+                state = _convert_layers(state, progs)
             feed.stream.restore(meta["stream"])
             loss0 = np.asarray(meta.get("loss_at_init", [math.nan] * n), np.float64)
         loop = _Loop(cfg, runs, progs, state, hp, feed, eval_batches, ckpt, loss0, source)
@@ -250,7 +253,17 @@ def _restore_target(meta: dict, cfg: Config, progs: prog.Programs, where) -> Any
             "0.2.0, or start it again with optim.parametrization='mup_hidden' (the old rule)"
         )
     if fmt == FORMAT or (fmt is None and "loss_at_init" in meta):
-        return progs.abstract_state
+        if meta.get("layers", "per_layer") == layout(cfg):
+            return progs.abstract_state
+        other = dataclasses.replace(cfg.train, scan_layers=not cfg.train.scan_layers)
+        return prog.build(
+            dataclasses.replace(cfg, train=other), progs.mesh, runs=progs.runs
+        ).abstract_state
+    if _single_run_of_0_1(meta) and cfg.train.scan_layers:
+        raise ConfigError(
+            f"{where}: a single run's checkpoint of release 0.1.0 resumes with "
+            "train.scan_layers=False only; resume it so once, then switch"
+        )
     if _single_run_of_0_1(meta):
         return prog.build(cfg, progs.mesh, runs=None, k_max=1).abstract_state
     raise ConfigError(
@@ -262,6 +275,19 @@ def _restore_target(meta: dict, cfg: Config, progs: prog.Programs, where) -> Any
 def _single_run_of_0_1(meta: dict) -> bool:
     """Whether a checkpoint is a `stability train` one of release 0.1.0 (no run axis)."""
     return meta.get("format") is None and "diverged" in meta and "loss_at_init" not in meta
+
+
+def layout(cfg: Config) -> str:
+    """How a checkpoint holds the blocks' variables: "stacked" (``train.scan_layers``: one
+    leading ``layers`` axis) or "per_layer" (``blocks/{i}/...``); a checkpoint written without
+    this key is per-layer."""
+    return "stacked" if cfg.train.scan_layers else "per_layer"
+
+
+def _convert_layers(state: Any, progs: prog.Programs) -> Any:
+    """A restored state of the other layout in ``progs``' layout (the run axis first)."""
+    convert = lambda s: convert_layers(s, progs.abstract_state, axis=1)
+    return jax.jit(convert, out_shardings=progs.state)(state)
 
 
 def _add_run_axis(state: Any, progs: prog.Programs) -> Any:
@@ -566,6 +592,7 @@ class _Loop:
             "stream": F.gather_stream_state(stream_state),
             "loss_at_init": [float(x) for x in self.loss0],
             "decay_end": step in self.ends,
+            "layers": layout(self.cfg),
         }
         self.ckpt.save(step, state, meta)
         self.saved.add(step)

@@ -26,6 +26,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+# The logical name of the leading axis of the scanned blocks' stacked variables
+# (``train.scan_layers``): ``blocks/attn/q/kernel`` [L, d, d] holds ``blocks/{i}/attn/q/kernel``.
+LAYERS = "layers"
 
 
 def leaf_paths(tree) -> list[str]:
@@ -52,10 +57,48 @@ def rms(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
 
 
+def is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def is_layer_stack(x) -> bool:
+    """Whether ``x`` is a variable holding every block's value along a leading ``layers`` axis."""
+    axes = x.get_metadata().get("logical_axes") if is_variable(x) else None
+    return bool(axes) and axes[0] == LAYERS
+
+
+def layer_path(path: str, i: int) -> str:
+    """Layer ``i``'s path of a stacked variable: 'blocks/attn/q/kernel' → 'blocks/i/attn/q/kernel'."""
+    head, _, rest = path.partition("blocks/")
+    return f"{head}blocks/{i}/{rest}"
+
+
+def map_layout(fn, tree):
+    """``fn(path, x, stacked)`` on every array of ``tree`` (same tree out): ``path`` as
+    :func:`path_str` names it, ``stacked`` whether ``x`` has a leading ``layers`` axis (the
+    rules that depend on a parameter's kind read its own dims, ``x.shape[stacked:]``)."""
+
+    def one(p, x):
+        where, stacked = path_str(p), is_layer_stack(x)
+        return jax.tree.map(lambda a: fn(where, a, stacked), x)
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_variable)
+
+
 def rms_by_path(prefix: str, tree, scale: jax.Array | float = 1.0) -> dict[str, jax.Array]:
-    """{f'{prefix}/{path}': rms(leaf)·scale} for every leaf."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {f"{prefix}/{path_str(p)}": rms(x) * scale for p, x in flat}
+    """{f'{prefix}/{path}': rms(leaf)·scale} for every leaf; a stacked variable gives one
+    entry per layer, under that layer's path (the names of the per-layer layout)."""
+    out = {}
+    for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)[0]:
+        where = path_str(p)
+        if not is_layer_stack(x):
+            out[f"{prefix}/{where}"] = rms(x.get_value() if is_variable(x) else x) * scale
+            continue
+        v = x.get_value().astype(jnp.float32)
+        rms_L = jnp.sqrt(jnp.mean(jnp.square(v), axis=tuple(range(1, v.ndim))))
+        for i in range(v.shape[0]):
+            out[f"{prefix}/{layer_path(where, i)}"] = rms_L[i] * scale
+    return out
 
 
 def expand_aux(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -88,7 +88,8 @@ def split(model: nnx.Module):
 def init_state(cfg: Config, seed: int | jax.Array, tx: optax.GradientTransformation) -> TrainState:
     """A fresh state for one run. Pure: jit it (eager init compiles every initializer op)
     and vmap it over ``seed`` for many runs."""
-    _, params, gstats, rest = split(Transformer(cfg.model, rngs=nnx.Rngs(jax.random.key(seed))))
+    model = Transformer(cfg.model, rngs=nnx.Rngs(jax.random.key(seed)), scan=cfg.train.scan_layers)
+    _, params, gstats, rest = split(model)
     return TrainState(
         params=params,
         gstats=gstats,

@@ -38,6 +38,7 @@ once, as one segment).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -312,13 +313,17 @@ def check_run_dir(config: dict, workdir: PathLike, overwrite: bool) -> bool:
         return False
     if overwrite:
         return True
-    try:  # compared field by field, defaults filled in (a config.json of an older release)
-        old = identity(typed_config(read_json(cfg_path)))
+    # compared field by field, defaults filled in (a config.json of an older release), but
+    # train.scan_layers: the blocks' layout, which a resume converts the checkpoint to
+    unscanned = lambda t: dataclasses.replace(t, scan_layers=False)
+    same = lambda cfg: identity(dataclasses.replace(cfg, train=unscanned(cfg.train)))
+    try:
+        old = same(typed_config(read_json(cfg_path)))
     except ValueError as e:  # not JSON, or not a config (ConfigError is a ValueError)
         raise ConfigError(
             f"{cfg_path} is unreadable ({e}); pass --overwrite to delete the run"
         ) from e
-    new = identity(typed_config(config))
+    new = same(typed_config(config))
     if old != new:
         raise ConfigError(
             f"--workdir={workdir} holds a run with a different config "

@@ -500,3 +500,25 @@ def test_a_notice_during_the_last_call_finishes_the_run_and_stops_the_sweep(
     first = run_sweep(str(sweep_py), tmp_path / "w", **kwargs)
     assert len(first) == 1 and "interrupted after a finished chunk" in capsys.readouterr().err
     assert len(run_sweep(str(sweep_py), tmp_path / "w", **kwargs)) == 2
+
+
+def test_a_checkpoint_resumes_in_the_other_blocks_layout(tiny, tmp_path):
+    """train.scan_layers may change between a run and its resume: the checkpoint converts
+    from the per-layer layout to the stacked one (as a scanned run of an earlier release,
+    whose checkpoints are per-layer, resumes) and back, and the run goes on as if
+    uninterrupted (to rounding: the layouts sum gradients in another order)."""
+    per_layer = tiny()
+    stacked = dataclasses.replace(
+        per_layer, train=dataclasses.replace(per_layer.train, scan_layers=True)
+    )
+    T.train(per_layer, tmp_path / "ref", progress=False)
+    ref = strip_perf(W.metrics(tmp_path / "ref")[0])
+    for first, then in ((per_layer, stacked), (stacked, per_layer)):
+        run = tmp_path / f"from_{L.layout(first)}"
+        T.train(first, run, progress=False)
+        shutil.rmtree(run / "checkpoints" / "20")
+        ckpt = Checkpointer(run / "checkpoints", 2)
+        assert ckpt.meta(10)["layers"] == L.layout(first)
+        ckpt.close()
+        T.train(then, run, progress=False)
+        assert_records_close(ref, strip_perf(W.metrics(run)[0]), rtol=1e-5, atol=1e-6)

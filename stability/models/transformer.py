@@ -11,12 +11,15 @@ output-logit cap and the sink decorrelation loss act here.
 outputs of its weight matmuls (q, k, v, o, fc1, fc2: ``dots_with_no_batch_dims_saveable``):
 norms, RoPE, the [B, N, T, S] attention weights and gelu are recomputed; "full" saves nothing
 inside a block but its input (``nothing_saveable``). ``scan`` (``train.scan_layers``) runs the
-blocks as one ``lax.scan`` over their stacked states instead of an unrolled Python loop (as
-MaxText's ``scan_layers``): XLA then schedules one block's body, with its remat, L times, so
-temporaries grow with depth only by what remat keeps per block. The parameters keep their
-per-layer layout (``blocks/{i}/...``) and are stacked inside the program, so the checkpoint's
-tree, optimizer rules and metrics are the same with and without it (and the compile time still
-grows with depth: stacking, the update and the metrics stay per layer). The activations are
+blocks as one ``lax.scan`` instead of an unrolled Python loop, with the blocks' variables
+stored stacked (MaxText's ``scan_layers`` layout): ``blocks`` is one ``Block`` whose every
+variable has a leading axis of logical name ``layers`` (:func:`stack_layers`), so nothing is
+stacked or unstacked per step and the optimizer update is one op per kind of variable, not per
+layer; XLA schedules one block's body, with its remat, L times, so compile time and temporaries
+grow with depth only by what remat keeps per block. Initial values equal the per-layer
+layout's (the blocks are drawn one by one, then stacked); optimizer rules and metrics read the
+``layers`` axis (``stability.metrics``), and checkpoints convert between the layouts
+(:func:`convert_layers`). The activations are
 constrained to their logical shardings (``stability.sharding.constrain``): the residual stream
 and logits split over the batch, heads, MLP hidden width and vocabulary over the model axis.
 """
@@ -29,6 +32,7 @@ from flax import nnx
 
 from stability.config import ModelConfig, Remat
 from stability.kernels.reference import apply_softcap
+from stability.metrics import LAYERS, is_variable, layer_path, path_str
 from stability.models.attention import Attention, rope_tables
 from stability.models.layers import make_linear, make_norm
 from stability.sharding import constrain
@@ -105,7 +109,8 @@ class Transformer(nnx.Module):
         D, V = cfg.d_model, cfg.vocab_size
         embed_VD = jax.random.normal(rngs.params(), (V, D), jnp.float32) * D**-0.5
         self.embed = nnx.Param(embed_VD, logical_axes=("vocab", "embed"))
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
+        self.blocks = stack_layers(blocks) if scan else nnx.List(blocks)
         self.final_norm = make_norm(cfg, D)
         if not cfg.tie_embeddings:
             head_kind = "sigma_reparam" if cfg.sigma_reparam_head else "plain"
@@ -122,11 +127,10 @@ class Transformer(nnx.Module):
         return logits_BTV, aux
 
     def _scan_blocks(self, run_block, x_MD: jax.Array, rope, B: int, T: int):
-        """The blocks as one ``lax.scan`` over their stacked states: (x_MD, [L] stats, [L]
-        bos-norm ratios, [L] sink cos²). Each block's updated state (σReparam's u, PowerNorm's
-        φ) is written back, and what a block sows is recorded under its own path."""
-        graphdef = nnx.graphdef(self.blocks[0])
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in self.blocks])
+        """The stacked blocks as one ``lax.scan``: (x_MD, [L] stats, [L] bos-norm ratios,
+        [L] sink cos², {aux name: value} of what the blocks sow, named per layer). The blocks'
+        updated state (σReparam's u, PowerNorm's φ) is written back stacked."""
+        graphdef, state = nnx.split(self.blocks)
 
         def body(x_MD, state):
             block = nnx.merge(graphdef, state, copy=True)
@@ -136,15 +140,15 @@ class Transformer(nnx.Module):
             per_layer = (stats, bos_norm_ratio(jax.lax.stop_gradient(h_BTD)), cos2)
             return x_MD, (per_layer, nnx.state(block, nnx.Not(nnx.Intermediate)), sown)
 
-        x_MD, (per_layer, states, sown) = jax.lax.scan(body, x_MD, stacked)
-        for i, block in enumerate(self.blocks):
-            nnx.update(block, jax.tree.map(lambda a, i=i: a[i], states))
-            for path, values in nnx.to_flat_state(sown):
-                module = block
-                for part in path[:-1]:
-                    module = getattr(module, part) if isinstance(part, str) else module[part]
-                module.sow(nnx.Intermediate, path[-1], values.get_value()[-1][i])
-        return x_MD, per_layer
+        x_MD, (per_layer, state, sown) = jax.lax.scan(body, x_MD, state)
+        nnx.update(self.blocks, state)
+        sown_aux = {}
+        for path, values in nnx.to_flat_state(sown):
+            where = "/".join(["blocks", *map(str, path[:-1])])
+            name = path[-1].removeprefix("reparam_")  # ReparamLinear sows reparam_{sigma,gamma}
+            for i, value in enumerate(values.get_value()[-1]):
+                sown_aux[f"reparam/{name}/{layer_path(where, i).replace('/', '.')}"] = value
+        return x_MD, per_layer, sown_aux
 
     def _forward(self, tokens_BT: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
@@ -161,8 +165,10 @@ class Transformer(nnx.Module):
         if self.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat])
         if self.scan:
-            x_MD, (stats, bos_ratio_L, cos2_L) = self._scan_blocks(run_block, x_MD, rope, B, T)
+            x_MD, per_layer, sown_aux = self._scan_blocks(run_block, x_MD, rope, B, T)
+            stats, bos_ratio_L, cos2_L = per_layer
         else:
+            sown_aux = {}
             layer_stats, bos_ratio, cos2 = [], [], []
             for block in self.blocks:
                 x_MD, st = run_block(block, x_MD, rope)
@@ -183,8 +189,46 @@ class Transformer(nnx.Module):
             logits_MV = logits_MV * cfg.logit_multiplier
         logits_MV = apply_softcap(logits_MV, cfg.logit_softcap or None)
 
-        aux = {f"attn/{k}": v for k, v in stats.items()}
+        aux = {f"attn/{k}": v for k, v in stats.items()} | sown_aux
         aux["resid/bos_norm_ratio"] = jax.lax.stop_gradient(bos_ratio_L)
         if cfg.sink_decorrelation:  # the residual states between blocks: outputs of 0…L−2
             aux["loss/sink_decorrelation"] = cfg.sink_decorrelation * cos2_L[:-1].mean()
         return logits_MV.reshape(B, T, -1), aux
+
+
+def stack_layers(blocks: list[Block]) -> Block:
+    """One ``Block`` holding ``blocks``' variables stacked along a leading ``layers`` axis (the
+    logical name prepended to each variable's ``logical_axes``)."""
+
+    def stack(*vs: nnx.Variable) -> nnx.Variable:
+        axes = vs[0].get_metadata().get("logical_axes") or (None,) * jnp.ndim(vs[0].get_value())
+        return vs[0].replace(jnp.stack([v.get_value() for v in vs]), logical_axes=(LAYERS, *axes))
+
+    states = [nnx.state(b) for b in blocks]
+    return nnx.merge(nnx.graphdef(blocks[0]), jax.tree.map(stack, *states, is_leaf=is_variable))
+
+
+def convert_layers(tree, like, axis: int = 0):
+    """``tree`` (a train state, or any tree holding a model's variables by path) in the layout
+    of ``like`` (same kind of tree, abstract or concrete): per-layer (``blocks/{i}/...``) to
+    stacked (``blocks/...`` with the ``layers`` axis at ``axis``: 1 under a sweep's run axis) or
+    back. Values are moved, never changed; leaves outside the blocks are taken as they are."""
+    src = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+
+    def value(path: str, shape) -> jax.Array:
+        if path in src:
+            return src[path]
+        parts = path.split("/")
+        k = parts.index("blocks") + 1
+        if parts[k].isdigit():  # a layer of a stacked source
+            x = src["/".join(parts[:k] + parts[k + 1 :])]
+            same = x.shape == shape  # no layer axis (e.g. Adafactor's unfactored placeholder)
+            return x if same else jax.lax.index_in_dim(x, int(parts[k]), axis, keepdims=False)
+        first = src["/".join([*parts[:k], "0", *parts[k:]])]
+        if first.shape == shape:
+            return first
+        layers = ["/".join([*parts[:k], str(i), *parts[k:]]) for i in range(shape[axis])]
+        return jnp.stack([src[p] for p in layers], axis)
+
+    return jax.tree.unflatten(treedef, [value(path_str(p), x.shape) for p, x in paths])

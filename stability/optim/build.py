@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import optax
 
 from stability.config import ConfigError, OptimConfig
-from stability.metrics import path_str, rms_by_path
+from stability.metrics import map_layout, rms_by_path
 from stability.optim.spam import decay_stepped_params, scale_by_spam, spam_diagnostics
 
 ADAFACTOR_EPS = 1e-30  # ε1 of Adafactor, added to g² (squared-gradient units)
@@ -65,7 +65,8 @@ HIDDEN_LAYERS = ("q", "k", "v", "o", "fc1", "fc2")
 
 
 def decay_mask(params):
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for matrices and embeddings: a parameter's own dims (a stacked layer axis aside)."""
+    return map_layout(lambda path, p, stacked: p.ndim - stacked >= 2, params)
 
 
 def is_hidden_matrix(path: str, ndim: int) -> bool:
@@ -98,15 +99,15 @@ def mup_multipliers(params, base_d_model: int, d_model: int, head: bool = False)
     ``jax.ShapeDtypeStruct``s.
     """
 
-    def one(path, x):
-        where = path_str(path)
-        if not (is_hidden_matrix(where, x.ndim) or (head and is_head(where, x.ndim))):
+    def one(where, x, stacked):
+        ndim = len(x.shape) - stacked
+        if not (is_hidden_matrix(where, ndim) or (head and is_head(where, ndim))):
             return 1.0
-        fan_in = x.shape[0]
+        fan_in = x.shape[stacked]
         base_fan_in = fan_in * base_d_model / d_model
         return base_fan_in / fan_in
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    return map_layout(one, params)
 
 
 def scale_by_mup(
@@ -119,6 +120,22 @@ def scale_by_mup(
         del params
         mult = mup_multipliers(updates, base_d_model, d_model, head)
         return jax.tree.map(lambda u, m: u if m == 1.0 else u * m, updates, mult), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def clip_by_block_rms(threshold: float) -> optax.GradientTransformation:
+    """``optax.clip_by_block_rms``: each parameter's update divided by max(1, rms/threshold),
+    a stacked variable's layers each a parameter of their own."""
+
+    def clip(path, u, stacked):
+        axes = tuple(range(stacked, u.ndim))
+        rms = jnp.sqrt(jnp.mean(jnp.square(u), axis=axes, keepdims=True))
+        return u / jnp.maximum(1.0, rms / threshold)
+
+    def update_fn(updates, state, params=None):
+        del params
+        return map_layout(clip, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -149,7 +166,7 @@ def direction(cfg: OptimConfig, eps: float | jax.Array) -> optax.GradientTransfo
             )
         ]
         if cfg.adafactor_clip > 0:
-            parts.append(optax.clip_by_block_rms(cfg.adafactor_clip))
+            parts.append(clip_by_block_rms(cfg.adafactor_clip))
         if cfg.b1 > 0:
             parts.append(optax.ema(cfg.b1, debias=False))
         return optax.chain(*parts)

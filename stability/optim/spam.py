@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
+from stability.metrics import map_layout
+
 CLIP_DELAY = 20  # updates after the start and after each reset before spikes are clipped
 
 
@@ -48,15 +50,17 @@ def _check(name: str, value, ok, valid: str) -> None:
 
 
 def _draw_mask(key: jax.Array, like: optax.Params, density: float | jax.Array) -> optax.Params:
-    """Bernoulli(density) mask for every matrix (ndim ≥ 2); vectors and scalars keep all."""
+    """Bernoulli(density) mask for every matrix (its own ndim ≥ 2, a stacked layer axis aside);
+    vectors and scalars keep all."""
     keys = otu.tree_split_key_like(key, like)
+    matrix = map_layout(lambda path, x, stacked: x.ndim - stacked >= 2, like)
 
-    def draw(k, x):
-        if x.ndim < 2:
+    def draw(k, x, is_matrix):
+        if not is_matrix:
             return jnp.ones(x.shape, bool)
         return jax.random.bernoulli(k, density, x.shape)
 
-    return jax.tree.map(draw, keys, like)
+    return jax.tree.map(draw, keys, like, matrix)
 
 
 def scale_by_spam(
