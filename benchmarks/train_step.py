@@ -39,6 +39,14 @@ compile time against depth (w1024, 6 / 12 / 24 layers, scanned and unrolled); it
 ``benchmarks/results/memory_cpu.json``.
 
     python benchmarks/train_step.py --memory-table
+
+``--depth-table`` compiles the same train step (w1024, FSDP on 8 devices, block remat) at 6,
+12, 24 and 48 layers, scanned and unrolled, each in a fresh process without the compilation
+cache, from the checkout ``--source`` (default this one: an older checkout measures its own
+layout); it writes ``benchmarks/results/compile_depth.json`` (``--out``), adding to the rows
+of other sources there; ``--repeats N`` keeps the fastest of N compiles.
+
+    python benchmarks/train_step.py --depth-table [--source DIR] [--layouts scanned unrolled]
 """
 
 from __future__ import annotations
@@ -306,6 +314,47 @@ def memory_table(out: str) -> None:
     Path(out).write_text(json.dumps({"memory": rows, "depth": depth}, indent=1) + "\n")
 
 
+def depth_table(source: str, layouts: list[str], out: str, repeats: int) -> None:
+    """Compile time against depth per layout, each compile in a fresh process, the fastest of
+    ``repeats`` (module doc)."""
+    import subprocess
+
+    src = Path(source).resolve()
+    git = lambda *a: subprocess.run(["git", "-C", str(src), *a], capture_output=True, text=True)
+    commit = git("rev-parse", "--short", "HEAD").stdout.strip()
+    if git("status", "--porcelain", "--untracked-files=no", "stability").stdout.strip():
+        commit += "+changes"  # the package differs from its commit
+    env = {**os.environ, "PYTHONPATH": str(src), "JAX_PLATFORMS": "cpu"}
+    path = Path(out)
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    rows = [r for r in old if r["source_commit"] != commit or r["layout"] not in layouts]
+    for layers in (6, 12, 24, 48):
+        for layout in layouts:
+            cmd = [sys.executable, str(src / "benchmarks" / "train_step.py"), "--memory", "w1024"]
+            cmd += ["--fsdp", "--remat", "block", f"--layers-override={layers}"]
+            cmd += ["--scan"] if layout == "scanned" else []
+            tries = []
+            for _ in range(repeats):
+                run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+                if run.returncode != 0:
+                    sys.exit(f"{' '.join(cmd)} failed:\n{run.stderr[-3000:]}")
+                tries.append(json.loads(run.stdout.strip().splitlines()[-1]))
+            row = min(tries, key=lambda r: r["compile_s"])
+            row["compile_s_each"] = [r["compile_s"] for r in tries]
+            row.update(
+                layout=layout,
+                source_commit=commit,
+                source_subject=git("log", "-1", "--format=%s").stdout.strip()[:80],
+            )
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+    }
+    path.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20, help="updates timed (whole calls)")
@@ -329,12 +378,19 @@ def main():
         "--layers-override", type=int, default=0, help="--memory: layers (0: the size's)"
     )
     p.add_argument("--memory-table", action="store_true", help="the memory and depth table")
+    p.add_argument("--depth-table", action="store_true", help="compile time against depth")
+    p.add_argument("--source", default=str(Path(__file__).resolve().parent.parent))
+    p.add_argument("--layouts", nargs="+", default=["scanned", "unrolled"])
+    p.add_argument("--repeats", type=int, default=1, help="--depth-table: compiles per row")
     p.add_argument(
         "--breakdown",
         action="store_true",
         help="also profile the timed calls: time by part of the step (attention, matmuls, ...)",
     )
     a = p.parse_args()
+    if a.depth_table:
+        out = a.out if a.out != p.get_default("out") else "benchmarks/results/compile_depth.json"
+        return depth_table(a.source, a.layouts, out, a.repeats)
     if a.mesh or a.memory or a.memory_table:
         jax.config.update("jax_num_cpu_devices", a.cpu_devices)
     if a.memory or a.memory_table:  # compile times without the persistent cache's hits
