@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stability import __version__
+from stability import metrics as M
 from stability import programs as prog
 from stability import sharding as S
 from stability import step as St
@@ -559,7 +560,7 @@ class _Loop:
             self.trackers[i].event(record, f"{event['detector']} ({kind}): {label}", line)
 
     def _record(self, i: int, step: int, metrics: dict, row: int, tokens_per_sec: float) -> dict:
-        rec = {"step": step, **{k: v[row, i] for k, v in metrics.items()}}
+        rec = {"step": step, **M.expand_layers({k: v[row, i] for k, v in metrics.items()})}
         rec["perf/tokens_per_sec"] = tokens_per_sec
         if self.floor is not None:
             rec["train/loss_floor"] = self.floor

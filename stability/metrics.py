@@ -67,10 +67,29 @@ def is_layer_stack(x) -> bool:
     return bool(axes) and axes[0] == LAYERS
 
 
-def layer_path(path: str, i: int) -> str:
+def layer_path(path: str, i: int | str) -> str:
     """Layer ``i``'s path of a stacked variable: 'blocks/attn/q/kernel' → 'blocks/i/attn/q/kernel'."""
     head, _, rest = path.partition("blocks/")
     return f"{head}blocks/{i}/{rest}"
+
+
+# A metric name holding LAYER has one value per layer (a trailing [L] axis), which
+# :func:`expand_layers` names per layer on the host: the program then returns one array per
+# metric of a stacked variable, not L scalars (which would grow the program with depth).
+LAYER = "{layer}"
+
+
+def expand_layers(metrics: dict) -> dict:
+    """``metrics`` (one record's values) with every ``…{layer}…`` entry of values [L] replaced
+    by L entries named for their layer, in place of it."""
+    out = {}
+    for name, value in metrics.items():
+        if LAYER not in name:
+            out[name] = value
+            continue
+        for i in range(value.shape[-1]):
+            out[name.replace(LAYER, str(i))] = value[..., i]
+    return out
 
 
 def map_layout(fn, tree):
@@ -86,8 +105,9 @@ def map_layout(fn, tree):
 
 
 def rms_by_path(prefix: str, tree, scale: jax.Array | float = 1.0) -> dict[str, jax.Array]:
-    """{f'{prefix}/{path}': rms(leaf)·scale} for every leaf; a stacked variable gives one
-    entry per layer, under that layer's path (the names of the per-layer layout)."""
+    """{f'{prefix}/{path}': rms(leaf)·scale} for every leaf; a stacked variable gives the
+    RMS of each layer, [L] under ``{prefix}/blocks/{layer}/...`` (:func:`expand_layers` names
+    them as the per-layer layout does)."""
     out = {}
     for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)[0]:
         where = path_str(p)
@@ -96,19 +116,19 @@ def rms_by_path(prefix: str, tree, scale: jax.Array | float = 1.0) -> dict[str, 
             continue
         v = x.get_value().astype(jnp.float32)
         rms_L = jnp.sqrt(jnp.mean(jnp.square(v), axis=tuple(range(1, v.ndim))))
-        for i in range(v.shape[0]):
-            out[f"{prefix}/{layer_path(where, i)}"] = rms_L[i] * scale
+        out[f"{prefix}/{layer_path(where, LAYER)}"] = rms_L * scale
     return out
 
 
 def expand_aux(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Metric records from the model's aux dict: [L] arrays become ``{name}/layer_{i}``,
-    scalars keep their name, and ``loss/{x}`` terms are logged as ``train/{x}``."""
+    """Metric records from the model's aux dict: [L] arrays become ``{name}/layer_{i}`` (but
+    those named per layer on the host, :data:`LAYER`), scalars keep their name, and
+    ``loss/{x}`` terms are logged as ``train/{x}``."""
     out = {}
     for name, value in aux.items():
         if name.startswith("loss/"):
             out[f"train/{name[5:]}"] = value
-        elif value.ndim == 1:
+        elif value.ndim == 1 and LAYER not in name:
             for i in range(value.shape[0]):
                 out[f"{name}/layer_{i}"] = value[i]
         else:

@@ -199,8 +199,8 @@ def command_files(tmp: Path) -> tuple[str, str]:
 
 
 def run_commands(tmp: Path, name: str) -> None:
-    """``stability train`` and ``stability sweep --strategy=vmap`` of :func:`command_files`
-    into ``tmp/<name>-train`` and ``tmp/<name>-sweep``."""
+    """``stability train`` and ``stability sweep --strategy=vmap`` (scanned layers) of
+    :func:`command_files` into ``tmp/<name>-train`` and ``tmp/<name>-sweep``."""
     from stability.cli import main
 
     config_py, sweep_py = command_files(tmp)
@@ -212,6 +212,7 @@ def run_commands(tmp: Path, name: str) -> None:
         *common,
         f"--workdir={tmp / f'{name}-sweep'}",
         "--strategy=vmap",
+        "--config.train.scan_layers=True",  # the blocks' variables stacked, FSDP-sharded
     ]
     assert main(sweep) == 0
 

@@ -32,7 +32,7 @@ from flax import nnx
 
 from stability.config import ModelConfig, Remat
 from stability.kernels.reference import apply_softcap
-from stability.metrics import LAYERS, is_variable, layer_path, path_str
+from stability.metrics import LAYER, LAYERS, is_variable, layer_path, path_str
 from stability.models.attention import Attention, rope_tables
 from stability.models.layers import make_linear, make_norm
 from stability.sharding import constrain
@@ -146,8 +146,8 @@ class Transformer(nnx.Module):
         for path, values in nnx.to_flat_state(sown):
             where = "/".join(["blocks", *map(str, path[:-1])])
             name = path[-1].removeprefix("reparam_")  # ReparamLinear sows reparam_{sigma,gamma}
-            for i, value in enumerate(values.get_value()[-1]):
-                sown_aux[f"reparam/{name}/{layer_path(where, i).replace('/', '.')}"] = value
+            layer = layer_path(where, LAYER).replace("/", ".")
+            sown_aux[f"reparam/{name}/{layer}"] = values.get_value()[-1]  # [L]: one per layer
         return x_MD, per_layer, sown_aux
 
     def _forward(self, tokens_BT: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:

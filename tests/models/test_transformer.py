@@ -161,7 +161,7 @@ def test_scanned_stacked_blocks_equal_the_per_layer_layout(tiny, remat, optim):
         for _ in range(2):
             tokens = rng.integers(0, 64, (4, 17)).astype(np.int32)
             state, out = step(state, St.hyperparams(cfg), {"tokens": tokens})
-        states[scan], outs[scan] = jax.device_get(state), jax.device_get(out)
+        states[scan], outs[scan] = jax.device_get(state), M.expand_layers(jax.device_get(out))
         if scan:
             jaxpr = str(jax.make_jaxpr(step)(state, St.hyperparams(cfg), {"tokens": tokens}))
             assert "scan[" in jaxpr and jaxpr.count("scan[") < 3  # one scan (+ its transpose)
