@@ -72,7 +72,8 @@ if os.environ.get("STABILITY_TEST_SIGTERM_IN_COMPILE"):
 
 # ``STABILITY_TEST_EVENT_LOG=PATH``: this process writes to PATH.<process index> the order in
 # which the loop dispatches each train call, dispatches the gather of its outputs and reads
-# them: lines "call c", "gather c", "read c" (no timing).
+# them: lines "call c", "gather c", "read c" (no timing); and "records" once it has opened the
+# runs' records (process 0), "barrier" once it has passed the loop's wait for every process.
 if os.environ.get("STABILITY_TEST_EVENT_LOG"):
     from stability import compilation as _compilation
     from stability import sharding as _sharding
@@ -112,18 +113,17 @@ if os.environ.get("STABILITY_TEST_EVENT_LOG"):
     _compilation.Program.__call__ = _logged_call
     _sharding.gather, _sharding.fetch = _logged_gather, _logged_fetch
 
-# ``STABILITY_TEST_SLOW_RECORDS=SECONDS``: this process takes that long more to open its runs'
-# records (process 0 alone opens them, as it may on a loaded machine or with a slow W&B login)
-# before it trains: past the 30 s after which XLA:CPU's collectives give up on a late peer.
-if os.environ.get("STABILITY_TEST_SLOW_RECORDS"):
-    import time
-
     from stability import loop as _loop
 
-    _trackers = _loop._trackers
+    _trackers, _wait = _loop._trackers, _loop.wait_for_all_processes
 
-    def _slow_trackers(*args, **kwargs):
-        time.sleep(float(os.environ["STABILITY_TEST_SLOW_RECORDS"]))
-        return _trackers(*args, **kwargs)
+    def _logged_trackers(*args, **kwargs):
+        out = _trackers(*args, **kwargs)
+        _log("records")
+        return out
 
-    _loop._trackers = _slow_trackers
+    def _logged_wait():
+        _wait()
+        _log("barrier")
+
+    _loop._trackers, _loop.wait_for_all_processes = _logged_trackers, _logged_wait
