@@ -20,6 +20,10 @@ Key names are fixed (the sweep engine, the report and the notebook rely on them)
   update/rms/{path}       RMS of each parameter's update divided by the current LR
   param/rms/{path}        RMS of each parameter (after the update)
   grad/rms_over_eps/{path}  Adam family: gradient RMS over ε (§3.4); spam/* SPAM diagnostics
+
+With ``train.scan_layers`` a stacked variable's per-layer values leave the step as one [L]
+array under a name holding ``{layer}`` (``grad/rms/blocks/{layer}/attn/q/kernel``), and the
+loop's records carry them under the per-layer names above (:func:`expand_layers`).
 """
 
 from __future__ import annotations

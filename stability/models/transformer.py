@@ -15,10 +15,10 @@ blocks as one ``lax.scan`` instead of an unrolled Python loop, with the blocks' 
 stored stacked (MaxText's ``scan_layers`` layout): ``blocks`` is one ``Block`` whose every
 variable has a leading axis of logical name ``layers`` (:func:`stack_layers`), so nothing is
 stacked or unstacked per step and the optimizer update is one op per kind of variable, not per
-layer; XLA schedules one block's body, with its remat, L times, so compile time and temporaries
-grow with depth only by what remat keeps per block. Initial values equal the per-layer
-layout's (the blocks are drawn one by one, then stacked); optimizer rules and metrics read the
-``layers`` axis (``stability.metrics``), and checkpoints convert between the layouts
+layer; XLA schedules one block's body, with its remat, L times, so compile time hardly grows
+with depth and temporaries grow only by what remat keeps per block. Initial values equal the
+per-layer layout's (the blocks are drawn one by one, then stacked); optimizer rules and metrics
+read the ``layers`` axis (``stability.metrics``), and checkpoints convert between the layouts
 (:func:`convert_layers`). The activations are
 constrained to their logical shardings (``stability.sharding.constrain``): the residual stream
 and logits split over the batch, heads, MLP hidden width and vocabulary over the model axis.
@@ -96,7 +96,9 @@ class Transformer(nnx.Module):
     Keys: ``attn/{max_logit,entropy,entropy_min,bos_mass}`` [L] (``attention.py``);
     ``resid/bos_norm_ratio`` [L]: per block output, mean over sequences of position 0's residual
     norm over the median of the other positions' norms; ``reparam/{sigma,gamma}/{layer}``
-    (σReparam layers, e.g. ``reparam/sigma/blocks.0.attn.q``): σ(W) and γ of this step;
+    (σReparam layers, e.g. ``reparam/sigma/blocks.0.attn.q``): σ(W) and γ of this step (scanned,
+    one [L] array per σReparam layer of the block, ``reparam/sigma/blocks.{layer}.attn.q``, which
+    ``stability.metrics.expand_layers`` names per layer);
     ``loss/sink_decorrelation`` (``sink_decorrelation`` λ > 0): λ·mean over the residual states
     between blocks (outputs of blocks 0…L−2, the reference's hidden states 1…L−1) of
     mean over sequences and positions s >= 1 of cos²(h_0, h_s).
