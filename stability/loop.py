@@ -260,12 +260,12 @@ def _restore_target(meta: dict, cfg: Config, progs: prog.Programs, where) -> Any
         return prog.build(
             dataclasses.replace(cfg, train=other), progs.mesh, runs=progs.runs
         ).abstract_state
-    if _single_run_of_0_1(meta) and cfg.train.scan_layers:
-        raise ConfigError(
-            f"{where}: a single run's checkpoint of release 0.1.0 resumes with "
-            "train.scan_layers=False only; resume it so once, then switch"
-        )
     if _single_run_of_0_1(meta):
+        if cfg.train.scan_layers:
+            raise ConfigError(
+                f"{where}: a single run's checkpoint of release 0.1.0 resumes with "
+                "train.scan_layers=False only; resume it so once, then switch"
+            )
         return prog.build(cfg, progs.mesh, runs=None, k_max=1).abstract_state
     raise ConfigError(
         f"{where}: checkpoint format {fmt!r} is not one this release ({RELEASE}, format "

@@ -108,6 +108,12 @@ def map_layout(fn, tree):
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_variable)
 
 
+def matrices(tree):
+    """True for each matrix or embedding of ``tree`` (its own ndim ≥ 2, a stacked layer axis
+    aside), False for vectors and scalars: weight decay's mask and SPAM's sparse moments."""
+    return map_layout(lambda path, x, stacked: x.ndim - stacked >= 2, tree)
+
+
 def rms_by_path(prefix: str, tree, scale: jax.Array | float = 1.0) -> dict[str, jax.Array]:
     """{f'{prefix}/{path}': rms(leaf)·scale} for every leaf; a stacked variable gives the
     RMS of each layer, [L] under ``{prefix}/blocks/{layer}/...`` (:func:`expand_layers` names

@@ -29,11 +29,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from stability.config import Config, ConfigError, TrainConfig
+from stability.metrics import is_variable
 
 AXES = ("run", "data", "model")
 
@@ -173,10 +173,6 @@ def with_mesh(fn: Callable, mesh: Mesh) -> Callable:
     return traced
 
 
-def _is_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
 def state_shardings(state: Any, mesh: Mesh, train: TrainConfig, *, stacked: bool = False):
     """NamedShardings for every leaf of a train state (concrete or abstract), same tree.
 
@@ -190,14 +186,14 @@ def state_shardings(state: Any, mesh: Mesh, train: TrainConfig, *, stacked: bool
     lead = ("run",) if stacked else ()
 
     def one(x):
-        names = x.get_metadata().get("logical_axes") if _is_variable(x) else None
-        shape = np.shape(x.get_value() if _is_variable(x) else x)
+        names = x.get_metadata().get("logical_axes") if is_variable(x) else None
+        shape = np.shape(x.get_value() if is_variable(x) else x)
         if names is None or len(lead) + len(names) != len(shape):
             names = (None,) * (len(shape) - len(lead))
         sh = NamedSharding(mesh, spec((*lead, *names), shape, sizes, table))
         return jax.tree.map(lambda _: sh, x)
 
-    return jax.tree.map(one, state, is_leaf=_is_variable)
+    return jax.tree.map(one, state, is_leaf=is_variable)
 
 
 def run_sharding(mesh: Mesh, *, stacked: bool) -> NamedSharding:

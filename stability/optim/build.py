@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import optax
 
 from stability.config import ConfigError, OptimConfig
-from stability.metrics import map_layout, rms_by_path
+from stability.metrics import map_layout, matrices, rms_by_path
 from stability.optim.spam import decay_stepped_params, scale_by_spam, spam_diagnostics
 
 ADAFACTOR_EPS = 1e-30  # ε1 of Adafactor, added to g² (squared-gradient units)
@@ -62,11 +62,6 @@ ADAM_FAMILY = ("adamw", "spam")
 # μParam's hidden matrices: 2-D kernels of these layers inside the blocks, whose fan-in grows
 # with d_model (attention q, k, v, o and MLP fc1, fc2).
 HIDDEN_LAYERS = ("q", "k", "v", "o", "fc1", "fc2")
-
-
-def decay_mask(params):
-    """True for matrices and embeddings: a parameter's own dims (a stacked layer axis aside)."""
-    return map_layout(lambda path, p, stacked: p.ndim - stacked >= 2, params)
 
 
 def is_hidden_matrix(path: str, ndim: int) -> bool:
@@ -196,14 +191,14 @@ def make_optimizer(cfg: OptimConfig, *, d_model: int | None = None) -> optax.Gra
         if cfg.weight_decay_mode == "coupled" and cfg.name == "spam":
             parts.append(optax.scale_by_learning_rate(learning_rate))
             decay = decay_stepped_params(weight_decay, learning_rate)
-            parts.append(optax.masked(decay, decay_mask))
+            parts.append(optax.masked(decay, matrices))
         elif cfg.weight_decay_mode == "coupled":
-            parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+            parts.append(optax.add_decayed_weights(weight_decay, mask=matrices))
             parts.append(optax.scale_by_learning_rate(learning_rate))
         else:
             parts.append(optax.scale_by_learning_rate(learning_rate))
             scale = -weight_decay * learning_rate / peak_learning_rate
-            parts.append(optax.add_decayed_weights(scale, mask=decay_mask))
+            parts.append(optax.add_decayed_weights(scale, mask=matrices))
         return optax.chain(*parts)
 
     return optax.inject_hyperparams(factory)(

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
-from stability.metrics import map_layout
+from stability.metrics import matrices
 
 CLIP_DELAY = 20  # updates after the start and after each reset before spikes are clipped
 
@@ -53,7 +53,7 @@ def _draw_mask(key: jax.Array, like: optax.Params, density: float | jax.Array) -
     """Bernoulli(density) mask for every matrix (its own ndim ≥ 2, a stacked layer axis aside);
     vectors and scalars keep all."""
     keys = otu.tree_split_key_like(key, like)
-    matrix = map_layout(lambda path, x, stacked: x.ndim - stacked >= 2, like)
+    matrix = matrices(like)
 
     def draw(k, x, is_matrix):
         if not is_matrix:
