@@ -18,8 +18,9 @@ detectors on them while the next call runs) and with one record per run at the e
 (``log_every=steps``), over ``--log-steps`` steps, best of ``--log-repeats``; their ratio.
 
 *Start*: a fresh ``stability sweep`` process with an empty persistent compilation cache
-(*cold*), then a second process with that cache (*cached*): the seconds each spends compiling
-or loading its programs, as it reports them on stderr, and the process's wall time.
+(*cold*), then a second process with that cache and the executables the first one stored
+beside it (*cached*): the seconds each spends compiling or loading its programs, as it reports
+them on stderr, and the process's wall time.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def chunk_tokens_per_sec(workdir: Path) -> float:
     return tokens / records[0]["wall_seconds"]
 
 
-COMPILE_LINE = re.compile(r"^(?:compiled .* in ([\d.]+) s|.*: from cache \(([\d.]+) s\))$")
+COMPILE_LINE = re.compile(
+    r"^(?:compiled .* in ([\d.]+) s|.*: (?:from cache|loaded executable) \(([\d.]+) s\))$"
+)
 
 
 def start_seconds(spec: Path, workdir: Path, strategy: str, cache: Path) -> dict[str, float]:
@@ -127,8 +130,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["STABILITY_COMPILATION_CACHE"] = "off"  # in-process: compile as usual
-        for d in (int(x) for x in a.sizes.split(",")):
-            for k in (int(x) for x in a.ks.split(",")):
+        for d in (int(x) for x in a.sizes.split(",") if x):
+            for k in (int(x) for x in a.ks.split(",") if x):
                 spec = sweep_file(tmp, d, a.steps, k)
                 row = {"d_model": d, "steps_per_call": k, "runs": len(LRS), "steps": a.steps}
                 for strategy in strategies:

@@ -1,17 +1,28 @@
-"""Compile once, ever: the persistent XLA compilation cache and per-program compile reports.
+"""Compile once, ever: the persistent XLA compilation cache, stored executables, and
+per-program compile reports.
 
 The cache is on by default under ``$XDG_CACHE_HOME/stability/jax`` (``~/.cache/stability/jax``).
 ``STABILITY_COMPILATION_CACHE=DIR`` (or ``--compilation-cache=DIR`` on the command line) moves
 it; ``off`` leaves JAX's own settings alone (no cache unless ``JAX_COMPILATION_CACHE_DIR`` is
 set). A directory that JAX was already given (``JAX_COMPILATION_CACHE_DIR`` or
-``jax.config``) is kept. Every program the training loops compile is reported on stderr, one
-line each: its compile time, or "from cache".
+``jax.config``) is kept.
+
+Beside JAX's cache (``DIR/stability-executables``), each :class:`Program` stores its compiled
+executable (``jax.experimental.serialize_executable``), keyed by what decides the program
+without tracing it: the program's name and static config, its arguments' shapes, dtypes and
+shardings, the devices and process, the versions of Python, jax, jaxlib, flax, optax and numpy,
+JAX's settings, ``XLA_FLAGS`` and the source of this package. A later process with the same
+key loads the executable and skips tracing, lowering and XLA; any other key compiles as before
+(the persistent cache still serves XLA's part). Every program is reported on stderr, one line
+each: its compile time, "from cache" or "loaded executable".
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
+import pickle
 import sys
 import threading
 import time
@@ -19,10 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.experimental import serialize_executable
 
 from stability import workdir as W
 
 ENV = "STABILITY_COMPILATION_CACHE"
+EXECUTABLES = "stability-executables"  # beside JAX's cache entries, in its directory
+PACKAGE = Path(__file__).resolve().parent
+_STARTED = time.time()  # source files changed after this may differ from the code running
 BARRIER_TIMEOUT_MS = 60 * 60 * 1000  # the slowest process's compile of one program
 _barriers = itertools.count()
 _configured = False
@@ -74,6 +89,50 @@ def _signature(args) -> tuple:
     )
 
 
+def executables_dir() -> Path | None:
+    """Where programs store their executables: beside the persistent compilation cache, or
+    None when it is off."""
+    cache = jax.config.jax_compilation_cache_dir
+    if not cache or not jax.config.jax_enable_compilation_cache:
+        return None
+    return W.path(cache) / EXECUTABLES
+
+
+def source_digest() -> str | None:
+    """A digest of this package's source files; None when one of them changed after this
+    process started (the code running may not be the code on disk)."""
+    digest = hashlib.sha256()
+    for file in sorted(PACKAGE.rglob("*.py")):
+        if file.stat().st_mtime > _STARTED:
+            return None
+        digest.update(str(file.relative_to(PACKAGE)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def environment() -> tuple:
+    """Everything besides a program's own key and arguments that decides its executable."""
+    import flax
+    import jaxlib
+    import numpy
+    import optax
+
+    client = jax.devices()[0].client
+    settings = sorted(
+        (k, repr(v)) for k, v in jax.config.values.items() if "cache" not in k and "log" not in k
+    )
+    return (
+        sys.version,
+        [m.__version__ for m in (jax, jaxlib, flax, optax, numpy)],
+        client.platform,
+        client.platform_version,
+        [(d.id, d.process_index, d.device_kind) for d in jax.devices()],
+        (jax.process_index(), jax.process_count()),
+        os.environ.get("XLA_FLAGS", ""),
+        os.environ.get("LIBTPU_INIT_ARGS", ""),
+        settings,
+    )
+
+
 def wait_for_all_processes() -> None:
     """With several JAX processes: return once every process got here (a coordination-service
     barrier, not a collective). XLA:CPU's cross-process collectives (Gloo) give up when a
@@ -91,26 +150,75 @@ def wait_for_all_processes() -> None:
 
 
 class Program:
-    """A jitted function compiled ahead of time once per argument signature; each compile is
-    reported on stderr as ``compiled NAME in S s`` or ``NAME: from cache (S s)``."""
+    """A jitted function compiled ahead of time once per argument signature, its executable
+    stored and loaded by ``key`` (the program's static config: everything besides its
+    arguments and :func:`environment` that decides what ``jitted`` traces to). Each compile
+    is reported on stderr as ``compiled NAME in S s``, ``NAME: from cache (S s)`` or ``NAME:
+    loaded executable (S s)``."""
 
-    def __init__(self, name: str, jitted: Any):
-        self.name, self.jitted, self._compiled = name, jitted, {}
+    def __init__(self, name: str, jitted: Any, key: str):
+        self.name, self.jitted, self.key, self._compiled = name, jitted, key, {}
 
     def compile(self, *args):
-        key = _signature(args)
-        compiled = self._compiled.get(key)
+        signature = _signature(args)
+        compiled = self._compiled.get(signature)
         if compiled is None:
-            hits, t0 = _hits, time.perf_counter()
-            compiled = self.jitted.lower(*args).compile()
-            seconds = time.perf_counter() - t0
-            if _hits > hits:
-                print(f"{self.name}: from cache ({seconds:.1f} s)", file=sys.stderr)
+            t0 = time.perf_counter()
+            file = self._file(signature)
+            compiled = self._load(file) if file is not None else None
+            if compiled is not None:
+                seconds = time.perf_counter() - t0
+                print(f"{self.name}: loaded executable ({seconds:.1f} s)", file=sys.stderr)
             else:
-                print(f"compiled {self.name} in {seconds:.1f} s", file=sys.stderr)
-            self._compiled[key] = compiled
+                hits = _hits
+                compiled = self.jitted.lower(*args).compile()
+                seconds = time.perf_counter() - t0
+                if _hits > hits:
+                    # Not stored: an XLA:CPU executable loaded from JAX's cache serializes
+                    # without some of its kernels ("Function ... not found" when run).
+                    print(f"{self.name}: from cache ({seconds:.1f} s)", file=sys.stderr)
+                else:
+                    print(f"compiled {self.name} in {seconds:.1f} s", file=sys.stderr)
+                    if file is not None:
+                        self._store(file, compiled)
+            self._compiled[signature] = compiled
             wait_for_all_processes()
         return compiled
+
+    def _file(self, signature) -> Path | None:
+        """Where this program's executable for ``signature`` is stored; None when the store
+        is off, the source changed under this process, or the key is not reproducible."""
+        directory, source = executables_dir(), source_digest()
+        text = repr((self.name, self.key, signature, environment(), source))
+        if directory is None or source is None or " at 0x" in text:
+            return None
+        return directory / f"{hashlib.sha256(text.encode()).hexdigest()}.executable"
+
+    def _load(self, file: Path):
+        if not file.exists():
+            return None
+        try:
+            return serialize_executable.deserialize_and_load(*pickle.loads(file.read_bytes()))
+        except Exception as e:  # a partial or foreign file: compile instead, then replace it
+            print(
+                f"warning: {self.name}: stored executable {file} not loaded "
+                f"({type(e).__name__}: {e}); compiling",
+                file=sys.stderr,
+            )
+            return None
+
+    def _store(self, file: Path, compiled) -> None:
+        try:
+            data = pickle.dumps(serialize_executable.serialize(compiled))
+            file.parent.mkdir(parents=True, exist_ok=True)
+            if W.is_remote(file):
+                file.write_bytes(data)
+            else:  # readers see a whole file or none
+                tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+                tmp.write_bytes(data)
+                os.replace(tmp, file)
+        except Exception as e:  # training goes on; the next process compiles again
+            print(f"warning: {self.name}: executable not stored ({e})", file=sys.stderr)
 
     def __call__(self, *args):
         return self.compile(*args)(*args)

@@ -100,6 +100,7 @@ def _base(static: Config, mesh: Mesh, runs: int | None):
     batch_sh = S.batch_sharding(mesh)
     where = f" [{S.describe(mesh, static.train)}]"
     vm = f" ({stack_name(runs)})"
+    key = program_key(static, mesh)
     init = jax.jit(S.with_mesh(init_fn, mesh), in_shardings=per_run, out_shardings=state_sh)
     step = jax.jit(
         S.with_mesh(step_fn, mesh),
@@ -120,9 +121,9 @@ def _base(static: Config, mesh: Mesh, runs: int | None):
     return dict(
         mesh=mesh,
         runs=runs,
-        init=Program(f"init{vm}{where}", init),
+        init=Program(f"init{vm}{where}", init, key),
         step=step,
-        evaluate=Program(f"eval{vm}{where}", evaluate),
+        evaluate=Program(f"eval{vm}{where}", evaluate, key),
         copy=copy,
         freeze=freeze,
         state=state_sh,
@@ -134,13 +135,14 @@ def _base(static: Config, mesh: Mesh, runs: int | None):
         tx=tx,
         step_fn=step_fn,
         where=where,
+        key=key,
     )
 
 
 @functools.lru_cache(maxsize=32)
 def _build(static: Config, mesh: Mesh, runs: int | None, k_max: int) -> Programs:
     base = dict(_base(static, mesh, runs))
-    step_fn, where = base.pop("step_fn"), base.pop("where")
+    step_fn, where, key = base.pop("step_fn"), base.pop("where"), base.pop("key")
     state_sh, per_run, repl = base["state"], base["hp"], base["replicated"]
     rows = St.rows_per_call(static.train, k_max)
     batches_sh = S.batch_sharding(mesh, leading=1)
@@ -158,7 +160,15 @@ def _build(static: Config, mesh: Mesh, runs: int | None, k_max: int) -> Programs
         donate_argnums=0,
     )
     name = f"train call ({stack_name(runs)}, up to {k_max} updates, {rows} metric rows){where}"
-    return Programs(**base, call=Program(name, call), batches=batches_sh, k_max=k_max, rows=rows)
+    return Programs(
+        **base, call=Program(name, call, key), batches=batches_sh, k_max=k_max, rows=rows
+    )
+
+
+def program_key(static: Config, mesh: Mesh) -> str:
+    """What decides the traced programs of ``static`` on ``mesh``, besides their names (which
+    hold the stack and ``k_max``) and arguments: the key of their stored executables."""
+    return repr((static, mesh.axis_names, mesh.devices.shape, [d.id for d in mesh.devices.flat]))
 
 
 def call_args(cfg: Config, progs: Programs):
