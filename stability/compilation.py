@@ -38,6 +38,7 @@ ENV = "STABILITY_COMPILATION_CACHE"
 EXECUTABLES = "stability-executables"  # beside JAX's cache entries, in its directory
 PACKAGE = Path(__file__).resolve().parent
 _STARTED = time.time()  # source files changed after this may differ from the code running
+_said_source_changed = False
 BARRIER_TIMEOUT_MS = 60 * 60 * 1000  # the slowest process's compile of one program
 _barriers = itertools.count()
 _configured = False
@@ -100,7 +101,7 @@ def executables_dir() -> Path | None:
 
 def source_digest() -> str | None:
     """A digest of this package's source files; None when one of them changed after this
-    process started (the code running may not be the code on disk)."""
+    module was imported (the code running may not be the code on disk)."""
     digest = hashlib.sha256()
     for file in sorted(PACKAGE.rglob("*.py")):
         if file.stat().st_mtime > _STARTED:
@@ -188,9 +189,22 @@ class Program:
     def _file(self, signature) -> Path | None:
         """Where this program's executable for ``signature`` is stored; None when the store
         is off, the source changed under this process, or the key is not reproducible."""
-        directory, source = executables_dir(), source_digest()
+        global _said_source_changed
+        directory = executables_dir()
+        if directory is None:
+            return None
+        source = source_digest()
+        if source is None:
+            if not _said_source_changed:
+                _said_source_changed = True
+                print(
+                    "note: stability's source files changed after this process imported them; "
+                    "its programs' executables are neither loaded nor stored",
+                    file=sys.stderr,
+                )
+            return None
         text = repr((self.name, self.key, signature, environment(), source))
-        if directory is None or source is None or " at 0x" in text:
+        if " at 0x" in text:  # a key that differs in every process
             return None
         return directory / f"{hashlib.sha256(text.encode()).hexdigest()}.executable"
 
