@@ -225,12 +225,7 @@ class Program:
         try:
             data = pickle.dumps(serialize_executable.serialize(compiled))
             file.parent.mkdir(parents=True, exist_ok=True)
-            if W.is_remote(file):
-                file.write_bytes(data)
-            else:  # readers see a whole file or none
-                tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
-                tmp.write_bytes(data)
-                os.replace(tmp, file)
+            W.write_bytes(file, data)  # readers see a whole file or none
         except Exception as e:  # training goes on; the next process compiles again
             print(f"warning: {self.name}: executable not stored ({e})", file=sys.stderr)
 

@@ -254,12 +254,17 @@ def copy_tree(local: str, dest: PathLike) -> None:
 
 def write_text(p: PathLike, text: str) -> None:
     """Replace a whole text file (atomically, as :func:`write_json`)."""
+    write_bytes(p, text.encode())
+
+
+def write_bytes(p: PathLike, data: bytes) -> None:
+    """Replace a whole file (atomically, as :func:`write_json`)."""
     p = path(p)
     if is_remote(p):
-        p.write_text(text)
+        p.write_bytes(data)
         return
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, p)
 
 
