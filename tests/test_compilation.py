@@ -1,7 +1,8 @@
 """Stored executables (``compilation.Program``): a fresh compile stores its executable, a later
-Program of the same key and signature loads it without tracing; any other key, a source that
-changed under the process or an unreadable file compiles; an executable that came from JAX's
-persistent cache is never stored. Multi-process loading: tests/test_multihost.py."""
+Program of the same key and signature loads it without tracing (locally or on a bucket); any
+other key, a source that changed under the process or an unreadable file compiles; an
+executable that came from JAX's persistent cache is never stored. Multi-process loading:
+tests/test_multihost.py."""
 
 import random
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from stability import compilation as C
+from stability import workdir as W
 
 
 @pytest.fixture
@@ -48,6 +50,21 @@ def test_stored_then_loaded_without_tracing_and_donating(store, capsys):
     assert "prog: loaded executable (" in capsys.readouterr().err
     np.testing.assert_array_equal(got, want)
     assert x.is_deleted() and not y.is_deleted()  # the loaded program donates as compiled
+
+
+def test_stored_and_loaded_on_a_bucket(tmp_path, monkeypatch, capsys):
+    from fake_gcs import bucket
+
+    C.setup_compilation_cache()
+    with bucket(tmp_path):  # gs://b/... served from tmp_path/b/..., whole objects only
+        store = W.path("gs://b/cache") / C.EXECUTABLES
+        monkeypatch.setattr(C, "executables_dir", lambda: store)
+        fn = fresh()
+        want = program(fn)(*args())
+        assert len(list(store.iterdir())) == 1
+        np.testing.assert_array_equal(program(never_traced)(*args()), want)
+    assert "prog: loaded executable (" in capsys.readouterr().err
+    assert len(list((tmp_path / "b" / "cache" / C.EXECUTABLES).iterdir())) == 1
 
 
 def test_another_key_signature_or_environment_compiles(store, capsys, monkeypatch):
