@@ -11,14 +11,16 @@ Beside JAX's cache (``DIR/stability-executables``), each :class:`Program` stores
 executable (``jax.experimental.serialize_executable``), keyed by what decides the program
 without tracing it: the program's name and static config, its arguments' shapes, dtypes and
 shardings, the devices and process, the versions of Python, jax, jaxlib, flax, optax and numpy,
-JAX's settings, ``XLA_FLAGS`` and the source of this package. A later process with the same
-key loads the executable and skips tracing, lowering and XLA; any other key compiles as before
-(the persistent cache still serves XLA's part). Every program is reported on stderr, one line
+JAX's settings, ``XLA_FLAGS`` and the source the programs are traced from (:func:`source_files`).
+A later process with the same key loads the executable and skips tracing, lowering and XLA; any
+other key compiles as before (the persistent cache still serves XLA's part). Every program is reported on stderr, one line
 each: its compile time, "from cache" or "loaded executable".
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import itertools
 import os
@@ -37,6 +39,7 @@ from stability import workdir as W
 ENV = "STABILITY_COMPILATION_CACHE"
 EXECUTABLES = "stability-executables"  # beside JAX's cache entries, in its directory
 PACKAGE = Path(__file__).resolve().parent
+TRACED_FROM = "programs.py"  # every Program is built there, from the modules it imports
 _STARTED = time.time()  # source files changed after this may differ from the code running
 _said_source_changed = False
 BARRIER_TIMEOUT_MS = 60 * 60 * 1000  # the slowest process's compile of one program
@@ -99,11 +102,48 @@ def executables_dir() -> Path | None:
     return W.path(cache) / EXECUTABLES
 
 
+@functools.cache
+def source_files(root: Path = PACKAGE) -> tuple[Path, ...]:
+    """The package's files that programs are traced from: :data:`TRACED_FROM` and every module
+    of the package it imports, transitively (imports inside functions included), with the
+    ``__init__.py`` of each package on the way. Host-only modules (the CLI, reports, the loop)
+    are not among them, so editing those keeps the stored executables."""
+    seen: set[Path] = set()
+    todo = [root / TRACED_FROM]
+    while todo:
+        file = todo.pop()
+        if file in seen:
+            continue
+        seen.add(file)
+        package = file.relative_to(root).parent.parts
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".") for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: from the file's own package upwards
+                    up = package[: len(package) - node.level + 1]
+                    module = ["stability", *up, *(node.module.split(".") if node.module else [])]
+                else:
+                    module = (node.module or "").split(".")
+                names = [module] + [[*module, a.name] for a in node.names]
+            else:
+                continue
+            for parts in names:
+                if parts[0] != "stability":
+                    continue
+                for i in range(1, len(parts) + 1):  # the packages on the way, then the module
+                    base = root.joinpath(*parts[1:i])
+                    todo += [
+                        f for f in (base / "__init__.py", base.with_suffix(".py")) if f.is_file()
+                    ]
+    return tuple(sorted(seen))
+
+
 def source_digest() -> str | None:
-    """A digest of this package's source files; None when one of them changed after this
-    module was imported (the code running may not be the code on disk)."""
+    """A digest of :func:`source_files`; None when one of them changed after this module was
+    imported (the code running may not be the code on disk)."""
     digest = hashlib.sha256()
-    for file in sorted(PACKAGE.rglob("*.py")):
+    for file in source_files(PACKAGE):
         if file.stat().st_mtime > _STARTED:
             return None
         digest.update(str(file.relative_to(PACKAGE)).encode() + b"\0" + file.read_bytes())
@@ -198,8 +238,8 @@ class Program:
             if not _said_source_changed:
                 _said_source_changed = True
                 print(
-                    "note: stability's source files changed after this process imported them; "
-                    "its programs' executables are neither loaded nor stored",
+                    "note: the source files stability's programs are traced from changed after "
+                    "this process imported them; their executables are neither loaded nor stored",
                     file=sys.stderr,
                 )
             return None

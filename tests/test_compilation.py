@@ -5,6 +5,7 @@ executable that came from JAX's persistent cache is never stored. Multi-process 
 tests/test_multihost.py."""
 
 import random
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -88,8 +89,44 @@ def test_source_changed_under_the_process_neither_loads_nor_stores(store, capsys
     program(fn)(jnp.arange(7.0), jnp.ones(7))
     err = capsys.readouterr().err
     assert err.count("compiled prog in") == 3
-    assert err.count("source files changed after this process imported them") == 1
+    assert err.count("changed after this process imported them") == 1
     assert len(list(store.iterdir())) == 1
+
+
+def test_the_digest_covers_the_modules_programs_are_traced_from(tmp_path, monkeypatch):
+    copy = tmp_path / "stability"
+    shutil.copytree(C.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    files = {str(f.relative_to(copy)) for f in C.source_files(copy)}
+    traced = {"programs.py", "step.py", "models/transformer.py", "models/__init__.py"}
+    assert traced | {"kernels/flash.py", "optim/spam.py", "config.py", "__init__.py"} <= files
+    assert not files & {"cli.py", "loop.py", "report.py", "sweep.py", "reproduce/rules.py"}
+    monkeypatch.setattr(C, "PACKAGE", copy)
+    monkeypatch.setattr(C, "_STARTED", float("inf"))  # the copy's edits are not "under" us
+    digest = C.source_digest()
+    with open(copy / "report.py", "a") as f:
+        f.write("# a host-only edit\n")
+    assert C.source_digest() == digest
+    with open(copy / "models" / "layers.py", "a") as f:
+        f.write("# an edit of traced code\n")
+    assert C.source_digest() != digest
+
+
+def test_the_traced_closure_follows_relative_and_nested_imports(tmp_path):
+    root = tmp_path / "pkg"
+    for name, text in {
+        "__init__.py": "",
+        "programs.py": "from .step import f\nfrom . import helper\n",
+        "step.py": "def f():\n    from stability.models import layers\n",
+        "helper.py": "",
+        "host.py": "",
+        "models/__init__.py": "",
+        "models/layers.py": "from ..step import f\n",
+    }.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    got = {str(f.relative_to(root)) for f in C.source_files(root)}
+    assert got == {"__init__.py", "programs.py", "step.py", "helper.py", "models/__init__.py",
+                   "models/layers.py"}  # fmt: skip
 
 
 def test_an_unreadable_file_compiles_and_is_replaced(store, capsys):
