@@ -11,10 +11,11 @@ Beside JAX's cache (``DIR/stability-executables``), each :class:`Program` stores
 executable (``jax.experimental.serialize_executable``), keyed by what decides the program
 without tracing it: the program's name and static config, its arguments' shapes, dtypes and
 shardings, the devices and process, the versions of Python, jax, jaxlib, flax, optax and numpy,
-JAX's settings, ``XLA_FLAGS`` and the source the programs are traced from (:func:`source_files`).
-A later process with the same key loads the executable and skips tracing, lowering and XLA; any
-other key compiles as before (the persistent cache still serves XLA's part). Every program is reported on stderr, one line
-each: its compile time, "from cache" or "loaded executable".
+JAX's settings, ``XLA_FLAGS`` and the source the programs are traced from
+(:func:`source_files`). A later process with the same key loads the executable and skips
+tracing, lowering and XLA; any other key compiles as before (the persistent cache still serves
+XLA's part). Every program is reported on stderr, one line each: its compile time, "from
+cache" or "loaded executable".
 """
 
 from __future__ import annotations
