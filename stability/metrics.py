@@ -57,8 +57,9 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
-def rms(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
+def rms(x: jax.Array, axis: tuple[int, ...] | None = None) -> jax.Array:
+    """Root mean square in float32, over ``axis`` (all axes by default)."""
+    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=axis))
 
 
 def is_variable(x) -> bool:
@@ -124,9 +125,8 @@ def rms_by_path(prefix: str, tree, scale: jax.Array | float = 1.0) -> dict[str, 
         if not is_layer_stack(x):
             out[f"{prefix}/{where}"] = rms(x.get_value() if is_variable(x) else x) * scale
             continue
-        v = x.get_value().astype(jnp.float32)
-        rms_L = jnp.sqrt(jnp.mean(jnp.square(v), axis=tuple(range(1, v.ndim))))
-        out[f"{prefix}/{layer_path(where, LAYER)}"] = rms_L * scale
+        v = x.get_value()
+        out[f"{prefix}/{layer_path(where, LAYER)}"] = rms(v, tuple(range(1, v.ndim))) * scale
     return out
 
 

@@ -32,7 +32,7 @@ from flax import nnx
 
 from stability.config import ModelConfig, Remat
 from stability.kernels.reference import apply_softcap
-from stability.metrics import LAYER, LAYERS, is_variable, layer_path, path_str
+from stability.metrics import LAYER, LAYERS, is_variable, path_str
 from stability.models.attention import Attention, rope_tables
 from stability.models.layers import make_linear, make_norm
 from stability.sharding import constrain
@@ -122,11 +122,7 @@ class Transformer(nnx.Module):
         self, tokens_BT: jax.Array, *, train: bool = True
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         (logits_BTV, aux), sown = nnx.capture(self._forward, nnx.Intermediate)(tokens_BT, train)
-        for path, values in nnx.to_flat_state(sown):
-            layer = ".".join(map(str, path[:-1]))
-            name = path[-1].removeprefix("reparam_")  # ReparamLinear sows reparam_{sigma,gamma}
-            aux[f"reparam/{name}/{layer}"] = values.get_value()[-1]
-        return logits_BTV, aux
+        return logits_BTV, aux | reparam_metrics(sown)
 
     def _scan_blocks(self, run_block, x_MD: jax.Array, rope, B: int, T: int):
         """The stacked blocks as one ``lax.scan``: (x_MD, [L] stats, [L] bos-norm ratios,
@@ -144,13 +140,7 @@ class Transformer(nnx.Module):
 
         x_MD, (per_layer, state, sown) = jax.lax.scan(body, x_MD, state)
         nnx.update(self.blocks, state)
-        sown_aux = {}
-        for path, values in nnx.to_flat_state(sown):
-            where = "/".join(["blocks", *map(str, path[:-1])])
-            name = path[-1].removeprefix("reparam_")  # ReparamLinear sows reparam_{sigma,gamma}
-            layer = layer_path(where, LAYER).replace("/", ".")
-            sown_aux[f"reparam/{name}/{layer}"] = values.get_value()[-1]  # [L]: one per layer
-        return x_MD, per_layer, sown_aux
+        return x_MD, per_layer, reparam_metrics(sown, "blocks", LAYER)  # [L]: one per layer
 
     def _forward(self, tokens_BT: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
@@ -196,6 +186,17 @@ class Transformer(nnx.Module):
         if cfg.sink_decorrelation:  # the residual states between blocks: outputs of 0…L−2
             aux["loss/sink_decorrelation"] = cfg.sink_decorrelation * cos2_L[:-1].mean()
         return logits_MV.reshape(B, T, -1), aux
+
+
+def reparam_metrics(sown, *where) -> dict[str, jax.Array]:
+    """``reparam/{sigma,gamma}/{layer}`` of what σReparam layers sowed (``reparam_sigma``,
+    ``reparam_gamma``; their last value), the layer named by its module path (after ``where``)
+    joined by dots: ``reparam/sigma/blocks.0.attn.q``."""
+    out = {}
+    for path, values in nnx.to_flat_state(sown):
+        layer = ".".join(map(str, (*where, *path[:-1])))
+        out[f"reparam/{path[-1].removeprefix('reparam_')}/{layer}"] = values.get_value()[-1]
+    return out
 
 
 def stack_layers(blocks: list[Block]) -> Block:
