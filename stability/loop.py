@@ -207,6 +207,9 @@ def train_stack(
         loop.replay_watch(start)  # also says when a run frozen at the checkpoint stopped
         position, preempted, late = start, False, False
         if start < t.steps and not loop.all_dead():
+            # Process 0 rewrites the records it resumes (on a bucket, one segment in place of
+            # the old ones) only once every process has read them back (replay_watch).
+            wait_for_all_processes()
             trackers = _trackers(runs, source, start) if jax.process_index() == 0 else []
             try:
                 position, preempted = loop.run(start, preemption, trackers, progress, label)

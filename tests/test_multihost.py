@@ -265,6 +265,9 @@ def test_train_on_2_processes_sigterm_one_then_rerun(setup):
         barriers = [j for j, e in enumerate(events[: events.index("call 0")]) if e == "barrier"]
         assert barriers and ("records" in events) == (i == 0), events
         assert i != 0 or events.index("records") < barriers[-1], events
+        # nor does process 0 rewrite the records (on a bucket: segments deleted) before every
+        # process has read them back for the early-warning replay
+        assert i != 0 or "barrier" in events[events.index("replayed") : events.index("records")]
         for c in range(n):
             before, after = events.index(f"gather {c}"), events.index(f"read {c}")
             assert events.index(f"call {c}") < before < after, events

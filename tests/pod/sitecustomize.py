@@ -72,8 +72,9 @@ if os.environ.get("STABILITY_TEST_SIGTERM_IN_COMPILE"):
 
 # ``STABILITY_TEST_EVENT_LOG=PATH``: this process writes to PATH.<process index> the order in
 # which the loop dispatches each train call, dispatches the gather of its outputs and reads
-# them: lines "call c", "gather c", "read c" (no timing); and "records" once it has opened the
-# runs' records (process 0), "barrier" once it has passed the loop's wait for every process.
+# them: lines "call c", "gather c", "read c" (no timing); and "replayed" once it has read the
+# runs' records back (a resume's early-warning replay), "records" once it has opened them for
+# writing (process 0), "barrier" once it has passed the loop's wait for every process.
 if os.environ.get("STABILITY_TEST_EVENT_LOG"):
     from stability import compilation as _compilation
     from stability import sharding as _sharding
@@ -116,6 +117,11 @@ if os.environ.get("STABILITY_TEST_EVENT_LOG"):
     from stability import loop as _loop
 
     _trackers, _wait = _loop._trackers, _loop.wait_for_all_processes
+    _replay = _loop._Loop.replay_watch
+
+    def _logged_replay(self, start):
+        _replay(self, start)
+        _log("replayed")
 
     def _logged_trackers(*args, **kwargs):
         out = _trackers(*args, **kwargs)
@@ -127,3 +133,4 @@ if os.environ.get("STABILITY_TEST_EVENT_LOG"):
         _log("barrier")
 
     _loop._trackers, _loop.wait_for_all_processes = _logged_trackers, _logged_wait
+    _loop._Loop.replay_watch = _logged_replay
